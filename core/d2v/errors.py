@@ -1,0 +1,8 @@
+"""The one exception type users should ever see from d2v for bad input."""
+
+
+class SpecError(ValueError):
+    """Bad input (spec, data, checkpoint, plugin): the message says what, where and what to do.
+
+    The CLI prints it as one line and exits with code 2 instead of a traceback.
+    """

@@ -1,0 +1,217 @@
+"""The four abstract parts every d2v model is built from.
+
+A model is ``FeatureExtractor -> Encoder -> Head`` (fine-tuning) or
+``FeatureExtractor -> Encoder -> regression head`` with a ``Target`` computed from an EMA
+teacher (self-supervised pretraining). Plugins implement these; core composes them and
+never needs to know which modality it is running.
+
+Conventions shared by every implementation:
+
+* ``padding_mask`` is a bool tensor, ``True`` where a position is padding (fairseq's
+  convention; the Hugging Face compatible wrappers convert ``attention_mask`` to it).
+* ``mask`` (the self-supervised / SpecAugment mask) is a bool tensor, ``True`` where a
+  position is masked, i.e. replaced by the learned mask embedding.
+* Output field names follow Hugging Face so users find what they expect.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _Output:
+    """Dataclass mixin: attribute and ``out["key"]`` access, like HF's ``ModelOutput``."""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+
+@dataclass
+class FeatureExtractorOutput(_Output):
+    """What a feature extractor hands to the encoder.
+
+    features: ``(B, T, D)`` vectors at the encoder's rate and width.
+    padding_mask: ``(B, T)`` bool, True at padded positions (``None`` = nothing padded).
+    extract_features: the modality's features before the projection to ``D`` (HF's
+        ``extract_features``, e.g. the conv encoder output after its LayerNorm), if any.
+    """
+
+    features: Tensor
+    padding_mask: Tensor | None = None
+    extract_features: Tensor | None = None
+
+
+@dataclass
+class EncoderOutput(_Output):
+    """What an encoder returns.
+
+    last_hidden_state: ``(B, T, D)``.
+    hidden_states: ``num_layers + 1`` tensors (the encoder input after its positional
+        scheme, then each layer's output), as Hugging Face's ``output_hidden_states``.
+    layer_targets: one ``(B, T, D)`` tensor per layer: the feature data2vec regresses,
+        chosen by ``target_feature`` (see :class:`Encoder`).
+    padding_mask: the padding mask the encoder used (``None`` = nothing padded).
+    """
+
+    last_hidden_state: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    layer_targets: tuple[Tensor, ...] | None = None
+    padding_mask: Tensor | None = None
+
+
+@dataclass
+class HeadOutput(_Output):
+    """What a head returns: ``logits`` always, ``loss`` when labels were given."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    extras: dict[str, Tensor] | None = None
+
+
+class FeatureExtractor(nn.Module, abc.ABC):
+    """Raw modality input -> a sequence of vectors (conv encoder, embeddings, patches).
+
+    Implementations set ``self.dim`` (the width ``D`` of ``features``).
+    """
+
+    dim: int
+
+    @abc.abstractmethod
+    def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FeatureExtractorOutput:
+        """Return features ``(B, T, D)`` and the padding mask at feature rate.
+
+        ``inputs``: a padded batch of raw inputs (waveforms ``(B, S)``, token ids ``(B, S)``,
+        images ``(B, C, H, W)``); ``padding_mask``: ``(B, S)`` bool, True at padding.
+        """
+
+
+class Encoder(nn.Module, abc.ABC):
+    """The contextualising Transformer stack, with its positional scheme.
+
+    Implementations set ``self.dim`` and ``self.num_layers`` and own a learned
+    ``mask_embedding`` used wherever ``mask`` is True.
+
+    ``target_feature`` names the per-layer feature returned in ``layer_targets``:
+
+    * ``"ffn"``: the FFN output before the last residual connection (and before the
+      post-LN layer norm) -- data2vec's target for speech, text and data2vec 2.0;
+    * ``"end"``: the block's output (after the residual) -- data2vec 1.0 vision.
+    """
+
+    dim: int
+    num_layers: int
+
+    @abc.abstractmethod
+    def embed(self, features: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """Everything before the Transformer layers: mask embedding where ``mask`` is True,
+        then the positional scheme (and the input LayerNorm/dropout where the architecture
+        has them). Returns ``(B, T, D)``.
+
+        data2vec 2.0 calls this, drops the masked positions, and runs :meth:`contextualize`
+        on the kept tokens only.
+        """
+
+    @abc.abstractmethod
+    def contextualize(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_layer_targets: bool = False,
+        target_feature: str = "ffn",
+        position_ids: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Run the Transformer layers on ``x`` ``(B, T', D)`` (the output of :meth:`embed`,
+        possibly a subset of its positions). ``position_ids`` ``(B, T')`` gives the original
+        position of each kept token, for positional schemes applied inside the layers
+        (e.g. relative position bias); ``None`` means ``0..T'-1``.
+        """
+
+    def forward(
+        self,
+        features: Tensor,
+        padding_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_layer_targets: bool = False,
+        target_feature: str = "ffn",
+    ) -> EncoderOutput:
+        """Contextualise ``features`` ``(B, T, D)``: :meth:`embed` then :meth:`contextualize`.
+
+        Positions where ``mask`` is True are replaced by the mask embedding before the
+        positional scheme. Padding never attends and is never attended to.
+        """
+        x = self.embed(features, padding_mask, mask)
+        return self.contextualize(
+            x,
+            padding_mask,
+            output_hidden_states=output_hidden_states,
+            output_layer_targets=output_layer_targets,
+            target_feature=target_feature,
+        )
+
+
+class Head(nn.Module, abc.ABC):
+    """A task on top of the encoder: logits, loss, predictions and metrics.
+
+    Evaluation is split in two so it works across processes: :meth:`eval_counts` returns
+    additive counts for one batch (summed over batches and processes by the runner), and
+    :meth:`summarize` turns the totals into metrics (e.g. word errors / words = WER).
+    """
+
+    @abc.abstractmethod
+    def forward(self, encoder_output: EncoderOutput, batch: dict[str, Any]) -> HeadOutput:
+        """Return logits, and the loss when ``batch`` carries labels."""
+
+    @abc.abstractmethod
+    def predict(self, output: HeadOutput, batch: dict[str, Any]) -> list[Any]:
+        """Turn logits into one prediction per example (e.g. CTC decoding to text)."""
+
+    @abc.abstractmethod
+    def eval_counts(self, output: HeadOutput, batch: dict[str, Any]) -> dict[str, float]:
+        """Additive evaluation counts for one batch (e.g. word edits and reference words)."""
+
+    @abc.abstractmethod
+    def summarize(self, counts: dict[str, float]) -> dict[str, float]:
+        """Metrics from counts summed over the whole evaluation set."""
+
+    def references(self, batch: dict[str, Any]) -> list[Any]:
+        """The ground truth per example, written next to predictions by ``task: evaluate``."""
+        return [None] * len(batch.get("ids", []))
+
+
+class Target(nn.Module, abc.ABC):
+    """What a self-supervised student regresses, and the loss that compares them.
+
+    The teacher's ``EncoderOutput`` (with ``layer_targets``) goes in; targets at the masked
+    positions come out, so students never see the answer for what they could observe.
+    """
+
+    @abc.abstractmethod
+    def forward(self, teacher_output: EncoderOutput, mask: Tensor) -> Tensor:
+        """Targets ``(N, D)`` for the ``N`` masked positions of ``mask`` ``(B, T)``."""
+
+    @abc.abstractmethod
+    def loss(self, prediction: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss for ``prediction`` vs ``target`` (both ``(N, D)``), plus statistics
+        worth logging (e.g. target and prediction standard deviation)."""
+
+
+def lengths_to_padding_mask(lengths: Tensor, max_length: int | None = None) -> Tensor:
+    """``(B,)`` lengths -> ``(B, T)`` bool padding mask (True past each length)."""
+    max_length = int(lengths.max()) if max_length is None else max_length
+    positions = torch.arange(max_length, device=lengths.device)
+    return positions[None, :] >= lengths[:, None]

@@ -1,0 +1,28 @@
+"""d2v's speech modality: data2vec-audio (as Hugging Face's ``Data2VecAudioModel``), its
+processor, datasets and presets. Registered through the ``d2v`` entry point ``audio``."""
+
+from d2v import hookimpl
+
+
+@hookimpl
+def d2v_register(register):
+    register("feature_extractor", "audio.conv", "d2v_audio.feature_extractor:ConvFeatureExtractor",
+             summary="wav2vec 2.0 conv feature encoder with per-layer LayerNorm, + LayerNorm and projection")
+    register("encoder", "audio.transformer", "d2v_audio.encoder:AudioTransformerEncoder",
+             summary="post-LN Transformer with 5-layer positional conv, mask embedding, layerdrop, SpecAugment")
+    register("processor", "audio", "d2v_audio.processor:AudioProcessor",
+             summary="soundfile loading, resampling, zero-mean/unit-variance normalisation, padded batches")
+    register("dataset", "librispeech", "d2v_audio.datasets:LibriSpeech",
+             summary="LibriSpeech on-disk layout: <root>/<split>/<spk>/<chapter>/*.flac + *.trans.txt")
+    register("dataset", "audio_manifest", "d2v_audio.datasets:AudioManifest",
+             summary="TSV manifest of path, n_samples, transcript for any speech corpus")
+    register("model", "data2vec-audio-base", "d2v_audio.presets:data2vec_audio_base",
+             summary="data2vec-audio Base: 12 layers, 768 wide (facebook/data2vec-audio-base)")
+    register("model", "data2vec-audio-large", "d2v_audio.presets:data2vec_audio_large",
+             summary="data2vec-audio Large: 24 layers, 1024 wide (facebook/data2vec-audio-large)")
+    register("model", "data2vec-audio-tiny", "d2v_audio.presets:data2vec_audio_tiny",
+             summary="a tiny data2vec-audio for tests and CPU demos")
+    register("hf_converter", "Data2VecAudioModel", "d2v_audio.hf:AudioModelConverter",
+             summary="import/export Hugging Face Data2VecAudioModel checkpoints")
+    register("hf_converter", "Data2VecAudioForCTC", "d2v_audio.hf:AudioCTCConverter",
+             summary="import/export Hugging Face Data2VecAudioForCTC checkpoints")
