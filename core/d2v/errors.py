@@ -6,3 +6,11 @@ class SpecError(ValueError):
 
     The CLI prints it as one line and exits with code 2 instead of a traceback.
     """
+
+
+class TrainingCollapse(RuntimeError):
+    """Self-supervised training collapsed (targets or predictions lost their variance).
+
+    Raised by objectives; the runner stops with the message, keeping the last good
+    checkpoint untouched.
+    """

@@ -24,6 +24,8 @@ from d2v.registry import Registry
 
 GROUP = "d2v"
 _manager: pluggy.PluginManager | None = None
+# plugin name -> name of the distribution that installed it ("d2v" for d2v's own plugins)
+distributions: dict[str, str] = {"d2v": "d2v"}
 _registry: Registry | None = None
 
 
@@ -72,6 +74,8 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         except Exception as exc:  # a broken third-party plugin must say which one it is
             raise SpecError(f"plugin '{name}' ({ep.value}) failed to import: {exc!r}") from exc
         pm.register(module, name=name)
+        dist = getattr(ep, "dist", None)
+        distributions[name] = dist.name if dist is not None else "?"
 
 
 def registry() -> Registry:

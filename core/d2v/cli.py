@@ -1,0 +1,139 @@
+"""Command line: ``d2v run|check|list|registry|convert`` and ``d2v-run`` (= ``d2v run``).
+
+Bad input (spec, data, checkpoint, plugin) prints one clear message and exits with 2;
+a training collapse exits with 3. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from d2v.errors import SpecError, TrainingCollapse
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from d2v.config import load_spec
+    from d2v.runner import run
+
+    spec = load_spec(args.spec, args.overrides)
+    metrics = run(spec, resume=args.resume)
+    if metrics:
+        print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from d2v.config import load_spec, validate
+
+    spec = load_spec(args.spec, args.overrides)
+    validate(spec)
+    model = spec.get("model") or {}
+    parts = [f"{k}={model[k]['name'] if isinstance(model.get(k), dict) else model[k]}"
+             for k in ("preset", "feature_extractor", "encoder", "head", "objective") if k in model]
+    print(f"ok: {args.spec} ({spec.get('task', 'finetune')}; {', '.join(parts)})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from d2v import plugins
+    from d2v.registry import KINDS
+
+    registry = plugins.registry()
+    if args.kind and args.kind not in KINDS:
+        from d2v.registry import did_you_mean
+
+        raise SpecError(f"unknown kind '{args.kind}'{did_you_mean(args.kind, KINDS) or '.'} Kinds: {', '.join(KINDS)}.")
+    for kind in [args.kind] if args.kind else KINDS:
+        components = registry.components(kind)
+        print(f"{kind}:")
+        if not components:
+            print("  (none)")
+        for comp in components:
+            print(f"  {comp.name:<28} {comp.summary}  [{comp.plugin}]")
+            if args.verbose:
+                for name, default in comp.parameters().items():
+                    shown = "<required>" if default is comp.signature().parameters[name].empty else repr(default)
+                    print(f"      {name} = {shown}")
+    return 0
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from d2v import manifest
+
+    path = Path(args.output)
+    if args.check:
+        ok, message = manifest.check(path)
+        print(message)
+        return 0 if ok else 1
+    path.write_text(manifest.render())
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from d2v.convert import convert
+
+    print(convert(args.source, args.destination, to=args.to))
+    return 0
+
+
+def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="data2vec: fine-tune, evaluate and pretrain from YAML specs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a spec (finetune, pretrain or evaluate)")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.max_steps=10")
+    p.add_argument("--resume", action="store_true", help="continue the run in trainer.output_dir from its latest checkpoint")
+    p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("check", help="validate a spec without building anything")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=_cmd_check)
+
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument("kind", nargs="?")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show parameters and defaults")
+    p.set_defaults(fn=_cmd_list)
+
+    p = sub.add_parser("registry", help="write registry.yaml from the live registry (or --check it)")
+    p.add_argument("--check", action="store_true", help="exit 1 if registry.yaml is stale")
+    p.add_argument("--output", default="registry.yaml")
+    p.set_defaults(fn=_cmd_registry)
+
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and d2v formats")
+    p.add_argument("source", help="a Hugging Face checkpoint directory or a d2v checkpoint (e.g. runs/x/final)")
+    p.add_argument("destination", help="output directory (must not exist)")
+    p.add_argument("--to", choices=("d2v", "hf"), required=True)
+    p.set_defaults(fn=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "d2v") -> int:
+    args = _parser(prog).parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingCollapse as exc:
+        print(f"{prog}: training stopped: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; completed checkpoints are kept (resume with --resume).", file=sys.stderr)
+        return 130
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """``d2v-run SPEC [k=v ...] [--resume]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        _parser("d2v-run").parse_args(["run", "--help"])
+    return main(["run", *argv], prog="d2v-run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

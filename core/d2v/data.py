@@ -1,0 +1,182 @@
+"""From dataset + processor to batches: length-bucketed batch sampling and loaders.
+
+Every random choice in the data pipeline (batch order, crops, precomputed masks) is a
+function of ``(seed, epoch, index)``, so a resumed run sees exactly the batches an
+uninterrupted run would have seen, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from d2v.config import LoaderConfig
+from d2v.errors import SpecError
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length whose padded size stays under a budget.
+
+    ``max_length`` bounds ``batch_size * longest`` (fairseq's ``max_tokens``), so a batch
+    of short utterances holds more of them. With ``batch_size`` set instead, batches have
+    a fixed number of (length-sorted) examples. Batch order is shuffled per epoch from
+    ``seed + epoch``; call :meth:`set_epoch` before iterating.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
+        if (max_length is None) == (batch_size is None):
+            raise SpecError("data.loader: set exactly one of batch_size and max_batch_seconds/max_batch_length.")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if max_length is not None and len(lengths) and lengths.max() > max_length:
+            raise SpecError(
+                f"data.loader: the longest example has length {int(lengths.max())}, more than the batch budget "
+                f"{max_length}; raise max_batch_seconds/max_batch_length or crop examples (processor max_samples)."
+            )
+        self.lengths = lengths
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.batches = self._make_batches(max_length, batch_size, max_batch_size)
+
+    def _make_batches(self, max_length, batch_size, max_batch_size) -> list[list[int]]:
+        order = np.argsort(self.lengths, kind="stable")
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for index in order.tolist():
+            length = int(self.lengths[index])
+            grown = max(longest, length) * (len(current) + 1)
+            full = (
+                (batch_size is not None and len(current) == batch_size)
+                or (max_length is not None and current and grown > max_length)
+                or (max_batch_size is not None and len(current) == max_batch_size)
+            )
+            if full:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(index)
+            longest = max(longest, length)
+        if current:
+            batches.append(current)
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            yield from (list(b) for b in self.batches)
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for i in rng.permutation(len(self.batches)).tolist():
+            yield list(self.batches[i])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ProcessedDataset(Dataset):
+    """Applies the processor's ``load`` to a dataset's light examples (runs in workers).
+
+    Each example gets its own ``numpy`` generator seeded by ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, dataset: Dataset, processor: Any, *, train: bool, seed: int):
+        self.dataset = dataset
+        self.processor = processor
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self._takes_rng = "rng" in inspect.signature(processor.load).parameters
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[index]
+        if self._takes_rng:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            return self.processor.load(example, train=self.train, rng=rng)
+        return self.processor.load(example, train=self.train)
+
+
+class Collate:
+    """The processor's collate plus an optional batch transform (e.g. data2vec 2.0 masks).
+
+    A plain object (not a closure) so it pickles into worker processes.
+    """
+
+    def __init__(self, collate: Callable, transform: Callable | None = None, seed: int = 0):
+        self.collate = collate
+        self.transform = transform
+        self.seed = seed
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        if self.transform is not None:
+            batch = self.transform(batch)
+        return batch
+
+
+def batch_sampler_for(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bool, seed: int,
+                      where: str) -> BucketBatchSampler:
+    lengths = getattr(dataset, "lengths", None)
+    if loader.batch_size is not None:
+        lengths = lengths if lengths is not None else [1] * len(dataset)
+        return BucketBatchSampler(lengths, batch_size=loader.batch_size, shuffle=train and loader.shuffle, seed=seed)
+    if lengths is None:
+        raise SpecError(f"{where}: this dataset has no 'lengths', so it cannot be bucketed; set data.loader.batch_size.")
+    max_length = loader.max_batch_length
+    if loader.max_batch_seconds is not None:
+        per_second = getattr(processor, "length_per_second", None)
+        if per_second is None:
+            raise SpecError("data.loader.max_batch_seconds: this processor has no notion of seconds; use max_batch_length.")
+        max_length = int(loader.max_batch_seconds * per_second)
+    if max_length is None:
+        raise SpecError("data.loader: set batch_size, max_batch_seconds or max_batch_length.")
+    if hasattr(processor, "clip_length"):
+        lengths = [processor.clip_length(n, train=train) for n in lengths]
+    return BucketBatchSampler(lengths, max_length=max_length, max_batch_size=loader.max_batch_size,
+                              shuffle=train and loader.shuffle, seed=seed)
+
+
+def make_loader(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bool, seed: int, where: str,
+                transform: Callable | None = None) -> DataLoader:
+    if len(dataset) == 0:
+        raise SpecError(f"{where}: the dataset is empty.")
+    sampler = batch_sampler_for(dataset, processor, loader, train=train, seed=seed, where=where)
+    return DataLoader(
+        ProcessedDataset(dataset, processor, train=train, seed=seed),
+        batch_sampler=sampler,
+        collate_fn=Collate(processor.collate, transform, seed),
+        num_workers=loader.num_workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader (Accelerate's own epoch counter), the sampler and the per-example
+    rng which epoch this is."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    sampler = getattr(loader, "batch_sampler", None)
+    for obj in (sampler, getattr(sampler, "batch_sampler", None), loader.dataset):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+        elif obj is not None and hasattr(obj, "epoch"):
+            obj.epoch = epoch

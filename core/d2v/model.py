@@ -1,0 +1,218 @@
+"""Spec -> model: build components from the registry and compose them.
+
+Fine-tuning and evaluation use :class:`TaskModel` (feature extractor -> encoder -> head);
+pretraining uses the registered ``objective`` (which owns the student, the EMA teacher and
+the target). Both keep the student under the same attribute names (``feature_extractor``,
+``encoder``) so a pretraining checkpoint initialises a fine-tuning model by key.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from d2v.config import resolve_model_section
+from d2v.errors import SpecError
+from d2v.interfaces import EncoderOutput, Encoder, FeatureExtractor, Head, _Output
+from d2v.registry import KINDS, Registry
+
+
+@dataclass
+class ModelOutput(_Output):
+    """Output of :class:`TaskModel`, with Hugging Face field names."""
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    last_hidden_state: Tensor | None = None
+    extract_features: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    padding_mask: Tensor | None = None
+    head_output: Any = None
+    logs: dict[str, float] | None = None
+
+
+class TaskModel(nn.Module):
+    """Feature extractor -> encoder -> (optional) head, driven by a batch dict.
+
+    The batch carries ``inputs`` and ``padding_mask`` (True at padding) plus whatever
+    the head needs for its loss (e.g. ``text`` for CTC).
+    """
+
+    def __init__(self, feature_extractor: FeatureExtractor, encoder: Encoder, head: Head | None = None):
+        super().__init__()
+        self.feature_extractor = feature_extractor
+        self.encoder = encoder
+        self.head = head
+
+    def encode(self, batch: dict[str, Any], *, output_hidden_states: bool = False) -> tuple[EncoderOutput, Any]:
+        features = self.feature_extractor(batch["inputs"], batch.get("padding_mask"))
+        encoded = self.encoder(
+            features.features,
+            features.padding_mask,
+            batch.get("mask"),
+            output_hidden_states=output_hidden_states,
+        )
+        return encoded, features
+
+    def forward(self, batch: dict[str, Any], *, output_hidden_states: bool = False) -> ModelOutput:
+        encoded, features = self.encode(batch, output_hidden_states=output_hidden_states)
+        out = ModelOutput(
+            last_hidden_state=encoded.last_hidden_state,
+            extract_features=features.extract_features,
+            hidden_states=encoded.hidden_states,
+            padding_mask=encoded.padding_mask,
+        )
+        if self.head is not None:
+            head_out = self.head(encoded, batch)
+            out.logits, out.loss, out.head_output = head_out.logits, head_out.loss, head_out
+        return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_component(registry: Registry, kind: str, node: dict, path: str, **injected: Any) -> Any:
+    """Build a ``{name: ..., **params}`` node; params named after a kind are built first."""
+    node = dict(node)
+    name = node.pop("name")
+    comp = registry.get(kind, name, where=path)
+    for key, value in list(node.items()):
+        if key in KINDS and isinstance(value, dict) and "name" in value:
+            node[key] = build_component(registry, key, value, f"{path}.{key}")
+    accepted = comp.parameters()
+    for key, value in injected.items():
+        if key in accepted or comp.accepts_any_keyword():
+            node.setdefault(key, value)
+    try:
+        return comp.build(**node)
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{path}: building {kind} '{name}' failed: {exc}") from exc
+
+
+def build_model(model_spec: dict, registry: Registry, task: str) -> nn.Module:
+    spec = resolve_model_section(model_spec, registry)
+    encoder = build_component(registry, "encoder", spec["encoder"], "model.encoder")
+    fe_injected = {"dim": encoder.dim}
+    feature_extractor = build_component(registry, "feature_extractor", spec["feature_extractor"], "model.feature_extractor", **fe_injected)
+    if getattr(feature_extractor, "dim", encoder.dim) != encoder.dim:
+        raise SpecError(
+            f"model: feature_extractor produces {feature_extractor.dim}-wide features but the encoder is "
+            f"{encoder.dim} wide; set model.feature_extractor.dim={encoder.dim}."
+        )
+    if task == "pretrain":
+        model = build_component(
+            registry, "objective", spec["objective"], "model.objective",
+            feature_extractor=feature_extractor, encoder=encoder,
+        )
+    else:
+        head = build_component(registry, "head", spec["head"], "model.head", input_dim=encoder.dim)
+        model = TaskModel(feature_extractor, encoder, head)
+    for prefix in spec.get("freeze") or []:
+        freeze(model, prefix)
+    return model
+
+
+def freeze(model: nn.Module, prefix: str) -> int:
+    """Stop gradients for every parameter whose name starts with ``prefix``."""
+    count = 0
+    for name, param in model.named_parameters():
+        if name == prefix or name.startswith(prefix + "."):
+            param.requires_grad_(False)
+            count += 1
+    if count == 0:
+        names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})[:12]
+        raise SpecError(f"model.freeze: no parameter starts with '{prefix}'. Parameter groups include: {', '.join(names)} ...")
+    return count
+
+
+# --------------------------------------------------------------------------- init
+
+
+@dataclass
+class InitReport:
+    source: str
+    loaded: list[str]
+    new: list[str]
+    unused: list[str]
+    mismatched: list[str]
+
+    def summary(self) -> str:
+        lines = [f"initialised from {self.source}: {len(self.loaded)} tensors loaded, "
+                 f"{len(self.new)} new, {len(self.unused)} unused, {len(self.mismatched)} shape-mismatched"]
+        for title, names in (("new (randomly initialised)", self.new), ("unused from checkpoint", self.unused),
+                             ("shape mismatch (kept new)", self.mismatched)):
+            if names:
+                shown = ", ".join(_group_names(names))
+                lines.append(f"  {title}: {shown}")
+        return "\n".join(lines)
+
+
+def _group_names(names: list[str], depth: int = 2) -> list[str]:
+    groups: dict[str, int] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:depth])
+        groups[key] = groups.get(key, 0) + 1
+    return [f"{k}.* ({n})" if n > 1 else k for k, n in sorted(groups.items())]
+
+
+def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
+    """Model weights from a d2v run checkpoint directory, a ``.safetensors`` file, or a
+    Hugging Face checkpoint directory (converted to d2v names)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.is_dir() and (path / "config.json").exists():
+        from d2v.hf import from_pretrained
+
+        return from_pretrained(path).model.state_dict()
+    if path.is_dir() and (path / "model.safetensors").exists():
+        return load_file(str(path / "model.safetensors"))
+    if path.is_dir() and (path / "latest").exists():
+        return read_checkpoint_state(path / (path / "latest").read_text().strip())
+    raise SpecError(
+        f"model.init.checkpoint: '{path}' is neither a d2v checkpoint (a directory with model.safetensors, "
+        f"e.g. runs/<name>/final) nor a Hugging Face checkpoint directory (with config.json)."
+    )
+
+
+def load_initial_weights(model: nn.Module, checkpoint: str | Path, *, strict: bool = False) -> InitReport:
+    state = read_checkpoint_state(checkpoint)
+    own = model.state_dict()
+    loadable, mismatched = {}, []
+    for key, value in state.items():
+        if key in own:
+            if own[key].shape == value.shape:
+                loadable[key] = value
+            else:
+                mismatched.append(key)
+    report = InitReport(
+        source=str(checkpoint),
+        loaded=sorted(loadable),
+        new=sorted(k for k in own if k not in loadable),
+        unused=sorted(k for k in state if k not in own),
+        mismatched=sorted(mismatched),
+    )
+    if strict and (report.new or report.unused or report.mismatched):
+        raise SpecError(f"model.init (strict): checkpoint does not match the model exactly.\n{report.summary()}")
+    if not loadable:
+        raise SpecError(f"model.init: no tensor of '{checkpoint}' matches the model by name and shape.\n{report.summary()}")
+    with torch.no_grad():
+        for key, value in loadable.items():
+            own[key].copy_(value)
+    return report
+
+
+def accepts(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,71 @@
+"""Optimizers used by the data2vec recipes, built from a spec's ``optim:`` section."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from d2v.errors import SpecError
+
+
+def _trainable(model: nn.Module):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def adam(
+    model: nn.Module,
+    lr: float = 5e-4,
+    betas: Sequence[float] = (0.9, 0.98),
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+) -> torch.optim.Optimizer:
+    """fairseq's Adam as data2vec used it: decoupled weight decay on every parameter."""
+    params = [p for _, p in _trainable(model)]
+    if not params:
+        raise SpecError("optim: the model has no trainable parameters (is everything frozen by model.freeze?).")
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def adamw(
+    model: nn.Module,
+    lr: float = 1e-3,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.05,
+    layer_decay: float = 1.0,
+) -> torch.optim.AdamW:
+    """AdamW without decay on biases, norms and embeddings-like 1-d tensors.
+
+    ``layer_decay < 1`` scales layer ``i`` of ``L`` by ``layer_decay ** (L - i)`` (BEiT /
+    data2vec vision fine-tuning); parameters outside the encoder layers count as layer 0
+    (feature extractor) or the top (head).
+    """
+    named = _trainable(model)
+    if not named:
+        raise SpecError("optim: the model has no trainable parameters (is everything frozen by model.freeze?).")
+    num_layers = _num_layers(model)
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in named:
+        decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") else weight_decay
+        scale = layer_decay ** (num_layers + 1 - _layer_id(name, num_layers)) if layer_decay != 1.0 else 1.0
+        groups.setdefault((decay, scale), []).append(param)
+    param_groups = [
+        {"params": ps, "weight_decay": decay, "lr": lr * scale, "lr_scale": scale}
+        for (decay, scale), ps in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def _num_layers(model: nn.Module) -> int:
+    encoder = getattr(model, "encoder", None)
+    return int(getattr(encoder, "num_layers", 0))
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    if name.startswith("feature_extractor.") or name.startswith("encoder.") and ".layers." not in name:
+        return 0
+    if name.startswith("encoder.") and ".layers." in name:
+        return int(name.split(".layers.")[1].split(".")[0]) + 1
+    return num_layers + 1

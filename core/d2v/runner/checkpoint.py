@@ -1,0 +1,99 @@
+"""Run directories and atomic checkpoints.
+
+Layout of a run directory::
+
+    <output_dir>/spec.yaml              the resolved spec (what was actually run)
+    <output_dir>/metrics.jsonl          one JSON object per log/eval event (appended)
+    <output_dir>/checkpoints/step-000100/   accelerate state: model.safetensors, optimizer,
+                                            scheduler, RNG of every process + trainer_state.json
+    <output_dir>/checkpoints/latest     name of the newest complete checkpoint
+    <output_dir>/final/                 model.safetensors + spec.yaml (+ head assets) for init/eval
+
+A checkpoint is written to a temporary directory and renamed into place, and ``latest`` is
+replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from d2v.errors import SpecError
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    root = checkpoints_dir(output_dir)
+    pointer = root / "latest"
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / TRAINER_STATE).exists():
+            return candidate
+    complete = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).exists()) if root.exists() else []
+    return complete[-1] if complete else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(output_dir: Path, *, resume: bool) -> Path | None:
+    """Create the run directory; refuse to overwrite an existing run unless resuming.
+
+    Returns the checkpoint to resume from (``None`` for a fresh run).
+    """
+    existing = latest_checkpoint(output_dir)
+    if resume:
+        if existing is None:
+            raise SpecError(
+                f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}; "
+                f"run without --resume to start fresh."
+            )
+        return existing
+    if existing is not None or (output_dir / "final").exists():
+        raise SpecError(
+            f"trainer.output_dir '{output_dir}' already holds a run (checkpoints or final weights). "
+            f"Pass --resume to continue it, or choose another trainer.output_dir; nothing was overwritten."
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Save accelerate state + trainer state atomically and prune old checkpoints."""
+    root = checkpoints_dir(output_dir)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / "latest", name)
+        if keep_last > 0:
+            old = sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]
+            for path in old:
+                shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / TRAINER_STATE).read_text())

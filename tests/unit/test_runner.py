@@ -1,0 +1,91 @@
+"""The runner: training lowers the loss, checkpoints are atomic, kill + resume is exact."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from d2v.config import spec_from_dict
+from d2v.errors import SpecError
+from d2v.runner import Run, run
+from d2v.runner import train as train_module
+
+
+def _final_weights(output_dir):
+    return load_file(str(output_dir / "final" / "model.safetensors"))
+
+
+def test_training_lowers_loss_and_writes_run_dir(toy_plugin, tmp_path):
+    out = tmp_path / "run"
+    run(spec_from_dict(toy_plugin.toy_spec(out, max_steps=24, eval_every=8)))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    valid = [r for r in records if r.get("split") == "valid"]
+    assert [r["step"] for r in train] == list(range(1, 25))
+    assert sum(r["loss"] for r in train[-4:]) < 0.6 * sum(r["loss"] for r in train[:4])
+    assert valid[-1]["mse"] < valid[0]["mse"]
+    assert (out / "spec.yaml").exists() and (out / "final" / "spec.yaml").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000024"
+
+
+def test_kill_and_resume_gives_the_same_weights(toy_plugin, tmp_path, monkeypatch):
+    reference = tmp_path / "uninterrupted"
+    run(spec_from_dict(toy_plugin.toy_spec(reference, max_steps=12, save_every=4)))
+
+    killed = tmp_path / "killed"
+    spec = toy_plugin.toy_spec(killed, max_steps=12, save_every=4)
+    real_write = train_module.MetricsLog.write
+
+    def die_after_step_6(self, record):
+        real_write(self, record)
+        if record.get("step") == 6 and record.get("split") == "train":
+            raise KeyboardInterrupt  # the process is killed between checkpoints
+    monkeypatch.setattr(train_module.MetricsLog, "write", die_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec_from_dict(spec))
+    monkeypatch.setattr(train_module.MetricsLog, "write", real_write)
+    assert (killed / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert not (killed / "final").exists()
+
+    with pytest.raises(SpecError, match="--resume"):
+        run(spec_from_dict(spec))  # never silently overwrite a run
+    run(spec_from_dict(spec), resume=True)
+
+    a, b = _final_weights(reference), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(toy_plugin, tmp_path):
+    out = tmp_path / "accum"
+    run(spec_from_dict(toy_plugin.toy_spec(out, max_steps=3, grad_accum=2)))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("split") == "train"] == [1, 2, 3]
+
+
+def test_evaluate_task_writes_predictions(toy_plugin, tmp_path):
+    out = tmp_path / "train"
+    run(spec_from_dict(toy_plugin.toy_spec(out, max_steps=4)))
+    spec = toy_plugin.toy_spec(tmp_path / "eval")
+    spec["task"] = "evaluate"
+    spec["data"]["test"] = spec["data"].pop("valid")
+    spec["evaluate"] = {"checkpoint": str(out / "final"), "split": "test"}
+    metrics = run(spec_from_dict(spec))
+    lines = (tmp_path / "eval" / "hypotheses.tsv").read_text().splitlines()
+    assert lines[0] == "id\treference\thypothesis" and len(lines) == 17
+    saved = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    assert saved["mse"] == pytest.approx(metrics["mse"])
+
+
+def test_init_reports_loaded_and_new_weights(toy_plugin, tmp_path, capsys):
+    out = tmp_path / "base"
+    run(spec_from_dict(toy_plugin.toy_spec(out, max_steps=2)))
+    spec = toy_plugin.toy_spec(tmp_path / "ft", max_steps=1)
+    spec["model"]["head"]["out_dim"] = 2
+    spec["model"]["init"] = {"checkpoint": str(out / "final")}
+    runner = Run(spec_from_dict(spec))
+    weights = _final_weights(out)
+    torch.testing.assert_close(runner.model.encoder.layers[0][0].weight, weights["encoder.layers.0.0.weight"])
+    assert "tensors loaded" in capsys.readouterr().out
