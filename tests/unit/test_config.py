@@ -1,0 +1,87 @@
+"""Spec loading, overrides and validation: errors name the key path, the line and a fix."""
+
+import textwrap
+
+import pytest
+
+from d2v.config import apply_override, load_spec, spec_from_dict, validate
+from d2v.errors import SpecError
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD = """\
+    task: finetune
+    model:
+      preset: data2vec-audio-tiny
+      head: {name: ctc}
+    data:
+      processor: {name: audio}
+      train: {name: librispeech, root: /nowhere, splits: [train-demo]}
+    optim: {name: adam, lr: 1.0e-4}
+    schedule: {name: tri_stage}
+    trainer: {max_steps: 10}
+"""
+
+
+def test_good_spec_validates(tmp_path):
+    validate(load_spec(_write(tmp_path, GOOD)))
+
+
+def test_misspelled_parameter_names_path_line_and_suggestion(tmp_path):
+    text = GOOD.replace("preset: data2vec-audio-tiny", "preset: data2vec-audio-tiny\n      encoder: {layrs: 2}")
+    with pytest.raises(SpecError) as err:
+        validate(load_spec(_write(tmp_path, text)))
+    assert "spec.yaml:4: model.encoder.layrs: unknown parameter of encoder 'audio.transformer'; did you mean 'layers'?" in str(err.value)
+
+
+def test_misspelled_component_name(tmp_path):
+    with pytest.raises(SpecError, match=r"model.head.name: unknown head 'ctcc'; did you mean 'ctc'\?"):
+        validate(load_spec(_write(tmp_path, GOOD.replace("{name: ctc}", "{name: ctcc}"))))
+
+
+def test_wrong_type_and_unknown_trainer_setting_reported_together(tmp_path):
+    text = GOOD.replace("trainer: {max_steps: 10}", "trainer: {max_step: 10, grad_accum: many}")
+    with pytest.raises(SpecError) as err:
+        validate(load_spec(_write(tmp_path, text)))
+    message = str(err.value)
+    assert "2 problems" in message
+    assert "trainer.max_step: unknown setting; did you mean 'max_steps'?" in message
+    assert "trainer.grad_accum: expected int, got str 'many'" in message
+
+
+def test_unknown_top_level_key_and_task(tmp_path):
+    text = GOOD.replace("task: finetune", "task: finetun\nmodle: {}")
+    with pytest.raises(SpecError) as err:
+        validate(load_spec(_write(tmp_path, text)))
+    assert "unknown task 'finetun'; did you mean 'finetune'?" in str(err.value)
+    assert "modle: unknown key; did you mean 'model'?" in str(err.value)
+
+
+def test_overrides_parse_yaml_values_and_create_sections(tmp_path):
+    spec = load_spec(_write(tmp_path, GOOD), ["trainer.max_steps=3", "model.encoder.layers=1",
+                                              "data.train.splits=[a, b]", "trainer.output_dir=runs/x"])
+    assert spec["trainer"]["max_steps"] == 3
+    assert spec["model"]["encoder"] == {"layers": 1}
+    assert spec["data"]["train"]["splits"] == ["a", "b"]
+    with pytest.raises(SpecError, match="key.path=value"):
+        apply_override(spec, "trainer.max_steps")
+
+
+def test_missing_required_parameter():
+    spec = spec_from_dict({"model": {"preset": "data2vec-audio-tiny", "head": {"name": "ctc"}},
+                           "data": {"processor": {"name": "audio"}, "train": {"name": "librispeech"}},
+                           "optim": {"name": "adam"}})
+    with pytest.raises(SpecError, match="dataset 'librispeech' needs parameter 'root'"):
+        validate(spec)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(_write(tmp_path, "model: [unclosed"))
