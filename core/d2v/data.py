@@ -92,7 +92,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 class ProcessedDataset(Dataset):
     """Applies the processor's ``load`` to a dataset's light examples (runs in workers).
 
-    Each example gets its own ``numpy`` generator seeded by ``(seed, epoch, index)``.
+    Each example gets its own generator (numpy ``rng`` or torch ``generator``, whichever the
+    processor's ``load`` accepts) seeded by ``(seed, epoch, index)``.
     """
 
     def __init__(self, dataset: Dataset, processor: Any, *, train: bool, seed: int):
@@ -101,16 +102,22 @@ class ProcessedDataset(Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
-        self._takes_rng = "rng" in inspect.signature(processor.load).parameters
+        params = inspect.signature(processor.load).parameters
+        self._rng_kind = "rng" if "rng" in params else "generator" if "generator" in params else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         example = self.dataset[index]
-        if self._takes_rng:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            return self.processor.load(example, train=self.train, rng=rng)
+        if self._rng_kind == "rng":  # a numpy Generator
+            return self.processor.load(example, train=self.train, rng=np.random.default_rng([self.seed, self.epoch, index]))
+        if self._rng_kind == "generator":  # a torch Generator
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            return self.processor.load(example, train=self.train, generator=torch.Generator().manual_seed(seed))
         return self.processor.load(example, train=self.train)
 
 
@@ -178,5 +185,3 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     for obj in (sampler, getattr(sampler, "batch_sampler", None), loader.dataset):
         if obj is not None and hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
-        elif obj is not None and hasattr(obj, "epoch"):
-            obj.epoch = epoch

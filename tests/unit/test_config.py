@@ -55,7 +55,7 @@ def test_wrong_type_and_unknown_trainer_setting_reported_together(tmp_path):
 
 
 def test_unknown_top_level_key_and_task(tmp_path):
-    text = GOOD.replace("task: finetune", "task: finetun\nmodle: {}")
+    text = GOOD.replace("task: finetune", "task: finetun\n    modle: {}")
     with pytest.raises(SpecError) as err:
         validate(load_spec(_write(tmp_path, text)))
     assert "unknown task 'finetun'; did you mean 'finetune'?" in str(err.value)

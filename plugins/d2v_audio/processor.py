@@ -1,0 +1,187 @@
+"""The speech processor: turns light dataset examples into normalised, padded waveform batches.
+
+Two halves, matching where they run:
+
+* :meth:`AudioProcessor.load` runs in the data-loader workers, one example at a time: it
+  reads the audio with soundfile, mixes it down to mono, resamples it, crops it (training
+  only) and normalises it to zero mean and unit variance, exactly like Hugging Face's
+  ``Wav2Vec2FeatureExtractor(do_normalize=True)``.
+* :meth:`AudioProcessor.collate` pads a list of loaded examples to the longest one (with
+  zeros, as HF does after normalising) and builds the padding mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from d2v.errors import SpecError
+
+CROPS = ("random", "start", "none")
+NORM_EPS = 1e-7  # added to the variance, as in Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+
+
+def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise SpecError(f"audio processor: {name} must be {kind} integer, got {value!r}.")
+    return value
+
+
+def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the whole (unpadded) utterance: ``(x - mean) /
+    sqrt(var + 1e-7)`` with the population variance, computed in float64, returned as float32."""
+    x = waveform.to(torch.float64)
+    mean = x.mean()
+    var = ((x - mean) ** 2).mean()
+    return ((x - mean) / torch.sqrt(var + NORM_EPS)).to(torch.float32)
+
+
+class AudioProcessor:
+    """Waveform loading, resampling, cropping, normalisation and batching for speech models.
+
+    Args:
+        sample_rate: the rate the model expects; files at another rate are resampled with
+            ``torchaudio.functional.resample``.
+        normalize: zero-mean/unit-variance normalisation per utterance (data2vec-audio and
+            wav2vec 2.0 Large/LV-60 models expect it; the original wav2vec 2.0 Base does not).
+        max_samples: longest training waveform (at ``sample_rate``). What happens to longer
+            ones depends on ``crop``. Never applied in evaluation (``train=False``).
+        min_samples: examples shorter than this are dropped by :meth:`filter_length`.
+        crop: how training examples longer than ``max_samples`` are shortened: ``"random"``
+            (a random window, the self-supervised pretraining recipe), ``"start"`` (the first
+            ``max_samples``), or ``"none"`` (never crop; :meth:`filter_length` drops them
+            instead). Cropping cuts the audio but not the transcript, so use ``"none"`` for
+            supervised (e.g. CTC) training.
+
+    Example dicts come from a speech dataset (``id``, ``path``, ``num_samples``, ``text`` and
+    optionally ``dataset``, a description used in error messages). Random crops draw from
+    the ``generator`` passed to :meth:`load`, else from torch's global RNG (which PyTorch's
+    DataLoader seeds per worker), so a seeded run crops identically.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 16000,
+        normalize: bool = True,
+        max_samples: int | None = None,
+        min_samples: int = 0,
+        crop: str = "random",
+    ) -> None:
+        self.sample_rate = _positive_int(sample_rate, "sample_rate")
+        if not isinstance(normalize, bool):
+            raise SpecError(f"audio processor: normalize must be true or false, got {normalize!r}.")
+        self.normalize = normalize
+        self.max_samples = None if max_samples is None else _positive_int(max_samples, "max_samples")
+        self.min_samples = _positive_int(min_samples, "min_samples", allow_zero=True)
+        if crop is None:
+            crop = "none"
+        if crop not in CROPS:
+            raise SpecError(f"audio processor: crop must be one of {', '.join(CROPS)}, got {crop!r}.")
+        self.crop = crop
+        if self.max_samples is not None and self.min_samples > self.max_samples:
+            raise SpecError(
+                f"audio processor: min_samples ({self.min_samples}) is larger than max_samples "
+                f"({self.max_samples}), so every example would be dropped."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"AudioProcessor(sample_rate={self.sample_rate}, normalize={self.normalize}, "
+            f"max_samples={self.max_samples}, min_samples={self.min_samples}, crop={self.crop!r})"
+        )
+
+    @property
+    def length_per_second(self) -> int:
+        """Dataset lengths are counted in samples: ``sample_rate`` of them per second."""
+        return self.sample_rate
+
+    # ------------------------------------------------------------------ filtering
+    def filter_length(self, num_samples: int) -> bool:
+        """True if an example of ``num_samples`` samples should be kept for training:
+        at least ``min_samples`` long, and, when ``crop="none"``, at most ``max_samples``
+        (with cropping, long examples are kept and cropped by :meth:`load`)."""
+        if num_samples < self.min_samples:
+            return False
+        if self.crop == "none" and self.max_samples is not None and num_samples > self.max_samples:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ loading
+    def read(self, example: dict[str, Any]) -> torch.Tensor:
+        """The example's audio as a float32 mono waveform at ``sample_rate`` (no crop, no
+        normalisation)."""
+        path = example["path"]
+        where = example.get("dataset") or "the dataset"
+        try:
+            data, rate = sf.read(path, dtype="float32", always_2d=True)
+        except (RuntimeError, OSError, ValueError, TypeError) as err:
+            raise SpecError(
+                f"cannot read audio file '{path}' (example '{example.get('id', '?')}' of {where}): "
+                f"{err}. Check that the file exists and is a valid audio file (FLAC, WAV, OGG, ...), "
+                f"or remove it from the dataset."
+            ) from None
+        if data.shape[0] == 0:
+            raise SpecError(
+                f"audio file '{path}' (example '{example.get('id', '?')}' of {where}) has no samples. "
+                f"Remove it from the dataset."
+            )
+        mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float64).astype(np.float32)
+        waveform = torch.from_numpy(np.ascontiguousarray(mono))
+        if rate != self.sample_rate:
+            import torchaudio.functional as AF
+
+            waveform = AF.resample(waveform, orig_freq=int(rate), new_freq=self.sample_rate)
+        return waveform
+
+    def load(
+        self, example: dict[str, Any], *, train: bool, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """``example`` plus ``"waveform"``: float32 ``(S,)``, mono, at ``sample_rate``, cropped
+        to ``max_samples`` when training (see ``crop``) and normalised if ``normalize``."""
+        waveform = self.read(example)
+        if train and self.max_samples is not None and self.crop != "none":
+            waveform = self.crop_waveform(waveform, generator=generator)
+        if self.normalize:
+            waveform = normalize_waveform(waveform)
+        return {**example, "waveform": waveform}
+
+    def crop_waveform(self, waveform: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """At most ``max_samples`` of ``waveform``: a random window (``crop="random"``) or the
+        start (``crop="start"``)."""
+        excess = waveform.shape[0] - (self.max_samples or waveform.shape[0])
+        if excess <= 0:
+            return waveform
+        start = 0
+        if self.crop == "random":
+            start = int(torch.randint(0, excess + 1, (1,), generator=generator))
+        return waveform[start : start + self.max_samples]
+
+    # ------------------------------------------------------------------ batching
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad loaded examples to the longest one.
+
+        Returns ``inputs`` (B, S) float32 zero-padded, ``padding_mask`` (B, S) bool True at
+        padding, ``lengths`` (B,) int64, ``text`` and ``ids`` (lists of str), in input order.
+        """
+        if not examples:
+            raise ValueError("AudioProcessor.collate needs at least one example")
+        waveforms = [ex["waveform"] for ex in examples]
+        lengths = torch.tensor([w.shape[0] for w in waveforms], dtype=torch.long)
+        longest = int(lengths.max())
+        inputs = torch.zeros(len(waveforms), longest, dtype=torch.float32)
+        for row, waveform in zip(inputs, waveforms):
+            row[: waveform.shape[0]] = waveform
+        padding_mask = torch.arange(longest)[None, :] >= lengths[:, None]
+        return {
+            "inputs": inputs,
+            "padding_mask": padding_mask,
+            "lengths": lengths,
+            "text": [ex.get("text", "") for ex in examples],
+            "ids": [ex.get("id", "") for ex in examples],
+        }
