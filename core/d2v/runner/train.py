@@ -252,8 +252,8 @@ class Run:
             with acc.autocast():
                 out = model(batch)
             if out.loss is not None:
-                counts["loss_sum"] += float(out.loss)
-                counts["loss_batches"] += 1
+                counts["objective_loss_sum"] += float(out.loss)
+                counts["objective_loss_batches"] += 1
             if head is not None:
                 for key, value in head.eval_counts(out.head_output, batch).items():
                     counts[key] += float(value)
@@ -265,8 +265,8 @@ class Run:
             for key, value in part.items():
                 all_counts[key] += value
         metrics: dict[str, float] = {}
-        if all_counts.get("loss_batches"):
-            metrics["loss"] = all_counts["loss_sum"] / all_counts["loss_batches"]
+        if all_counts.get("objective_loss_batches"):
+            metrics["loss"] = all_counts["objective_loss_sum"] / all_counts["objective_loss_batches"]
         if head is not None:
             metrics.update(head.summarize(dict(all_counts)))
         record = {"split": split, "step": step, **metrics}

@@ -1,0 +1,280 @@
+"""The data2vec-audio Transformer encoder (Hugging Face ``Data2VecAudioEncoder``, fairseq's
+``TransformerEncoder`` with ``layer_norm_first=False`` and ``pos_conv_depth=5``).
+
+Built bottom-up from small parts::
+
+    SelfAttention, FeedForward -> EncoderLayer (post-LN)
+    PositionalConvBlock        -> PositionalConv (a stack of grouped convs)
+    everything                 -> AudioTransformerEncoder
+
+``embed`` = mask embedding (or SpecAugment while fine-tuning) -> zero the padding ->
+``x + pos_conv(x)`` -> LayerNorm -> dropout. ``contextualize`` = the post-LN layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2v.errors import SpecError
+from d2v.interfaces import Encoder, EncoderOutput
+from d2v.masking import compute_span_mask
+
+from d2v_audio.feature_extractor import make_activation
+
+TARGET_FEATURES = ("ffn", "end")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise SpecError(f"encoder dim {dim} is not divisible by heads {heads}.")
+        self.heads = heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _split(self, x: Tensor) -> Tensor:
+        batch, time, dim = x.shape
+        return x.view(batch, time, self.heads, dim // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, T, D)``; ``attn_mask`` ``(B, 1, 1, T)`` bool, True where a key may be attended."""
+        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    """``fc2(dropout(act(fc1(x))))``; the output dropout belongs to the layer (the output
+    *before* it is data2vec's target feature)."""
+
+    def __init__(self, dim: int, ffn_dim: int, activation: str, activation_dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.activation = make_activation(activation)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN block: ``x = LN(x + drop(attn(x)))``, ``y = LN(x + drop(ffn(x)))``."""
+
+    def __init__(self, dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout, eps):
+        super().__init__()
+        self.attention = SelfAttention(dim, heads, attention_dropout)
+        self.attention_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn = FeedForward(dim, ffn_dim, activation, activation_dropout)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return the layer output and the FFN output (before dropout, residual and LayerNorm)."""
+        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+        ffn_out = self.ffn(x)
+        return self.ffn_norm(x + self.dropout(ffn_out)), ffn_out
+
+
+class PositionalConvBlock(nn.Module):
+    """Grouped Conv1d ('same' length) -> LayerNorm without affine -> GELU, on ``(B, D, T)``."""
+
+    def __init__(self, dim: int, kernel: int, groups: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel_size=kernel, padding=kernel // 2, groups=groups)
+        # an even kernel with padding k//2 yields one extra frame: drop the last one
+        self.trim = 1 if kernel % 2 == 0 else 0
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.activation = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.trim:
+            x = x[..., : -self.trim]
+        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.activation(x)
+
+
+class PositionalConv(nn.Module):
+    """The relative positional embedding of data2vec-audio: a stack of conv blocks, ``(B, T, D)`` in and out."""
+
+    def __init__(self, dim: int, num_layers: int, kernel: int, groups: int):
+        super().__init__()
+        if dim % groups:
+            raise SpecError(f"encoder dim {dim} is not divisible by pos_conv_groups {groups}.")
+        self.layers = nn.ModuleList(PositionalConvBlock(dim, kernel, groups) for _ in range(num_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.transpose(1, 2)
+        for block in self.layers:
+            x = block(x)
+        return x.transpose(1, 2)
+
+
+class AudioTransformerEncoder(Encoder):
+    """data2vec-audio's contextualising encoder (defaults: data2vec-audio Base).
+
+    SpecAugment (``mask_time_*``, ``mask_feature_*``, Hugging Face's semantics and defaults)
+    runs in :meth:`embed` only in training mode and only when no explicit ``mask`` is given;
+    pass an all-False ``mask`` to switch it off for one call (e.g. self-supervised students
+    that mask by dropping tokens).
+
+    LayerDrop skips whole layers in training mode. A skipped layer counts as the identity in
+    ``hidden_states``; when ``output_layer_targets`` is asked for, no layer is skipped
+    (targets need every layer).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int = 768,
+        layers: int = 12,
+        heads: int = 12,
+        ffn_dim: int = 3072,
+        activation: str = "gelu",
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        activation_dropout: float = 0.1,
+        layerdrop: float = 0.1,
+        layer_norm_eps: float = 1e-5,
+        num_pos_conv_layers: int = 5,
+        pos_conv_kernel: int = 19,
+        pos_conv_groups: int = 16,
+        mask_time_prob: float = 0.05,
+        mask_time_length: int = 10,
+        mask_time_min_masks: int = 2,
+        mask_feature_prob: float = 0.0,
+        mask_feature_length: int = 10,
+        mask_feature_min_masks: int = 0,
+    ):
+        #: the constructor arguments (what the Hugging Face exporter reads back)
+        hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__()
+        self.hparams = hparams
+        self.dim = dim
+        self.num_layers = layers
+        self.layerdrop = layerdrop
+        self.mask_time_prob = mask_time_prob
+        self.mask_time_length = mask_time_length
+        self.mask_time_min_masks = mask_time_min_masks
+        self.mask_feature_prob = mask_feature_prob
+        self.mask_feature_length = mask_feature_length
+        self.mask_feature_min_masks = mask_feature_min_masks
+
+        self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())
+        self.pos_conv = PositionalConv(dim, num_pos_conv_layers, pos_conv_kernel, pos_conv_groups)
+        self.layer_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            EncoderLayer(dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout, layer_norm_eps)
+            for _ in range(layers)
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """BERT-style init for the Transformer (normal(0, 0.02), zero biases), Kaiming for the
+        positional convs with zero bias, as Hugging Face initialises data2vec-audio."""
+        for module in self.layers.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        for block in self.pos_conv.layers:
+            nn.init.kaiming_normal_(block.conv.weight)
+            nn.init.zeros_(block.conv.bias)
+
+    # -- SpecAugment --------------------------------------------------------------------
+
+    def spec_augment(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Hugging Face's ``_mask_hidden_states``: time spans -> mask embedding, feature spans -> 0.
+
+        Random draws come from a numpy generator seeded from torch's RNG, so
+        ``torch.manual_seed`` makes them reproducible.
+        """
+        batch, time, channels = x.shape
+        if self.mask_time_prob <= 0 and self.mask_feature_prob <= 0:
+            return x
+        rng = np.random.default_rng(int(torch.randint(2**31, ()).item()))
+        if self.mask_time_prob > 0:
+            time_mask = compute_span_mask(
+                (batch, time),
+                self.mask_time_prob,
+                self.mask_time_length,
+                rng=rng,
+                padding_mask=None if padding_mask is None else padding_mask.cpu().numpy(),
+                min_masks=self.mask_time_min_masks,
+                require_same_masks=False,
+            )
+            time_mask = torch.as_tensor(time_mask, dtype=torch.bool, device=x.device)
+            x = torch.where(time_mask[..., None], self.mask_embedding.to(x.dtype), x)
+        if self.mask_feature_prob > 0:
+            feature_mask = compute_span_mask(
+                (batch, channels),
+                self.mask_feature_prob,
+                self.mask_feature_length,
+                rng=rng,
+                min_masks=self.mask_feature_min_masks,
+                require_same_masks=False,
+            )
+            feature_mask = torch.as_tensor(feature_mask, dtype=torch.bool, device=x.device)
+            x = x.masked_fill(feature_mask[:, None, :], 0.0)
+        return x
+
+    # -- Encoder interface ----------------------------------------------------------------
+
+    def embed(self, features: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = features
+        padding_mask = None if padding_mask is None else padding_mask.bool()
+        if mask is not None:
+            x = torch.where(mask.bool()[..., None], self.mask_embedding.to(x.dtype), x)
+        elif self.training:
+            x = self.spec_augment(x, padding_mask)
+        if padding_mask is not None:
+            # padded frames are zero before the positional conv sees them (as Hugging Face)
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        x = x + self.pos_conv(x)
+        return self.dropout(self.layer_norm(x))
+
+    def contextualize(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_layer_targets: bool = False,
+        target_feature: str = "ffn",
+        position_ids: Tensor | None = None,  # positions come from the conv in embed()
+    ) -> EncoderOutput:
+        if target_feature not in TARGET_FEATURES:
+            raise SpecError(f"unknown target_feature '{target_feature}'; expected one of {', '.join(TARGET_FEATURES)}.")
+        if padding_mask is not None:
+            padding_mask = padding_mask.bool()
+        attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        hidden_states = [x] if output_hidden_states else None
+        layer_targets = [] if output_layer_targets else None
+        may_drop = self.training and self.layerdrop > 0 and not output_layer_targets
+
+        for layer in self.layers:
+            if not (may_drop and torch.rand(()) < self.layerdrop):
+                x, ffn_out = layer(x, attn_mask)
+                if layer_targets is not None:
+                    layer_targets.append(ffn_out if target_feature == "ffn" else x)
+            if hidden_states is not None:
+                hidden_states.append(x)
+
+        return EncoderOutput(
+            last_hidden_state=x,
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+            layer_targets=None if layer_targets is None else tuple(layer_targets),
+            padding_mask=padding_mask,
+        )

@@ -1,0 +1,385 @@
+"""Hugging Face ``Data2VecAudioModel`` / ``Data2VecAudioForCTC`` checkpoint import and export.
+
+The converters are registered as ``hf_converter`` components named after the Hugging Face
+architecture; :func:`d2v.hf.from_pretrained` and ``PretrainedModel.save_pretrained`` pick one
+by the ``architectures[0]`` of a ``config.json``. Each offers:
+
+* ``hf_config_to_spec(config)``: the d2v ``model:`` spec section equivalent to an HF config;
+* ``from_hf(config, state_dict)``: the d2v-native model with the weights loaded (strict);
+* ``to_hf(model)``: ``(config, state_dict)`` that ``transformers`` loads.
+
+The weight names differ only where d2v names things its own way; :data:`RENAMES` is the whole
+mapping. No ``transformers`` import is needed (the config defaults are written out below).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from d2v.errors import SpecError
+from d2v.model import TaskModel
+from d2v.plugins import registry
+
+#: ``Data2VecAudioConfig`` defaults (transformers 5); a saved ``config.json`` holds only the
+#: values that differ from these.
+HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout": 0.1,
+    "activation_dropout": 0.1,
+    "attention_dropout": 0.1,
+    "feat_proj_dropout": 0.0,
+    "final_dropout": 0.1,
+    "layerdrop": 0.1,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-5,
+    "feat_extract_activation": "gelu",
+    "conv_dim": [512, 512, 512, 512, 512, 512, 512],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_bias": False,
+    "num_conv_pos_embedding_groups": 16,
+    "conv_pos_kernel_size": 19,
+    "num_conv_pos_embeddings": 5,
+    "mask_time_prob": 0.05,
+    "mask_time_length": 10,
+    "mask_time_min_masks": 2,
+    "mask_feature_prob": 0.0,
+    "mask_feature_length": 10,
+    "mask_feature_min_masks": 0,
+    "ctc_loss_reduction": "sum",
+    "ctc_zero_infinity": False,
+    "use_weighted_layer_sum": False,
+    "classifier_proj_size": 256,
+    "tdnn_dim": [512, 512, 512, 512, 1500],
+    "tdnn_kernel": [5, 3, 3, 1, 1],
+    "tdnn_dilation": [1, 2, 3, 1, 1],
+    "xvector_output_dim": 512,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "add_adapter": False,
+    "adapter_kernel_size": 3,
+    "adapter_stride": 2,
+    "num_adapter_layers": 3,
+    "output_hidden_size": None,
+}
+
+BACKBONE_PREFIX = "data2vec_audio."
+
+#: (d2v name, Hugging Face name) of the backbone; ``{i}`` is a layer index.
+RENAMES: list[tuple[str, str]] = [
+    ("feature_extractor.conv_layers.{i}.conv.", "feature_extractor.conv_layers.{i}.conv."),
+    ("feature_extractor.conv_layers.{i}.norm.", "feature_extractor.conv_layers.{i}.layer_norm."),
+    ("feature_extractor.norm.", "feature_projection.layer_norm."),
+    ("feature_extractor.proj.", "feature_projection.projection."),
+    ("encoder.mask_embedding", "masked_spec_embed"),
+    ("encoder.pos_conv.layers.{i}.conv.", "encoder.pos_conv_embed.layers.{i}.conv."),
+    ("encoder.layer_norm.", "encoder.layer_norm."),
+    ("encoder.layers.{i}.attention.", "encoder.layers.{i}.attention."),
+    ("encoder.layers.{i}.attention_norm.", "encoder.layers.{i}.layer_norm."),
+    ("encoder.layers.{i}.ffn.fc1.", "encoder.layers.{i}.feed_forward.intermediate_dense."),
+    ("encoder.layers.{i}.ffn.fc2.", "encoder.layers.{i}.feed_forward.output_dense."),
+    ("encoder.layers.{i}.ffn_norm.", "encoder.layers.{i}.final_layer_norm."),
+]
+#: the CTC head's linear (``head.proj``) is ``lm_head`` at the top level of ``*ForCTC``
+HEAD_RENAMES: list[tuple[str, str]] = [("head.proj.", "lm_head.")]
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
+
+
+def _rename(name: str, table: list[tuple[str, str]], *, to_hf: bool) -> str | None:
+    """Rename one weight through ``table`` (None when no rule applies)."""
+    for ours, theirs in table:
+        source, target = (ours, theirs) if to_hf else (theirs, ours)
+        match = _compile(source).match(name)
+        if match:
+            replaced = target.replace("{i}", match.group(1)) if match.groups() else target
+            return replaced + name[match.end():]
+    return None
+
+
+def full_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An HF config dict with every missing field set to its ``Data2VecAudioConfig`` default."""
+    return {**HF_DEFAULTS, **config}
+
+
+def _check_supported(config: dict[str, Any]) -> None:
+    problems = []
+    if config.get("add_adapter"):
+        problems.append("add_adapter=True (the conv adapter on top of the encoder)")
+    if config.get("feat_extract_activation") != "gelu":
+        problems.append(f"feat_extract_activation={config.get('feat_extract_activation')!r} (only 'gelu')")
+    if not isinstance(config.get("hidden_act"), str):
+        problems.append(f"hidden_act={config.get('hidden_act')!r} (a name such as 'gelu' is needed)")
+    if problems:
+        raise SpecError("this Data2VecAudio checkpoint uses features d2v does not implement: " + "; ".join(problems) + ".")
+
+
+def _backbone_spec(config: dict[str, Any]) -> dict[str, Any]:
+    c = full_config(config)
+    _check_supported(c)
+    spec_augment = c.get("apply_spec_augment", True)
+    dim = c["hidden_size"]
+    return {
+        "feature_extractor": {
+            "name": "audio.conv",
+            "conv_dim": list(c["conv_dim"]),
+            "conv_kernel": list(c["conv_kernel"]),
+            "conv_stride": list(c["conv_stride"]),
+            "conv_bias": bool(c["conv_bias"]),
+            "activation": c["feat_extract_activation"],
+            "dim": dim,
+            "feat_proj_dropout": c["feat_proj_dropout"],
+            "layer_norm_eps": c["layer_norm_eps"],
+        },
+        "encoder": {
+            "name": "audio.transformer",
+            "dim": dim,
+            "layers": c["num_hidden_layers"],
+            "heads": c["num_attention_heads"],
+            "ffn_dim": c["intermediate_size"],
+            "activation": c["hidden_act"],
+            "dropout": c["hidden_dropout"],
+            "attention_dropout": c["attention_dropout"],
+            "activation_dropout": c["activation_dropout"],
+            "layerdrop": c["layerdrop"],
+            "layer_norm_eps": c["layer_norm_eps"],
+            "num_pos_conv_layers": c["num_conv_pos_embeddings"],
+            "pos_conv_kernel": c["conv_pos_kernel_size"],
+            "pos_conv_groups": c["num_conv_pos_embedding_groups"],
+            "mask_time_prob": c["mask_time_prob"] if spec_augment else 0.0,
+            "mask_time_length": c["mask_time_length"],
+            "mask_time_min_masks": c["mask_time_min_masks"],
+            "mask_feature_prob": c["mask_feature_prob"] if spec_augment else 0.0,
+            "mask_feature_length": c["mask_feature_length"],
+            "mask_feature_min_masks": c["mask_feature_min_masks"],
+        },
+    }
+
+
+def _placeholder_vocab(config: dict[str, Any]) -> list[str]:
+    """Tokens for a checkpoint without ``vocab.json``: the specials at their configured ids
+    (``<pad>`` = the CTC blank at ``pad_token_id``), ``<k>`` for every other id ``k``."""
+    tokens = [f"<{k}>" for k in range(config["vocab_size"])]
+    for key, token in (("pad_token_id", "<pad>"), ("bos_token_id", "<s>"), ("eos_token_id", "</s>")):
+        token_id = config.get(key)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens) and token not in tokens:
+            tokens[token_id] = token
+    return tokens
+
+
+def _json_size(path: Path) -> int | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return len(data) if isinstance(data, (dict, list)) else None
+
+
+def _ctc_vocab(config: dict[str, Any]) -> str | list[str]:
+    """The head's vocabulary: the checkpoint's ``vocab.json`` when it has one of the right
+    size, else placeholders (decoding then shows ids, the logits and loss are unaffected)."""
+    source = config.get("_name_or_path")
+    if source:
+        path = Path(source) / "vocab.json"
+        if path.is_file() and _json_size(path) == config["vocab_size"]:
+            return str(path)
+    return _placeholder_vocab(config)
+
+
+def _load(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
+    result = module.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        lines = [f"{what}: the checkpoint's weights do not match the model built from its config.json."]
+        if result.missing_keys:
+            lines.append(f"  missing from the checkpoint ({len(result.missing_keys)}): {', '.join(result.missing_keys)}")
+        if result.unexpected_keys:
+            lines.append(f"  not used by the model ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys)}")
+        raise SpecError("\n".join(lines))
+
+
+def _build(kind: str, node: dict[str, Any], **extra: Any) -> nn.Module:
+    node = dict(node)
+    return registry().get(kind, node.pop("name")).build(**node, **extra)
+
+
+class AudioModelConverter:
+    """``Data2VecAudioModel`` <-> ``TaskModel(feature_extractor, encoder, head=None)``."""
+
+    architecture = "Data2VecAudioModel"
+    head_renames: list[tuple[str, str]] = []
+
+    # -- config ---------------------------------------------------------------------------
+
+    def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        return _backbone_spec(config)
+
+    def head_config(self, head: nn.Module | None) -> dict[str, Any]:
+        return {}
+
+    # -- import ---------------------------------------------------------------------------
+
+    def build(self, config: dict[str, Any]) -> TaskModel:
+        spec = self.hf_config_to_spec(config)
+        feature_extractor = _build("feature_extractor", spec["feature_extractor"])
+        encoder = _build("encoder", spec["encoder"])
+        head = _build("head", spec["head"], input_dim=encoder.dim) if "head" in spec else None
+        return TaskModel(feature_extractor, encoder, head)
+
+    def rename_from_hf(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """HF names -> d2v names; also returns the HF names no rule knows."""
+        renamed, unknown = {}, []
+        for name, tensor in state_dict.items():
+            bare = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
+            ours = _rename(bare, RENAMES, to_hf=False)
+            if ours is None:
+                ours = _rename(name, self.head_renames, to_hf=False)
+            if ours is None:
+                unknown.append(name)
+            else:
+                renamed[ours] = tensor
+        return renamed, unknown
+
+    def from_hf(self, config: dict[str, Any], state_dict: dict[str, Tensor]) -> TaskModel:
+        model = self.build(config)
+        renamed, unknown = self.rename_from_hf(state_dict)
+        if unknown:
+            raise SpecError(
+                f"{self.architecture}: the checkpoint has weights d2v does not know "
+                f"({len(unknown)}): {', '.join(sorted(unknown))}."
+            )
+        # HF only creates the mask embedding when SpecAugment is on; keep ours otherwise
+        if "encoder.mask_embedding" not in renamed:
+            renamed["encoder.mask_embedding"] = model.encoder.mask_embedding.detach().clone()
+        _load(model, renamed, self.architecture)
+        return model
+
+    # -- export ---------------------------------------------------------------------------
+
+    def to_hf(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        feature_extractor, encoder = model.feature_extractor, model.encoder
+        head = getattr(model, "head", None)
+        config = self._hf_config(feature_extractor, encoder, head)
+        with_mask_embedding = config["mask_time_prob"] > 0 or config["mask_feature_prob"] > 0
+        state: dict[str, Tensor] = {}
+        own = model.state_dict()
+        for name, tensor in own.items():
+            if name.startswith("head."):
+                theirs = _rename(name, self.head_renames, to_hf=True)
+            else:
+                theirs = _rename(name, RENAMES, to_hf=True)
+                if theirs is not None and self.head_renames:
+                    theirs = BACKBONE_PREFIX + theirs
+            if theirs is None:
+                raise SpecError(f"{self.architecture} export: no Hugging Face name for d2v weight '{name}'.")
+            if theirs.endswith("masked_spec_embed") and not with_mask_embedding:
+                continue
+            state[theirs] = tensor.detach().clone().contiguous()
+        return config, state
+
+    def _hf_config(self, feature_extractor: nn.Module, encoder: nn.Module, head: nn.Module | None) -> dict[str, Any]:
+        fe = getattr(feature_extractor, "hparams", None)
+        enc = getattr(encoder, "hparams", None)
+        if fe is None or enc is None:
+            raise SpecError(
+                f"{self.architecture} export needs the audio.conv feature extractor and the "
+                f"audio.transformer encoder, got {type(feature_extractor).__name__} and {type(encoder).__name__}."
+            )
+        if fe["dim"] != enc["dim"]:
+            raise SpecError(f"feature extractor width {fe['dim']} differs from encoder width {enc['dim']}.")
+        config = dict(HF_DEFAULTS)
+        config.update(
+            {
+                "hidden_size": enc["dim"],
+                "num_hidden_layers": enc["layers"],
+                "num_attention_heads": enc["heads"],
+                "intermediate_size": enc["ffn_dim"],
+                "hidden_act": enc["activation"],
+                "hidden_dropout": enc["dropout"],
+                "attention_dropout": enc["attention_dropout"],
+                "activation_dropout": enc["activation_dropout"],
+                "layerdrop": encoder.layerdrop,
+                "layer_norm_eps": enc["layer_norm_eps"],
+                "num_conv_pos_embeddings": enc["num_pos_conv_layers"],
+                "conv_pos_kernel_size": enc["pos_conv_kernel"],
+                "num_conv_pos_embedding_groups": enc["pos_conv_groups"],
+                "mask_time_prob": encoder.mask_time_prob,
+                "mask_time_length": encoder.mask_time_length,
+                "mask_time_min_masks": encoder.mask_time_min_masks,
+                "mask_feature_prob": encoder.mask_feature_prob,
+                "mask_feature_length": encoder.mask_feature_length,
+                "mask_feature_min_masks": encoder.mask_feature_min_masks,
+                "conv_dim": list(fe["conv_dim"]),
+                "conv_kernel": list(fe["conv_kernel"]),
+                "conv_stride": list(fe["conv_stride"]),
+                "conv_bias": bool(fe["conv_bias"]),
+                "feat_extract_activation": fe["activation"],
+                "feat_proj_dropout": fe["feat_proj_dropout"],
+                "output_hidden_size": enc["dim"],
+            }
+        )
+        if fe["layer_norm_eps"] != enc["layer_norm_eps"]:
+            raise SpecError(
+                f"Hugging Face has one layer_norm_eps; the feature extractor uses {fe['layer_norm_eps']} "
+                f"and the encoder {enc['layer_norm_eps']}."
+            )
+        if fe["activation"] != "gelu":
+            raise SpecError(f"Hugging Face's positional conv shares feat_extract_activation; export needs 'gelu', got {fe['activation']!r}.")
+        config.update(self.head_config(head))
+        return {"model_type": "data2vec-audio", "architectures": [self.architecture], **config}
+
+    def extra_files(self, model: nn.Module) -> dict[str, str]:
+        """Files written next to ``config.json`` on export (none for the bare model)."""
+        return {}
+
+
+class AudioCTCConverter(AudioModelConverter):
+    """``Data2VecAudioForCTC`` <-> ``TaskModel(feature_extractor, encoder, CTCHead)``."""
+
+    architecture = "Data2VecAudioForCTC"
+    head_renames = HEAD_RENAMES
+
+    def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        spec = _backbone_spec(config)
+        c = full_config(config)
+        if c.get("vocab_size") is None:
+            raise SpecError("Data2VecAudioForCTC config.json has no vocab_size.")
+        spec["head"] = {
+            "name": "ctc",
+            "vocab": _ctc_vocab(c),
+            "final_dropout": c["final_dropout"],
+            "ctc_loss_reduction": c["ctc_loss_reduction"],
+            "ctc_zero_infinity": bool(c["ctc_zero_infinity"]),
+        }
+        return spec
+
+    def build(self, config: dict[str, Any]) -> TaskModel:
+        model = super().build(config)
+        blank = getattr(model.head, "blank_id", None)
+        pad = full_config(config)["pad_token_id"]
+        if blank is not None and blank != pad:
+            raise SpecError(
+                f"Data2VecAudioForCTC: the CTC blank is pad_token_id={pad}, but the vocabulary puts <pad> at {blank}."
+            )
+        return model
+
+    def head_config(self, head: nn.Module | None) -> dict[str, Any]:
+        if head is None or not hasattr(head, "hf_config"):
+            raise SpecError(f"Data2VecAudioForCTC export needs a CTC head (with hf_config()), got {type(head).__name__}.")
+        return head.hf_config()
+
+    def extra_files(self, model: nn.Module) -> dict[str, str]:
+        vocab = getattr(model.head, "vocab", None)
+        return {"vocab.json": vocab.to_json() + "\n"} if hasattr(vocab, "to_json") else {}
