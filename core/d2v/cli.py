@@ -27,11 +27,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from d2v.config import load_spec, validate
 
+    from d2v import plugins
+    from d2v.config import resolve_model_section
+
     spec = load_spec(args.spec, args.overrides)
     validate(spec)
-    model = spec.get("model") or {}
-    parts = [f"{k}={model[k]['name'] if isinstance(model.get(k), dict) else model[k]}"
-             for k in ("preset", "feature_extractor", "encoder", "head", "objective") if k in model]
+    model = resolve_model_section(spec.get("model") or {}, plugins.registry())
+    parts = [f"{k}={model[k]['name']}" for k in ("feature_extractor", "encoder", "head", "objective") if k in model]
     print(f"ok: {args.spec} ({spec.get('task', 'finetune')}; {', '.join(parts)})")
     return 0
 

@@ -344,6 +344,11 @@ class AudioModelConverter:
         """Files written next to ``config.json`` on export (none for the bare model)."""
         return {}
 
+    def exports(self, model: nn.Module) -> bool:
+        """Whether this converter is the right one to export ``model`` (used by ``d2v convert``)."""
+        audio = all(hasattr(getattr(model, part, None), "hparams") for part in ("feature_extractor", "encoder"))
+        return audio and getattr(model, "head", None) is None
+
 
 class AudioCTCConverter(AudioModelConverter):
     """``Data2VecAudioForCTC`` <-> ``TaskModel(feature_extractor, encoder, CTCHead)``."""
@@ -379,6 +384,10 @@ class AudioCTCConverter(AudioModelConverter):
         if head is None or not hasattr(head, "hf_config"):
             raise SpecError(f"Data2VecAudioForCTC export needs a CTC head (with hf_config()), got {type(head).__name__}.")
         return head.hf_config()
+
+    def exports(self, model: nn.Module) -> bool:
+        audio = all(hasattr(getattr(model, part, None), "hparams") for part in ("feature_extractor", "encoder"))
+        return audio and hasattr(getattr(model, "head", None), "hf_config")
 
     def extra_files(self, model: nn.Module) -> dict[str, str]:
         vocab = getattr(model.head, "vocab", None)

@@ -71,17 +71,18 @@ class Run:
         set_seed(self.seed)
         self.registry = plugins.registry()
         data = spec["data"]
+        # data first: a missing corpus is the cheapest mistake to report
+        self.datasets = {
+            split: build_component(self.registry, "dataset", data[split], f"data.{split}")
+            for split in ("train", "valid", "test")
+            if split in data and (self.task != "evaluate" or split == self._eval_split())
+        }
         self.processor = build_component(self.registry, "processor", data["processor"], "data.processor")
         self.model = build_model(spec["model"], self.registry, self.task)
         init = (spec["model"] or {}).get("init")
         if init and not self.resume_from:
             report = load_initial_weights(self.model, init["checkpoint"], strict=bool(init.get("strict", False)))
             self.print(report.summary())
-        self.datasets = {
-            split: build_component(self.registry, "dataset", data[split], f"data.{split}")
-            for split in ("train", "valid", "test")
-            if split in data and (self.task != "evaluate" or split == self._eval_split())
-        }
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
 
     def _eval_split(self) -> str:

@@ -1,0 +1,340 @@
+"""data2vec 1.0 self-distillation: a masked student regresses an EMA teacher's layer average.
+
+::
+
+    inputs --feature_extractor--> features --(mask -> mask embedding)--> encoder --> regression_head --> predictions
+                                      |                                                        (masked positions)
+                                      +--(clone, unmasked)--> teacher (EMA, eval, no_grad) --> target --> targets
+
+* **student** = ``feature_extractor`` + ``encoder`` + ``regression_head`` (Linear D->D for
+  audio; ``head_layers=2`` gives text's Linear(D->2D) -> GELU -> Linear(2D->D)). The names
+  ``feature_extractor``/``encoder`` match :class:`d2v.model.TaskModel`, so a pretraining
+  checkpoint initialises a fine-tuning model by key.
+* **teacher** = :class:`d2v.ema.EMATeacher` (fp32, eval mode, ``requires_grad=False``, saved in
+  checkpoints, outside the optimizer) of the encoder only (``ema_scope="encoder"``, speech: it
+  consumes the student's features cloned *before* masking, and the positional conv is copied,
+  not averaged -- ``copy_keys``) or of feature extractor + encoder (``ema_scope="all"``,
+  vision 1.0 / text: it reads the raw input, or ``batch["teacher_inputs"]`` if present).
+* **decay** rises linearly ``ema_decay -> ema_end_decay`` over ``ema_anneal_end_step`` updates
+  (:func:`d2v.ema.annealed_decay`); the runner calls :meth:`after_optimizer_step` after every
+  update.
+* **loss**: the target's loss (``reduction="sum"``) divided by the number of masked tokens,
+  i.e. fairseq's per-update objective (fairseq divides the summed loss's gradient by
+  ``sample_size``); ``reduction="mean"`` targets are used as they are.
+* **collapse guard**: after ``collapse_check_after`` updates, a target std below
+  ``min_target_std`` or a prediction std below ``min_pred_std`` raises
+  :class:`TrainingCollapse` (fairseq's check, same defaults).
+
+Shared with data2vec 2.0 (:mod:`d2v.distill2`): :class:`PretrainOutput`, :func:`make_teacher`,
+:func:`check_collapse`, :func:`run_teacher`, :func:`sample_masks`,
+:func:`mask_seed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from d2v.ema import EMATeacher, annealed_decay
+from d2v.errors import SpecError
+from d2v.interfaces import Encoder, EncoderOutput, FeatureExtractor, Target, _Output
+
+try:  # one exception class for the whole project; the runner catches it
+    from d2v.errors import TrainingCollapse
+except ImportError:  # pragma: no cover - older core without it
+
+    class TrainingCollapse(RuntimeError):
+        """Self-supervised training collapsed (targets or predictions lost their variance)."""
+
+
+__all__ = [
+    "PretrainOutput",
+    "SelfDistillation",
+    "TrainingCollapse",
+    "check_collapse",
+    "make_teacher",
+    "regression_head",
+    "run_teacher",
+    "sample_masks",
+]
+
+EMA_SCOPES = ("encoder", "all")
+TARGET_FEATURES = ("ffn", "end")
+
+
+@dataclass
+class PretrainOutput(_Output):
+    """What a pretraining objective returns.
+
+    loss: the scalar to backpropagate (per masked token, see the module docstring).
+    sample_size: how many positions were regressed (masked tokens, all clones).
+    logs: floats worth logging: ``loss``, ``target_std``, ``pred_std``, ``ema_decay``,
+        ``masked_frac``, and objective-specific extras.
+    """
+
+    loss: Tensor
+    sample_size: int = 0
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def regression_head(dim: int, layers: int = 1) -> nn.Module:
+    """data2vec's prediction head: ``layers=1`` Linear(D->D) (audio ``final_proj``); more layers
+    widen to 2D first, GELU between (text's ``regression_head`` with ``head_layers=2``)."""
+    if layers < 1:
+        raise SpecError(f"head_layers must be >= 1, got {layers}.")
+    if layers == 1:
+        return nn.Linear(dim, dim)
+    modules: list[nn.Module] = []
+    width = dim
+    for i in range(layers - 1):
+        wider = 2 * width if i == 0 else width
+        modules += [nn.Linear(width, wider), nn.GELU()]
+        width = wider
+    modules.append(nn.Linear(width, dim))
+    return nn.Sequential(*modules)
+
+
+def _ema_student(feature_extractor: nn.Module, encoder: nn.Module, scope: str) -> nn.Module:
+    """The part of the student the teacher averages (a fresh container for ``"all"``; it
+    shares the student's parameters and is never registered, so nothing is saved twice)."""
+    if scope == "encoder":
+        return encoder
+    return nn.ModuleDict({"feature_extractor": feature_extractor, "encoder": encoder})
+
+
+def make_teacher(feature_extractor: nn.Module, encoder: nn.Module, scope: str, copy_keys: Sequence[str] | None) -> EMATeacher:
+    """An fp32 :class:`EMATeacher` of the encoder (``scope="encoder"``) or of feature extractor
+    and encoder (``scope="all"``)."""
+    if scope not in EMA_SCOPES:
+        raise SpecError(f"ema_scope must be one of {', '.join(EMA_SCOPES)}, got {scope!r}.")
+    return EMATeacher(_ema_student(feature_extractor, encoder, scope), copy_keys=tuple(copy_keys or ()))
+
+
+def check_collapse(
+    step: int,
+    target_std: float,
+    pred_std: float,
+    *,
+    after: int,
+    min_target_std: float,
+    min_pred_std: float,
+    objective: str = "data2vec",
+) -> None:
+    """Raise :class:`TrainingCollapse` when, past update ``after``, the targets or predictions
+    have (nearly) constant channels -- the failure mode of self-distillation."""
+    if step <= after:
+        return
+    problems = []
+    if target_std < min_target_std:
+        problems.append(f"target std {target_std:.4g} < min_target_std {min_target_std} (the teacher's targets lost their variance)")
+    if pred_std < min_pred_std:
+        problems.append(f"prediction std {pred_std:.4g} < min_pred_std {min_pred_std} (the student predicts a constant)")
+    if not problems:
+        return
+    raise TrainingCollapse(
+        f"{objective} pretraining collapsed at step {step}: {'; '.join(problems)}. "
+        "Things to try: a lower optim.lr (for data2vec 2.0 audio, 7.5e-4 -> 5e-4 helped, fairseq #4177) or a "
+        "longer warmup; check the data (silent, constant or duplicated inputs); a longer EMA anneal "
+        "(model.objective.ema_anneal_end_step) or a lower ema_decay start. The guard is "
+        "model.objective.collapse_check_after / min_target_std / min_pred_std."
+    )
+
+
+def sample_masks(
+    masking: Any,
+    rows: int,
+    length: int,
+    padding_mask: Tensor | None = None,
+    *,
+    rng: Any = None,
+    grid: tuple[int, int] | None = None,
+) -> Tensor:
+    """``(rows, length)`` bool masks (True = masked) from a masking component.
+
+    ``grid=(H, W)`` asks 2-D generators for ``(rows, H, W)`` masks (images) and flattens them
+    row-major. ``padding_mask`` ``(rows, length)`` marks positions the generator must not mask.
+    """
+    pad = None if padding_mask is None else padding_mask.detach().cpu().bool()
+    if pad is not None and not bool(pad.any()):
+        pad = None
+    if grid is not None:
+        h, w = int(grid[0]), int(grid[1])
+        if h * w != length:
+            raise ValueError(f"patch grid {h}x{w} does not have {length} positions")
+        mask = masking((rows, h, w), padding_mask=None if pad is None else pad.view(rows, h, w), rng=rng)
+    else:
+        mask = masking((rows, length), padding_mask=pad, rng=rng)
+    return torch.as_tensor(mask, dtype=torch.bool).reshape(rows, length)
+
+
+@torch.no_grad()
+def run_teacher(
+    teacher: EMATeacher,
+    scope: str,
+    batch: dict[str, Any],
+    features: Tensor,
+    padding_mask: Tensor | None,
+    target_feature: str,
+) -> EncoderOutput:
+    """The teacher on the unmasked input, in eval mode without gradients: on the student's
+    features (``scope="encoder"``) or on the raw input (``scope="all"``; ``batch["teacher_inputs"]``
+    when the student's inputs were corrupted, e.g. BERT-masked text)."""
+    if scope == "encoder":
+        return teacher(features.detach(), padding_mask, output_layer_targets=True, target_feature=target_feature)
+    model = teacher.model
+    fe = model["feature_extractor"](batch.get("teacher_inputs", batch["inputs"]), batch.get("padding_mask"))
+    return model["encoder"](fe.features, fe.padding_mask, output_layer_targets=True, target_feature=target_feature)
+
+
+def mask_seed() -> int:
+    """A numpy seed drawn from torch's RNG, so ``torch.manual_seed`` (and the data loader's
+    per-worker seeding) makes the masks reproducible."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _check_common(target_feature: str, ema_decay: float, ema_end_decay: float, ema_anneal_end_step: int) -> None:
+    if target_feature not in TARGET_FEATURES:
+        raise SpecError(f"target_feature must be one of {', '.join(TARGET_FEATURES)}, got {target_feature!r}.")
+    for name, value in (("ema_decay", ema_decay), ("ema_end_decay", ema_end_decay)):
+        if not 0.0 <= value <= 1.0:
+            raise SpecError(f"{name} must be in [0, 1], got {value}.")
+    if ema_anneal_end_step < 0:
+        raise SpecError(f"ema_anneal_end_step must be >= 0, got {ema_anneal_end_step}.")
+
+
+def normalize_loss(target: Target, loss: Tensor, sample_size: int) -> Tensor:
+    """Per-token loss for ``reduction="sum"`` targets (fairseq's ``loss / sample_size``)."""
+    if getattr(target, "reduction", "mean") == "sum":
+        return loss / max(sample_size, 1)
+    return loss
+
+
+# --------------------------------------------------------------------------- data2vec 1.0
+
+
+class SelfDistillation(nn.Module):
+    """The data2vec 1.0 objective (registered as objective ``data2vec``).
+
+    Parameters (defaults: the data2vec 1.0 audio Base recipe):
+
+    * ``feature_extractor``, ``encoder``: the student (built by the spec builder).
+    * ``target``: the regression target (e.g. ``{name: data2vec, top_k: 8, layer_norm: instance}``).
+    * ``masking``: the mask generator over the feature-rate ``(B, T)`` grid
+      (e.g. ``{name: span, mask_prob: 0.65, mask_length: 10}``); called in ``forward`` unless
+      the batch already carries ``mask``.
+    * ``head_layers``: 1 = Linear(D->D) (audio, vision); 2 = text's two-layer head.
+    * ``ema_scope``: ``"encoder"`` (speech) or ``"all"`` (vision 1.0, text).
+    * ``copy_keys``: teacher parameters copied from the student instead of averaged (patterns
+      of :func:`d2v.ema.matches_any`); default the audio positional conv.
+    * ``ema_decay``, ``ema_end_decay``, ``ema_anneal_end_step``: the teacher's decay schedule.
+    * ``target_feature``: ``"ffn"`` (FFN output before the last residual; speech, text) or
+      ``"end"`` (block output; vision 1.0).
+    * ``collapse_check_after``, ``min_target_std``, ``min_pred_std``: the collapse guard.
+    """
+
+    def __init__(
+        self,
+        *,
+        feature_extractor: FeatureExtractor,
+        encoder: Encoder,
+        target: Target,
+        masking: Any,
+        head_layers: int = 1,
+        ema_scope: str = "encoder",
+        copy_keys: list[str] | tuple[str, ...] | None = ("pos_conv",),
+        ema_decay: float = 0.999,
+        ema_end_decay: float = 0.9999,
+        ema_anneal_end_step: int = 30000,
+        target_feature: str = "ffn",
+        collapse_check_after: int = 5000,
+        min_target_std: float = 0.1,
+        min_pred_std: float = 0.01,
+    ):
+        super().__init__()
+        _check_common(target_feature, ema_decay, ema_end_decay, ema_anneal_end_step)
+        self.feature_extractor = feature_extractor
+        self.encoder = encoder
+        self.regression_head = regression_head(encoder.dim, head_layers)
+        self.target = target
+        self.masking = masking
+        self.teacher = make_teacher(feature_extractor, encoder, ema_scope, copy_keys)
+        self.ema_scope = ema_scope
+        self.ema_decay = float(ema_decay)
+        self.ema_end_decay = float(ema_end_decay)
+        self.ema_anneal_end_step = int(ema_anneal_end_step)
+        self.target_feature = target_feature
+        self.collapse_check_after = int(collapse_check_after)
+        self.min_target_std = float(min_target_std)
+        self.min_pred_std = float(min_pred_std)
+        # optimizer updates done so far (saved, so a resumed run checks collapse at once)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ EMA
+    def current_decay(self) -> float:
+        return annealed_decay(int(self.num_updates), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """EMA update with the decay annealed to ``step`` (the number of updates done)."""
+        self.num_updates.fill_(int(step))
+        decay = annealed_decay(int(step), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
+        self.teacher.update(_ema_student(self.feature_extractor, self.encoder, self.ema_scope), decay)
+
+    # ------------------------------------------------------------------ masking
+    def compute_mask(self, batch_size: int, length: int, padding_mask: Tensor | None, device: torch.device) -> Tensor:
+        """``(B, T)`` mask from the masking component; leading extra tokens (e.g. CLS) and
+        padding are never masked."""
+        extra = int(getattr(self.feature_extractor, "num_extra_tokens", 0) or 0)
+        grid = getattr(self.feature_extractor, "grid_size", None)
+        pad = None if padding_mask is None else padding_mask[:, extra:]
+        mask = sample_masks(self.masking, batch_size, length - extra, pad, rng=mask_seed(), grid=grid)
+        if extra:
+            mask = torch.cat([mask.new_zeros(batch_size, extra), mask], dim=1)
+        return mask.to(device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> PretrainOutput:
+        fe = self.feature_extractor(batch["inputs"], batch.get("padding_mask"))
+        features, padding_mask = fe.features, fe.padding_mask
+        B, T = features.shape[:2]
+        mask = batch.get("mask")
+        if mask is None:
+            mask = self.compute_mask(B, T, padding_mask, features.device)
+        mask = mask.bool()
+        if mask.shape != (B, T):
+            raise ValueError(f"data2vec: mask has shape {tuple(mask.shape)}, the features are {B}x{T}.")
+
+        # the teacher reads the student's features before masking (features are not modified
+        # in place below, so no explicit clone is needed)
+        teacher_out = run_teacher(self.teacher, self.ema_scope, batch, features, padding_mask, self.target_feature)
+        with torch.no_grad():
+            targets = self.target(teacher_out, mask)
+
+        student = self.encoder(features, padding_mask, mask)
+        prediction = self.regression_head(student.last_hidden_state[mask])
+
+        loss_sum, stats = self.target.loss(prediction, targets)
+        sample_size = int(prediction.shape[0])
+        loss = normalize_loss(self.target, loss_sum, sample_size)
+
+        valid = T * B if padding_mask is None else int((~padding_mask).sum())
+        logs = {
+            "loss": float(loss.detach()),
+            "target_std": stats.get("target_std", float("nan")),
+            "pred_std": stats.get("pred_std", float("nan")),
+            "ema_decay": self.current_decay(),
+            "masked_frac": sample_size / max(valid, 1),
+        }
+        if self.training:
+            check_collapse(
+                int(self.num_updates), logs["target_std"], logs["pred_std"],
+                after=self.collapse_check_after, min_target_std=self.min_target_std,
+                min_pred_std=self.min_pred_std, objective="data2vec",
+            )
+        return PretrainOutput(loss=loss, sample_size=sample_size, logs=logs)

@@ -1,0 +1,43 @@
+"""`d2v convert`: Hugging Face -> d2v checkpoint -> Hugging Face gives the same model."""
+
+import pytest
+import torch
+import yaml
+
+from d2v.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_hf_ctc(path):
+    config = transformers.Data2VecAudioConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=(16, 16), conv_kernel=(10, 4), conv_stride=(5, 4), num_conv_pos_embeddings=2,
+        conv_pos_kernel_size=5, num_conv_pos_embedding_groups=4, vocab_size=32, mask_time_prob=0.0,
+    )
+    config.architectures = ["Data2VecAudioForCTC"]
+    torch.manual_seed(0)
+    model = transformers.Data2VecAudioForCTC(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_round_trip_through_d2v_checkpoint(tmp_path):
+    original = _tiny_hf_ctc(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "d2v"), "--to", "d2v"]) == 0
+    spec = yaml.safe_load((tmp_path / "d2v" / "spec.yaml").read_text())
+    assert spec["model"]["head"]["name"] == "ctc" and spec["model"]["encoder"]["layers"] == 2
+    assert main(["convert", str(tmp_path / "d2v"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    reloaded = transformers.Data2VecAudioForCTC.from_pretrained(tmp_path / "back").eval()
+    audio = torch.randn(2, 4000)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(audio).logits, original(audio).logits, atol=1e-5, rtol=0)
+
+
+def test_refuses_to_overwrite(tmp_path, capsys):
+    _tiny_hf_ctc(tmp_path / "hf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "d2v"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
