@@ -19,7 +19,7 @@ _CONV = {
 
 def _preset(dim: int, layers: int, heads: int, ffn_dim: int, *, conv: dict[str, Any] = _CONV, **encoder: Any) -> dict:
     return {
-        "feature_extractor": {"name": "audio.conv", **conv, "dim": dim, "feat_proj_dropout": 0.0},
+        "feature_extractor": {"name": "audio.conv", **conv, "feat_proj_dropout": 0.0},  # dim: the encoder's
         "encoder": {"name": "audio.transformer", "dim": dim, "layers": layers, "heads": heads, "ffn_dim": ffn_dim, **encoder},
     }
 
