@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -80,8 +81,23 @@ class EvaluateConfig:
 # --------------------------------------------------------------------------- loading
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that also remembers the line of every mapping key (for error messages)."""
+class SpecLoader(yaml.SafeLoader):
+    """SafeLoader reading ``5e-4`` as a float (YAML 1.2), not the string YAML 1.1 makes of it."""
+
+
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class _LineLoader(SpecLoader):
+    """Also remembers the line of every mapping key (for error messages)."""
 
 
 def _line_map(text: str) -> dict[str, int]:
@@ -118,7 +134,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(f"spec file '{path}' does not exist (looked at {path.resolve()}).")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml(text) or {}
         lines = _line_map(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
@@ -144,7 +160,7 @@ def apply_override(spec: dict, item: str) -> None:
     if not sep or not key:
         raise SpecError(f"override '{item}' is not of the form key.path=value (e.g. trainer.max_steps=10).")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     node = spec

@@ -114,7 +114,8 @@ def make_teacher(feature_extractor: nn.Module, encoder: nn.Module, scope: str, c
     and encoder (``scope="all"``)."""
     if scope not in EMA_SCOPES:
         raise SpecError(f"ema_scope must be one of {', '.join(EMA_SCOPES)}, got {scope!r}.")
-    return EMATeacher(_ema_student(feature_extractor, encoder, scope), copy_keys=tuple(copy_keys or ()))
+    keys = (copy_keys,) if isinstance(copy_keys, str) else tuple(copy_keys or ())
+    return EMATeacher(_ema_student(feature_extractor, encoder, scope), copy_keys=keys)
 
 
 def check_collapse(

@@ -85,3 +85,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_spec(tmp_path / "nope.yaml")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(_write(tmp_path, "model: [unclosed"))
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    spec = load_spec(_write(tmp_path, GOOD.replace("lr: 1.0e-4", "lr: 5e-4")), ["optim.eps=1e-8"])
+    assert spec["optim"]["lr"] == 5e-4 and spec["optim"]["eps"] == 1e-8
+    validate(spec)

@@ -151,7 +151,8 @@ class Run:
                     window["micro_batches"] += 1
                     window["examples"] += len(batch.get("ids", ())) or int(batch["inputs"].shape[0])
                     for key, value in (getattr(out, "logs", None) or {}).items():
-                        window[key] += float(value)
+                        if key != "loss":  # the loss is already counted above
+                            window[key] += float(value)
                     if not acc.sync_gradients:
                         continue
                     step += 1
