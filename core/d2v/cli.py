@@ -7,6 +7,7 @@ a training collapse exits with 3. Tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     metrics = run(spec, resume=args.resume)
-    if metrics:
+    if metrics and int(os.environ.get("RANK", "0")) == 0:  # one report under accelerate launch
         print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
 

@@ -62,6 +62,7 @@ class TrainerConfig:
     mixed_precision: str = "no"
     log_every: int = 10
     eval_every: int = 0
+    eval_before_training: bool = False
     save_every: int = 0
     keep_last: int = 2
     progress_bar: bool = True

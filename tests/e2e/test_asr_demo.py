@@ -24,7 +24,8 @@ def short_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("asr") / "run"
     os.chdir(ROOT)
     metrics = run(load_spec(DEMO, [f"trainer.output_dir={out}", "trainer.max_steps=40", "trainer.log_every=5",
-                                   "trainer.eval_every=0", "trainer.save_every=20", "trainer.progress_bar=false"]))
+                                   "trainer.eval_every=0", "trainer.save_every=20", "trainer.progress_bar=false",
+                                   "trainer.eval_before_training=false"]))
     return out, metrics
 
 
@@ -48,15 +49,17 @@ def test_evaluate_task_reports_wer_and_writes_hypotheses(short_demo, tmp_path):
 
 def test_two_process_accelerate_launch(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+    # --multi_gpu asks accelerate for a torchrun-style launch; with no GPU d2v runs both processes on CPU (gloo)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "d2v.cli", "run", str(DEMO), f"trainer.output_dir={out}", "trainer.max_steps=3",
            "trainer.log_every=1", "trainer.eval_every=0", "trainer.progress_bar=false",
-           "data.valid.max_examples=8"]
+           "trainer.eval_before_training=false", "data.valid.max_examples=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
+    assert result.stdout.count("final:") == 1  # only the main process reports
     train = [r for r in _records(out / "metrics.jsonl") if r.get("split") == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
     valid = [r for r in _records(out / "metrics.jsonl") if r.get("split") == "valid"]

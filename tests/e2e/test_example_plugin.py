@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ def installed_word_count(tmp_path, monkeypatch):
     dist_info = site / "d2v_word_count-0.1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: d2v-word-count\nVersion: 0.1.0\n")
-    entry_points = PACKAGE.joinpath("pyproject.toml").read_text().split("[project.entry-points.d2v]")[1].strip()
-    (dist_info / "entry_points.txt").write_text(f"[d2v]\n{entry_points}\n")
+    declared = tomllib.loads(PACKAGE.joinpath("pyproject.toml").read_text())["project"]["entry-points"]["d2v"]
+    lines = "".join(f"{name} = {target}\n" for name, target in declared.items())
+    (dist_info / "entry_points.txt").write_text(f"[d2v]\n{lines}")
     monkeypatch.syspath_prepend(str(site))
     plugins.reset()
     yield

@@ -385,7 +385,8 @@ def test_hf_default_config_is_the_base_preset():
 
 def test_large_preset_shape():
     large = presets.data2vec_audio_large()
-    assert large["encoder"]["dim"] == large["feature_extractor"]["dim"] == 1024
+    assert large["encoder"]["dim"] == 1024
+    assert "dim" not in large["feature_extractor"]  # the projection width follows the encoder
     assert (large["encoder"]["layers"], large["encoder"]["heads"], large["encoder"]["ffn_dim"]) == (24, 16, 4096)
 
 

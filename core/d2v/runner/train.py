@@ -56,7 +56,7 @@ class Run:
         self.accelerator = Accelerator(
             mixed_precision=self.trainer.mixed_precision,
             gradient_accumulation_steps=self.trainer.grad_accum,
-            cpu=self.trainer.cpu,
+            cpu=self.trainer.cpu or not torch.cuda.is_available(),  # CPU-only: multi-process over gloo
             step_scheduler_with_optimizer=False,
             log_with=self.trainer.trackers or None,
             project_dir=str(self.output_dir),
@@ -124,6 +124,8 @@ class Run:
         window_start = time.perf_counter()
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not (self.is_main and cfg.progress_bar), desc=self.task)
         last_eval: dict[str, float] = {}
+        if cfg.eval_before_training and step == 0 and "valid" in self.datasets:
+            self.evaluate_split("valid", model, step=0)  # the untrained baseline, for comparison
         model.train()
         try:
             while step < cfg.max_steps:
