@@ -22,3 +22,16 @@ def toy_plugin():
         yield toy
     finally:
         plugins.unregister_plugin("toy")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread is fastest, and it avoids OpenMP spin-waiting when
+    other processes share the cores (observed: 20x slower with 2 threads on a busy 2-core box).
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

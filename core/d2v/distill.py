@@ -25,9 +25,9 @@
   ``min_target_std`` or a prediction std below ``min_pred_std`` raises
   :class:`TrainingCollapse` (fairseq's check, same defaults).
 
-Shared with data2vec 2.0 (:mod:`d2v.distill2`): :class:`PretrainOutput`, :func:`make_teacher`,
-:func:`check_collapse`, :func:`run_teacher`, :func:`sample_masks`,
-:func:`mask_seed`.
+Shared with data2vec 2.0 (:mod:`d2v.distill2`): the base class :class:`EMASelfDistillation`
+(teacher, decay schedule, loss, logs, collapse guard), :class:`PretrainOutput`,
+:func:`sample_masks`, :func:`mask_seed`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - older core without it
 
 
 __all__ = [
+    "EMASelfDistillation",
     "PretrainOutput",
     "SelfDistillation",
     "TrainingCollapse",
@@ -217,10 +218,92 @@ def normalize_loss(target: Target, loss: Tensor, sample_size: int) -> Tensor:
     return loss
 
 
+# --------------------------------------------------------------------------- shared objective base
+
+
+class EMASelfDistillation(nn.Module):
+    """What data2vec 1.0 and 2.0 share, kept in one place so the two cannot drift apart: the
+    EMA teacher's decay schedule and runner hook, the per-token loss, the logs and the collapse
+    guard. A subclass builds its student, then the teacher (:func:`make_teacher`)."""
+
+    objective_name = "data2vec"  # names the objective in collapse messages
+
+    feature_extractor: FeatureExtractor
+    encoder: Encoder
+    target: Target
+    teacher: EMATeacher
+
+    def __init__(
+        self,
+        *,
+        ema_scope: str,
+        ema_decay: float,
+        ema_end_decay: float,
+        ema_anneal_end_step: int,
+        target_feature: str,
+        collapse_check_after: int,
+        min_target_std: float,
+        min_pred_std: float,
+    ):
+        super().__init__()
+        _check_common(target_feature, ema_decay, ema_end_decay, ema_anneal_end_step)
+        self.ema_scope = ema_scope
+        self.ema_decay = float(ema_decay)
+        self.ema_end_decay = float(ema_end_decay)
+        self.ema_anneal_end_step = int(ema_anneal_end_step)
+        self.target_feature = target_feature
+        self.collapse_check_after = int(collapse_check_after)
+        self.min_target_std = float(min_target_std)
+        self.min_pred_std = float(min_pred_std)
+        # optimizer updates done so far (saved, so a resumed run checks collapse at once)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ EMA (runner hooks)
+    def current_decay(self) -> float:
+        return annealed_decay(int(self.num_updates), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """EMA update with the decay annealed to ``step`` (the number of updates done)."""
+        self.num_updates.fill_(int(step))
+        self.teacher.update(_ema_student(self.feature_extractor, self.encoder, self.ema_scope), self.current_decay())
+
+    # ------------------------------------------------------------------ forward plumbing
+    def _teacher_output(self, batch: dict[str, Any], features: Tensor, padding_mask: Tensor | None) -> EncoderOutput:
+        """:func:`run_teacher` with this objective's scope and target feature."""
+        return run_teacher(self.teacher, self.ema_scope, batch, features, padding_mask, self.target_feature)
+
+    def _regression_loss(self, prediction: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float], int]:
+        """Per-token loss (:func:`normalize_loss`), the target's stats and the number of regressed positions."""
+        loss_sum, stats = self.target.loss(prediction, targets)
+        sample_size = int(prediction.shape[0])
+        return normalize_loss(self.target, loss_sum, sample_size), stats, sample_size
+
+    def _pretrain_output(
+        self, loss: Tensor, stats: dict[str, float], sample_size: int, positions: int, extra_logs: dict[str, float] | None = None
+    ) -> PretrainOutput:
+        """The output with the common logs first (``masked_frac`` over ``positions``), after the
+        collapse guard, which only training runs (evaluation must report, never raise)."""
+        logs = {
+            "loss": float(loss.detach()),
+            "target_std": stats.get("target_std", float("nan")),
+            "pred_std": stats.get("pred_std", float("nan")),
+            "ema_decay": self.current_decay(),
+            "masked_frac": sample_size / max(positions, 1),
+            **(extra_logs or {}),
+        }
+        if self.training:
+            check_collapse(
+                int(self.num_updates), logs["target_std"], logs["pred_std"],
+                after=self.collapse_check_after, min_target_std=self.min_target_std,
+                min_pred_std=self.min_pred_std, objective=self.objective_name,
+            )
+        return PretrainOutput(loss=loss, sample_size=sample_size, logs=logs)
+
+
 # --------------------------------------------------------------------------- data2vec 1.0
 
 
-class SelfDistillation(nn.Module):
+class SelfDistillation(EMASelfDistillation):
     """The data2vec 1.0 objective (registered as objective ``data2vec``).
 
     Parameters (defaults: the data2vec 1.0 audio Base recipe):
@@ -258,34 +341,17 @@ class SelfDistillation(nn.Module):
         min_target_std: float = 0.1,
         min_pred_std: float = 0.01,
     ):
-        super().__init__()
-        _check_common(target_feature, ema_decay, ema_end_decay, ema_anneal_end_step)
+        super().__init__(
+            ema_scope=ema_scope, ema_decay=ema_decay, ema_end_decay=ema_end_decay,
+            ema_anneal_end_step=ema_anneal_end_step, target_feature=target_feature,
+            collapse_check_after=collapse_check_after, min_target_std=min_target_std, min_pred_std=min_pred_std,
+        )
         self.feature_extractor = feature_extractor
         self.encoder = encoder
         self.regression_head = regression_head(encoder.dim, head_layers)
         self.target = target
         self.masking = masking
         self.teacher = make_teacher(feature_extractor, encoder, ema_scope, copy_keys)
-        self.ema_scope = ema_scope
-        self.ema_decay = float(ema_decay)
-        self.ema_end_decay = float(ema_end_decay)
-        self.ema_anneal_end_step = int(ema_anneal_end_step)
-        self.target_feature = target_feature
-        self.collapse_check_after = int(collapse_check_after)
-        self.min_target_std = float(min_target_std)
-        self.min_pred_std = float(min_pred_std)
-        # optimizer updates done so far (saved, so a resumed run checks collapse at once)
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    # ------------------------------------------------------------------ EMA
-    def current_decay(self) -> float:
-        return annealed_decay(int(self.num_updates), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
-
-    def after_optimizer_step(self, step: int) -> None:
-        """EMA update with the decay annealed to ``step`` (the number of updates done)."""
-        self.num_updates.fill_(int(step))
-        decay = annealed_decay(int(step), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
-        self.teacher.update(_ema_student(self.feature_extractor, self.encoder, self.ema_scope), decay)
 
     # ------------------------------------------------------------------ masking
     def compute_mask(self, batch_size: int, length: int, padding_mask: Tensor | None, device: torch.device) -> Tensor:
@@ -313,29 +379,12 @@ class SelfDistillation(nn.Module):
 
         # the teacher reads the student's features before masking (features are not modified
         # in place below, so no explicit clone is needed)
-        teacher_out = run_teacher(self.teacher, self.ema_scope, batch, features, padding_mask, self.target_feature)
+        teacher_out = self._teacher_output(batch, features, padding_mask)
         with torch.no_grad():
             targets = self.target(teacher_out, mask)
 
         student = self.encoder(features, padding_mask, mask)
         prediction = self.regression_head(student.last_hidden_state[mask])
-
-        loss_sum, stats = self.target.loss(prediction, targets)
-        sample_size = int(prediction.shape[0])
-        loss = normalize_loss(self.target, loss_sum, sample_size)
-
+        loss, stats, sample_size = self._regression_loss(prediction, targets)
         valid = T * B if padding_mask is None else int((~padding_mask).sum())
-        logs = {
-            "loss": float(loss.detach()),
-            "target_std": stats.get("target_std", float("nan")),
-            "pred_std": stats.get("pred_std", float("nan")),
-            "ema_decay": self.current_decay(),
-            "masked_frac": sample_size / max(valid, 1),
-        }
-        if self.training:
-            check_collapse(
-                int(self.num_updates), logs["target_std"], logs["pred_std"],
-                after=self.collapse_check_after, min_target_std=self.min_target_std,
-                min_pred_std=self.min_pred_std, objective="data2vec",
-            )
-        return PretrainOutput(loss=loss, sample_size=sample_size, logs=logs)
+        return self._pretrain_output(loss, stats, sample_size, valid)

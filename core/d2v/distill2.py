@@ -27,8 +27,8 @@ What makes it fast (REFERENCE.md §2.1):
 The teacher (fp32 EMA, eval mode, no grad) averages the encoder (audio: positional conv +
 layers; the student's conv feature extractor output is reused, ``ema_scope="encoder"``) or
 feature extractor + encoder (images, ``ema_scope="all"``); text copies its embeddings
-(``copy_keys``). Same outputs, EMA hook and collapse guard as :mod:`d2v.distill`, so either
-objective is one line of a spec.
+(``copy_keys``). Same outputs, EMA hook and collapse guard as :mod:`d2v.distill` (the shared
+base :class:`d2v.distill.EMASelfDistillation`), so either objective is one line of a spec.
 
 Hooks for other modalities (not needed by audio): a feature extractor may expose
 ``num_extra_tokens`` (leading tokens such as CLS, always kept, never masked), ``grid_size``
@@ -47,18 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v.distill import (
-    PretrainOutput,
-    _check_common,
-    _ema_student,
-    check_collapse,
-    make_teacher,
-    mask_seed,
-    normalize_loss,
-    run_teacher,
-    sample_masks,
-)
-from d2v.ema import annealed_decay
+from d2v.distill import EMASelfDistillation, PretrainOutput, make_teacher, mask_seed, sample_masks
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput, FeatureExtractor, Target
 from d2v.masking import keep_indices
@@ -169,7 +158,7 @@ def decoder_input(kept: Tensor, ids_restore: Tensor, noise_std: float) -> Tensor
 # --------------------------------------------------------------------------- the objective
 
 
-class Data2Vec2(nn.Module):
+class Data2Vec2(EMASelfDistillation):
     """The data2vec 2.0 objective (registered as objective ``data2vec2``).
 
     Parameters (defaults: data2vec 2.0 audio Base, fairseq ``config/v2/base_audio_only_task``):
@@ -191,6 +180,8 @@ class Data2Vec2(nn.Module):
       ``target_feature``, ``collapse_check_after``, ``min_target_std``, ``min_pred_std``:
       as for ``data2vec`` (audio base: 0.999 -> 0.99999 over 75k, nothing copied).
     """
+
+    objective_name = "data2vec2"
 
     def __init__(
         self,
@@ -221,8 +212,11 @@ class Data2Vec2(nn.Module):
         min_target_std: float = 0.1,
         min_pred_std: float = 0.01,
     ):
-        super().__init__()
-        _check_common(target_feature, ema_decay, ema_end_decay, ema_anneal_end_step)
+        super().__init__(
+            ema_scope=ema_scope, ema_decay=ema_decay, ema_end_decay=ema_end_decay,
+            ema_anneal_end_step=ema_anneal_end_step, target_feature=target_feature,
+            collapse_check_after=collapse_check_after, min_target_std=min_target_std, min_pred_std=min_pred_std,
+        )
         if clone_batch < 1:
             raise SpecError(f"data2vec2: clone_batch must be >= 1, got {clone_batch}.")
         self.num_extra_tokens = int(getattr(feature_extractor, "num_extra_tokens", 0) or 0)
@@ -253,27 +247,9 @@ class Data2Vec2(nn.Module):
         self.mask_noise_std = float(mask_noise_std)
         self.encoder_zero_mask = bool(encoder_zero_mask)
         self.cls_loss = float(cls_loss)
-        self.ema_scope = ema_scope
-        self.ema_decay = float(ema_decay)
-        self.ema_end_decay = float(ema_end_decay)
-        self.ema_anneal_end_step = int(ema_anneal_end_step)
-        self.target_feature = target_feature
-        self.collapse_check_after = int(collapse_check_after)
-        self.min_target_std = float(min_target_std)
-        self.min_pred_std = float(min_pred_std)
         self._warned_mask_shape = False
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ runner hooks
-    def current_decay(self) -> float:
-        return annealed_decay(int(self.num_updates), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
-
-    def after_optimizer_step(self, step: int) -> None:
-        """EMA update with the decay annealed to ``step`` (the number of updates done)."""
-        self.num_updates.fill_(int(step))
-        decay = annealed_decay(int(step), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
-        self.teacher.update(_ema_student(self.feature_extractor, self.encoder, self.ema_scope), decay)
-
     def make_batch_transform(self) -> Data2Vec2Masks:
         """The picklable transform that precomputes the M masks per example in the workers."""
         return Data2Vec2Masks(self.masking, self.clone_batch, frame_lengths_fn(self.feature_extractor), self.grid)
@@ -357,7 +333,7 @@ class Data2Vec2(nn.Module):
         mask = self._masks(batch, B, T, grid_pad, features.device)
 
         # teacher: once per example, on the unmasked input
-        teacher_out = run_teacher(self.teacher, self.ema_scope, batch, features, padding_mask, self.target_feature)
+        teacher_out = self._teacher_output(batch, features, padding_mask)
         targets, full_targets = self._targets(teacher_out, mask)
 
         # student: M clones, kept tokens only
@@ -369,9 +345,7 @@ class Data2Vec2(nn.Module):
             x = x.masked_fill(grid_pad.repeat_interleave(M, 0).unsqueeze(-1), 0.0)
         prediction = self.decoder(x)[mask]
 
-        loss_sum, stats = self.target.loss(prediction, targets)
-        sample_size = int(prediction.shape[0])
-        loss = normalize_loss(self.target, loss_sum, sample_size)
+        loss, stats, sample_size = self._regression_loss(prediction, targets)
 
         logs: dict[str, float] = {}
         if self.cls_loss > 0:
@@ -382,18 +356,4 @@ class Data2Vec2(nn.Module):
             logs["cls_loss"] = float(cls_value.detach())
 
         n_valid = B * T if grid_pad is None else int((~grid_pad).sum())
-        logs = {
-            "loss": float(loss.detach()),
-            "target_std": stats.get("target_std", float("nan")),
-            "pred_std": stats.get("pred_std", float("nan")),
-            "ema_decay": self.current_decay(),
-            "masked_frac": sample_size / max(n_valid * M, 1),
-            **logs,
-        }
-        if self.training:
-            check_collapse(
-                int(self.num_updates), logs["target_std"], logs["pred_std"],
-                after=self.collapse_check_after, min_target_std=self.min_target_std,
-                min_pred_std=self.min_pred_std, objective="data2vec2",
-            )
-        return PretrainOutput(loss=loss, sample_size=sample_size, logs=logs)
+        return self._pretrain_output(loss, stats, sample_size, n_valid * M, logs)

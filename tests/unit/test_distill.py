@@ -7,39 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from distill_helpers import build_tiny, train_on_waves, waves
 
 from d2v import plugins
 from d2v.distill import PretrainOutput, SelfDistillation, TrainingCollapse, check_collapse, regression_head
 from d2v.errors import TrainingCollapse as CoreTrainingCollapse
-from d2v.model import TaskModel, build_model, load_initial_weights
+from d2v.model import TaskModel, load_initial_weights
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest, and it avoids OpenMP spin-waiting when
-    other processes share the cores (observed: 20x slower with 2 threads on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
 SPAN = {"name": "span", "mask_prob": 0.65, "mask_length": 3}
 
 
-def build(samples: int = 0, **objective) -> SelfDistillation:
-    node = {"name": "data2vec", "target": {"name": "data2vec", "top_k": 2}, "masking": SPAN, **objective}
-    return build_model({"preset": "data2vec-audio-tiny", "encoder": NO_DROPOUT, "objective": node},
-                       plugins.registry(), "pretrain")
-
-
-def waves(batch: int = 2, samples: int = 4800, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(samples) / 16000
-    freq = 200 + 600 * torch.rand(batch, 1, generator=g)
-    x = torch.sin(2 * math.pi * freq * t) + 0.1 * torch.randn(batch, samples, generator=g)
-    return {"inputs": x, "padding_mask": torch.zeros(batch, samples, dtype=torch.bool)}
+def build(**objective) -> SelfDistillation:
+    return build_tiny({"name": "data2vec", "target": {"name": "data2vec", "top_k": 2}, "masking": SPAN, **objective})
 
 
 def test_registered_and_built_from_a_spec():
@@ -187,15 +168,7 @@ def test_pretraining_checkpoint_initialises_a_finetuning_model(tmp_path):
 def test_loss_decreases_on_a_tiny_synthetic_task():
     torch.manual_seed(0)
     model = build(ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=30)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for step in range(1, 31):
-        out = model(waves(batch=4, seed=step % 4))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model.after_optimizer_step(step)
-        losses.append(out.logs["loss"])
+    losses, out = train_on_waves(model, steps=30)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, losses
     assert out.logs["target_std"] > 0.1

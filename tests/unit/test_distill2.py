@@ -2,50 +2,29 @@
 
 from __future__ import annotations
 
-import math
 import pickle
 
 import pytest
 import torch
+from distill_helpers import build_tiny, train_on_waves, waves
 from torch import nn
 
 from d2v import plugins
 from d2v.distill2 import ConvFrameLengths, Data2Vec2, Data2Vec2Masks, decoder_input
 from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
 from d2v.masking import InverseBlockMask
-from d2v.model import build_model
 from d2v_targets.data2vec import Data2VecTarget
 from d2v_targets.decoders import Decoder1d, Decoder2d
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest, and it avoids OpenMP spin-waiting when
-    other processes share the cores (observed: 20x slower with 2 threads on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
 AUDIO_MASK = {"name": "inverse_block", "dims": 1, "inverse": False, "mask_prob": 0.5, "mask_length": 3,
               "mask_prob_adjust": 0.05}
 
 
 def build(**objective) -> Data2Vec2:
-    node = {"name": "data2vec2", "clone_batch": 3, "decoder_dim": 32, "decoder_layers": 2, "decoder_kernel": 3,
-            "target": {"name": "data2vec", "top_k": 2}, "masking": AUDIO_MASK, **objective}
-    return build_model({"preset": "data2vec-audio-tiny", "encoder": NO_DROPOUT, "objective": node},
-                       plugins.registry(), "pretrain")
-
-
-def waves(batch: int = 2, samples: int = 4800, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(samples) / 16000
-    freq = 200 + 600 * torch.rand(batch, 1, generator=g)
-    x = torch.sin(2 * math.pi * freq * t) + 0.1 * torch.randn(batch, samples, generator=g)
-    return {"inputs": x, "padding_mask": torch.zeros(batch, samples, dtype=torch.bool)}
+    return build_tiny({"name": "data2vec2", "clone_batch": 3, "decoder_dim": 32, "decoder_layers": 2, "decoder_kernel": 3,
+                       "target": {"name": "data2vec", "top_k": 2}, "masking": AUDIO_MASK, **objective})
 
 
 def test_registered_with_the_audio_base_defaults():
@@ -259,16 +238,7 @@ def test_cls_loss_with_an_extra_token():
 def test_loss_decreases_on_a_tiny_synthetic_task():
     torch.manual_seed(0)
     model = build(clone_batch=2, ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=30)
-    transform = model.make_batch_transform()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for step in range(1, 31):
-        out = model(transform(waves(batch=4, seed=step % 4)))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model.after_optimizer_step(step)
-        losses.append(out.logs["loss"])
+    losses, out = train_on_waves(model, steps=30, transform=model.make_batch_transform())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, losses
     assert out.logs["target_std"] > 0.1

@@ -12,15 +12,7 @@ from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput
 from d2v_targets.data2vec import Data2VecTarget, channel_std, instance_norm, layer_norm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest, and it avoids OpenMP spin-waiting when
-    other processes share the cores (observed: 20x slower with 2 threads on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def teacher(layers, padding_mask=None):
