@@ -40,16 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from d2v.ema import EMATeacher, annealed_decay
-from d2v.errors import SpecError
+from d2v.errors import SpecError, TrainingCollapse
 from d2v.interfaces import Encoder, EncoderOutput, FeatureExtractor, Target, _Output
-
-try:  # one exception class for the whole project; the runner catches it
-    from d2v.errors import TrainingCollapse
-except ImportError:  # pragma: no cover - older core without it
-
-    class TrainingCollapse(RuntimeError):
-        """Self-supervised training collapsed (targets or predictions lost their variance)."""
-
 
 __all__ = [
     "EMASelfDistillation",
