@@ -7,6 +7,7 @@ a training collapse exits with 3. Tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"  {comp.name:<28} {comp.summary}  [{comp.plugin}]")
             if args.verbose:
                 for name, default in comp.parameters().items():
-                    shown = "<required>" if default is comp.signature().parameters[name].empty else repr(default)
+                    shown = "<required>" if default is inspect.Parameter.empty else repr(default)
                     print(f"      {name} = {shown}")
     return 0
 

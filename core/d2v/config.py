@@ -423,8 +423,3 @@ def validate(spec: Spec, registry: Registry | None = None) -> None:
         header = f"{spec.source}: {count} problem{'s' if count > 1 else ''} in the spec:"
         raise SpecError("\n  ".join([header, *validator.errors]))
 
-
-def section(spec: dict, cls: type, key: str, parent: dict | None = None):
-    """Instantiate a dataclass section (``trainer``, ``data.loader``, ``evaluate``)."""
-    node = (parent if parent is not None else spec).get(key) or {}
-    return cls(**node)

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from d2v import plugins
 from d2v.errors import SpecError
 from d2v.hf import from_pretrained, get_converter, save_pretrained
-from d2v.model import TaskModel, build_model
+from d2v.model import TaskModel, build_model, load_initial_weights
 
 
 def _fresh(destination: Path) -> None:
@@ -45,12 +45,7 @@ def load_d2v_checkpoint(source: Path) -> TaskModel:
     spec = yaml.safe_load(spec_path.read_text())
     task = spec.get("task", "finetune")
     model = build_model(spec["model"], plugins.registry(), task)
-    state = load_file(str(weights))
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise SpecError(f"'{weights}' lacks {len(missing)} weights of the model in its spec.yaml, e.g. {missing[:3]}.")
-    model.load_state_dict({k: state[k] for k in own})
+    load_initial_weights(model, source, strict=True)
     if task == "pretrain":  # export the student backbone
         model = TaskModel(model.feature_extractor, model.encoder, None)
     return model.eval()

@@ -127,10 +127,9 @@ class Collate:
     A plain object (not a closure) so it pickles into worker processes.
     """
 
-    def __init__(self, collate: Callable, transform: Callable | None = None, seed: int = 0):
+    def __init__(self, collate: Callable, transform: Callable | None = None):
         self.collate = collate
         self.transform = transform
-        self.seed = seed
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate(examples)
@@ -169,7 +168,7 @@ def make_loader(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bo
     return DataLoader(
         ProcessedDataset(dataset, processor, train=train, seed=seed),
         batch_sampler=sampler,
-        collate_fn=Collate(processor.collate, transform, seed),
+        collate_fn=Collate(processor.collate, transform),
         num_workers=loader.num_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),

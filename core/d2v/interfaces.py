@@ -20,7 +20,6 @@ import abc
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 
@@ -209,9 +208,3 @@ class Target(nn.Module, abc.ABC):
         """Scalar loss for ``prediction`` vs ``target`` (both ``(N, D)``), plus statistics
         worth logging (e.g. target and prediction standard deviation)."""
 
-
-def lengths_to_padding_mask(lengths: Tensor, max_length: int | None = None) -> Tensor:
-    """``(B,)`` lengths -> ``(B, T)`` bool padding mask (True past each length)."""
-    max_length = int(lengths.max()) if max_length is None else max_length
-    positions = torch.arange(max_length, device=lengths.device)
-    return positions[None, :] >= lengths[:, None]

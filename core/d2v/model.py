@@ -8,7 +8,6 @@ the target). Both keep the student under the same attribute names (``feature_ext
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,9 +209,3 @@ def load_initial_weights(model: nn.Module, checkpoint: str | Path, *, strict: bo
             own[key].copy_(value)
     return report
 
-
-def accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

@@ -85,12 +85,12 @@ def registry() -> Registry:
         pm = plugin_manager()
         reg = Registry()
         for plugin_name, plugin in pm.list_name_plugin():
-            _register_from(reg, pm, plugin_name, plugin)
+            _register_from(reg, plugin_name, plugin)
         _registry = reg
     return _registry
 
 
-def _register_from(reg: Registry, pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
+def _register_from(reg: Registry, name: str, plugin: Any) -> None:
     impl = getattr(plugin, "d2v_register", None)
     if impl is None:
         return
@@ -105,7 +105,7 @@ def register_plugin(plugin: ModuleType | Any, name: str) -> None:
     pm.register(plugin, name=name)
     pm.check_pending()
     try:
-        _register_from(reg, pm, name, plugin)
+        _register_from(reg, name, plugin)
     except Exception:
         reg.remove_plugin(name)
         pm.unregister(name=name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, send_to_device, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -218,8 +219,6 @@ class Run:
             acc.save_model(model, str(tmp), safe_serialization=True)
             (tmp / "spec.yaml").write_text(dump_spec(self.spec))
             if final.exists():
-                import shutil
-
                 shutil.rmtree(final)
             tmp.rename(final)
             self.print(f"saved final weights to {final}")
@@ -252,7 +251,7 @@ class Run:
         counts: dict[str, float] = defaultdict(float)
         rows: list[tuple[str, Any, Any]] = []
         for batch in self.eval_loader(split):
-            batch = _to_device(batch, acc.device)
+            batch = send_to_device(batch, acc.device)
             with acc.autocast():
                 out = model(batch)
             if out.loss is not None:
@@ -302,10 +301,6 @@ class Run:
         if self.is_main:
             write_text_atomic(self.output_dir / f"{cfg.split}_metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def run(spec: Spec, *, resume: bool = False) -> dict[str, float]:
