@@ -1,0 +1,65 @@
+"""Optimizers: which parameters decay, and layer-wise learning-rate decay."""
+
+import pytest
+import torch
+
+from d2v.model import TaskModel
+from d2v.optim import adam, adamw
+from d2v.schedules import constant
+
+
+def _model(toy):
+    return TaskModel(toy.ToyFeatures(dim=8), toy.ToyEncoder(dim=8, layers=2), toy.ToyRegressionHead(input_dim=8))
+
+
+def _group_of(opt, param):
+    return next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+
+
+def test_adamw_excludes_biases_and_norms_from_weight_decay():
+    import toy
+
+    model = _model(toy)
+    opt = adamw(model, lr=1e-3, weight_decay=0.05)
+    assert _group_of(opt, model.head.proj.weight)["weight_decay"] == 0.05
+    assert _group_of(opt, model.head.proj.bias)["weight_decay"] == 0.0
+    assert _group_of(opt, model.encoder.mask_embedding)["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_layer_decay_scales_lr_by_depth():
+    import toy
+
+    model = _model(toy)
+    opt = adamw(model, lr=1.0, layer_decay=0.5)
+    # 2 layers: head = top (1.0), layer 1 -> 0.5, layer 0 -> 0.25, feature extractor -> 0.125
+    assert _group_of(opt, model.head.proj.weight)["lr"] == pytest.approx(1.0)
+    assert _group_of(opt, model.encoder.layers[1][0].weight)["lr"] == pytest.approx(0.5)
+    assert _group_of(opt, model.encoder.layers[0][0].weight)["lr"] == pytest.approx(0.25)
+    assert _group_of(opt, model.feature_extractor.proj.weight)["lr"] == pytest.approx(0.125)
+
+
+def test_frozen_parameters_are_left_out_and_all_frozen_is_an_error():
+    import toy
+
+    from d2v.errors import SpecError
+
+    model = _model(toy)
+    model.feature_extractor.requires_grad_(False)
+    opt = adam(model, lr=1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len([p for p in model.parameters() if p.requires_grad])
+    model.requires_grad_(False)
+    with pytest.raises(SpecError, match="no trainable parameters"):
+        adam(model)
+
+
+def test_constant_schedule_warms_up_then_holds():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = constant(opt, total_steps=10, warmup_steps=4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
