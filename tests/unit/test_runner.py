@@ -50,7 +50,11 @@ def test_kill_and_resume_gives_the_same_weights(toy_plugin, tmp_path, monkeypatc
 
     with pytest.raises(SpecError, match="--resume"):
         run(spec_from_dict(spec))  # never silently overwrite a run
+    original_spec = (killed / "spec.yaml").read_text()
+    spec["trainer"]["log_every"] = 2  # a changed spec on resume is kept beside the original
     run(spec_from_dict(spec), resume=True)
+    assert (killed / "spec.yaml").read_text() == original_spec
+    assert "log_every: 2" in (killed / "spec.resumed-at-00000004.yaml").read_text()
 
     a, b = _final_weights(reference), _final_weights(killed)
     assert a.keys() == b.keys()

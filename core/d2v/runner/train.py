@@ -105,13 +105,15 @@ class Run:
         scheduler = build_component(self.registry, "schedule", schedule_node, "schedule",
                                     optimizer=optimizer, total_steps=cfg.max_steps)
         model, optimizer, train_loader, scheduler = acc.prepare(self.model, optimizer, train_loader, scheduler)
-        if self.is_main:
-            write_text_atomic(self.output_dir / "spec.yaml", dump_spec(self.spec))
         state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
-        if self.resume_from is not None:
+        if self.resume_from is None:
+            if self.is_main:
+                write_text_atomic(self.output_dir / "spec.yaml", dump_spec(self.spec))
+        else:
             acc.load_state(str(self.resume_from))
             state = load_trainer_state(self.resume_from)
             self.print(f"resuming from {self.resume_from} at step {state['step']}")
+            self._keep_original_spec(state["step"])
             self.log.write({"event": "resume", "step": state["step"]})
         if cfg.trackers:
             acc.init_trackers(self.output_dir.name, config={"task": self.task, "seed": self.seed})
@@ -193,6 +195,15 @@ class Run:
         if cfg.trackers:
             acc.end_training()
         return last_eval
+
+    def _keep_original_spec(self, step: int) -> None:
+        """A resumed run never overwrites the spec it started with; a changed spec is saved beside it."""
+        original = self.output_dir / "spec.yaml"
+        text = dump_spec(self.spec)
+        if self.is_main and original.exists() and original.read_text() != text:
+            changed = self.output_dir / f"spec.resumed-at-{step:08d}.yaml"
+            write_text_atomic(changed, text)
+            self.print(f"note: the spec differs from {original}; the resumed spec is saved as {changed}")
 
     def _train_record(self, window: dict[str, float], step: int, epoch: int, scheduler, seconds: float) -> dict[str, Any]:
         totals = torch.tensor([window["loss"], window["micro_batches"], window["examples"]],
