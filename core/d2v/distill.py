@@ -15,6 +15,9 @@
   consumes the student's features cloned *before* masking, and the positional conv is copied,
   not averaged -- ``copy_keys``) or of feature extractor + encoder (``ema_scope="all"``,
   vision 1.0 / text: it reads the raw input, or ``batch["teacher_inputs"]`` if present).
+* **text**: the processor BERT-masks the tokens itself (``batch["inputs"]`` corrupted,
+  ``batch["teacher_inputs"]`` the original, ``batch["corrupted_mask"]`` the selected
+  positions); the student regresses those positions and its encoder masks nothing more.
 * **decay** rises linearly ``ema_decay -> ema_end_decay`` over ``ema_anneal_end_step`` updates
   (:func:`d2v.ema.annealed_decay`); the runner calls :meth:`after_optimizer_step` after every
   update.
@@ -362,7 +365,10 @@ class SelfDistillation(EMASelfDistillation):
         fe = self.feature_extractor(batch["inputs"], batch.get("padding_mask"))
         features, padding_mask = fe.features, fe.padding_mask
         B, T = features.shape[:2]
-        mask = batch.get("mask")
+        # the data pipeline may have corrupted the inputs already (BERT-masked text tokens):
+        # then the student regresses those positions and the encoder does not mask again
+        corrupted = batch.get("corrupted_mask")
+        mask = corrupted if corrupted is not None else batch.get("mask")
         if mask is None:
             mask = self.compute_mask(B, T, padding_mask, features.device)
         mask = mask.bool()
@@ -375,7 +381,7 @@ class SelfDistillation(EMASelfDistillation):
         with torch.no_grad():
             targets = self.target(teacher_out, mask)
 
-        student = self.encoder(features, padding_mask, mask)
+        student = self.encoder(features, padding_mask, None if corrupted is not None else mask)
         prediction = self.regression_head(student.last_hidden_state[mask])
         loss, stats, sample_size = self._regression_loss(prediction, targets)
         valid = T * B if padding_mask is None else int((~padding_mask).sum())

@@ -14,6 +14,8 @@ A converter is any object with::
     from_hf(config: dict, state_dict: dict) -> nn.Module  # the native model, weights loaded
     to_hf(model) -> (config: dict, state_dict: dict)   # config.json dict and HF-named weights
     extra_files(model) -> dict[str, str]               # optional: more files to write (vocab.json)
+    hf_outputs(out: ModelOutput) -> dict               # optional: the HF output fields, in HF's
+                                                       # order (default: see default_hf_outputs)
 
 ``config`` always carries ``_name_or_path`` (the checkpoint directory) so a converter can find
 side files such as ``vocab.json``.
@@ -37,7 +39,20 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
 
 #: output fields in Hugging Face's order (``to_tuple`` and integer indexing follow it)
-OUTPUT_FIELDS = ("loss", "logits", "last_hidden_state", "extract_features", "hidden_states")
+OUTPUT_FIELDS = ("loss", "logits", "start_logits", "end_logits", "embeddings", "last_hidden_state",
+                 "pooler_output", "extract_features", "past_key_values", "hidden_states")
+
+
+def default_hf_outputs(model: nn.Module, out: Any) -> dict[str, Any]:
+    """Hugging Face's fields for a d2v ``ModelOutput``: ``loss``/``logits`` with a head,
+    else ``last_hidden_state``, ``pooler_output`` and ``extract_features``; then the cache."""
+    if getattr(model, "head", None) is not None:
+        fields = {"loss": out.loss, "logits": out.logits}
+    else:
+        fields = {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output,
+                  "extract_features": out.extract_features}
+    fields["past_key_values"] = out.past_key_values
+    return fields
 
 
 class PretrainedOutput(dict):
@@ -104,13 +119,8 @@ class PretrainedModel(nn.Module):
             batch["mask"] = mask_time_indices.bool()
 
         out = self.model(batch, output_hidden_states=bool(output_hidden_states))
-        fields: dict[str, Any] = {}
-        if getattr(self.model, "head", None) is not None:
-            fields["loss"] = out.loss
-            fields["logits"] = out.logits
-        else:
-            fields["last_hidden_state"] = out.last_hidden_state
-            fields["extract_features"] = out.extract_features
+        custom = getattr(self.converter, "hf_outputs", None)
+        fields = dict(custom(out)) if callable(custom) else default_hf_outputs(self.model, out)
         if output_hidden_states:
             fields["hidden_states"] = out.hidden_states
         result = PretrainedOutput((k, v) for k, v in fields.items() if v is not None)

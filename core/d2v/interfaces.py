@@ -61,12 +61,18 @@ class EncoderOutput(_Output):
     layer_targets: one ``(B, T, D)`` tensor per layer: the feature data2vec regresses,
         chosen by ``target_feature`` (see :class:`Encoder`).
     padding_mask: the padding mask the encoder used (``None`` = nothing padded).
+    pooler_output: ``(B, D)`` summary vector when the encoder has a pooler (text: dense +
+        tanh over the first token; vision: mean pooling), as Hugging Face's ``pooler_output``.
+    past_key_values: the key/value cache after this call, for encoders that decode
+        incrementally (text ``is_decoder``); ``None`` otherwise.
     """
 
     last_hidden_state: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
     layer_targets: tuple[Tensor, ...] | None = None
     padding_mask: Tensor | None = None
+    pooler_output: Tensor | None = None
+    past_key_values: Any = None
 
 
 @dataclass
@@ -82,9 +88,15 @@ class FeatureExtractor(nn.Module, abc.ABC):
     """Raw modality input -> a sequence of vectors (conv encoder, embeddings, patches).
 
     Implementations set ``self.dim`` (the width ``D`` of ``features``).
+
+    ``batch_keys`` names extra batch entries the component reads, passed to ``forward`` as
+    keyword arguments when present (text: ``token_type_ids``, ``position_ids``,
+    ``past_key_values``). A feature extractor with an input embedding table returns it from
+    ``input_embeddings()`` so heads can tie their output layer to it (see :class:`Head`).
     """
 
     dim: int
+    batch_keys: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FeatureExtractorOutput:
@@ -110,6 +122,10 @@ class Encoder(nn.Module, abc.ABC):
 
     dim: int
     num_layers: int
+    #: extra batch entries passed to ``forward`` as keyword arguments when present (text
+    #: decoders: ``encoder_hidden_states``, ``encoder_attention_mask``, ``past_key_values``,
+    #: ``use_cache``); ``forward`` hands them to :meth:`contextualize`.
+    batch_keys: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def embed(self, features: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
@@ -147,11 +163,13 @@ class Encoder(nn.Module, abc.ABC):
         output_hidden_states: bool = False,
         output_layer_targets: bool = False,
         target_feature: str = "ffn",
+        **context: Any,
     ) -> EncoderOutput:
         """Contextualise ``features`` ``(B, T, D)``: :meth:`embed` then :meth:`contextualize`.
 
         Positions where ``mask`` is True are replaced by the mask embedding before the
-        positional scheme. Padding never attends and is never attended to.
+        positional scheme. Padding never attends and is never attended to. ``context``: the
+        :attr:`batch_keys` entries of the batch, passed on to :meth:`contextualize`.
         """
         x = self.embed(features, padding_mask, mask)
         return self.contextualize(
@@ -160,6 +178,7 @@ class Encoder(nn.Module, abc.ABC):
             output_hidden_states=output_hidden_states,
             output_layer_targets=output_layer_targets,
             target_feature=target_feature,
+            **context,
         )
 
 
@@ -169,7 +188,18 @@ class Head(nn.Module, abc.ABC):
     Evaluation is split in two so it works across processes: :meth:`eval_counts` returns
     additive counts for one batch (summed over batches and processes by the runner), and
     :meth:`summarize` turns the totals into metrics (e.g. word errors / words = WER).
+
+    Optional hooks, read by :class:`d2v.model.TaskModel`:
+
+    * ``needs_hidden_states = True``: the encoder is asked for every layer's output
+      (``encoder_output.hidden_states``), e.g. for a learned weighted sum of layers;
+    * ``tie_input_embeddings(embedding)``: called once with the feature extractor's
+      ``input_embeddings()`` so an output layer shares the input embedding matrix (masked LM);
+    * ``prepare_batch(batch) -> batch``: reshape the inputs before encoding (multiple choice
+      folds ``(B, C, S)`` choices into ``(B*C, S)`` rows).
     """
+
+    needs_hidden_states: bool = False
 
     @abc.abstractmethod
     def forward(self, encoder_output: EncoderOutput, batch: dict[str, Any]) -> HeadOutput:

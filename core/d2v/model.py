@@ -31,6 +31,8 @@ class ModelOutput(_Output):
     extract_features: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     padding_mask: Tensor | None = None
+    pooler_output: Tensor | None = None
+    past_key_values: Any = None
     head_output: Any = None
     logs: dict[str, float] | None = None
 
@@ -39,7 +41,9 @@ class TaskModel(nn.Module):
     """Feature extractor -> encoder -> (optional) head, driven by a batch dict.
 
     The batch carries ``inputs`` and ``padding_mask`` (True at padding) plus whatever
-    the head needs for its loss (e.g. ``text`` for CTC).
+    the head needs for its loss (e.g. ``text`` for CTC) and whatever the feature extractor
+    and encoder name in their ``batch_keys`` (passed to them as keyword arguments).
+    The head's optional hooks (see :class:`d2v.interfaces.Head`) are honoured here.
     """
 
     def __init__(self, feature_extractor: FeatureExtractor, encoder: Encoder, head: Head | None = None):
@@ -47,29 +51,46 @@ class TaskModel(nn.Module):
         self.feature_extractor = feature_extractor
         self.encoder = encoder
         self.head = head
+        tie = getattr(head, "tie_input_embeddings", None)
+        embeddings = getattr(feature_extractor, "input_embeddings", None)
+        if callable(tie) and callable(embeddings) and embeddings() is not None:
+            tie(embeddings())
 
     def encode(self, batch: dict[str, Any], *, output_hidden_states: bool = False) -> tuple[EncoderOutput, Any]:
-        features = self.feature_extractor(batch["inputs"], batch.get("padding_mask"))
+        features = self.feature_extractor(batch["inputs"], batch.get("padding_mask"),
+                                          **batch_context(self.feature_extractor, batch))
         encoded = self.encoder(
             features.features,
             features.padding_mask,
             batch.get("mask"),
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states or bool(getattr(self.head, "needs_hidden_states", False)),
+            **batch_context(self.encoder, batch),
         )
         return encoded, features
 
     def forward(self, batch: dict[str, Any], *, output_hidden_states: bool = False) -> ModelOutput:
+        prepare = getattr(self.head, "prepare_batch", None)
+        if callable(prepare):
+            batch = prepare(batch)
         encoded, features = self.encode(batch, output_hidden_states=output_hidden_states)
         out = ModelOutput(
             last_hidden_state=encoded.last_hidden_state,
             extract_features=features.extract_features,
-            hidden_states=encoded.hidden_states,
+            hidden_states=encoded.hidden_states if output_hidden_states else None,
             padding_mask=encoded.padding_mask,
+            pooler_output=encoded.pooler_output,
+            past_key_values=encoded.past_key_values,
         )
         if self.head is not None:
             head_out = self.head(encoded, batch)
             out.logits, out.loss, out.head_output = head_out.logits, head_out.loss, head_out
         return out
+
+
+def batch_context(component: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch entries ``component`` declares in ``batch_keys`` (those present and not None)."""
+    keys = getattr(component, "batch_keys", ()) or ()
+    return {key: batch[key] for key in keys if batch.get(key) is not None}
 
 
 # --------------------------------------------------------------------------- building
@@ -95,6 +116,16 @@ def build_component(registry: Registry, kind: str, node: dict, path: str, **inje
         raise SpecError(f"{path}: building {kind} '{name}' failed: {exc}") from exc
 
 
+def head_injected(feature_extractor: nn.Module, encoder: Encoder) -> dict[str, Any]:
+    """What a head gets from the model without the spec naming it: the encoder width, and the
+    input vocabulary size of feature extractors that embed tokens (an LM head's output size)."""
+    injected: dict[str, Any] = {"input_dim": encoder.dim}
+    vocab_size = getattr(feature_extractor, "vocab_size", None)
+    if vocab_size is not None:
+        injected["vocab_size"] = int(vocab_size)
+    return injected
+
+
 def build_model(model_spec: dict, registry: Registry, task: str) -> nn.Module:
     spec = resolve_model_section(model_spec, registry)
     encoder = build_component(registry, "encoder", spec["encoder"], "model.encoder")
@@ -111,7 +142,7 @@ def build_model(model_spec: dict, registry: Registry, task: str) -> nn.Module:
             feature_extractor=feature_extractor, encoder=encoder,
         )
     else:
-        head = build_component(registry, "head", spec["head"], "model.head", input_dim=encoder.dim)
+        head = build_component(registry, "head", spec["head"], "model.head", **head_injected(feature_extractor, encoder))
         model = TaskModel(feature_extractor, encoder, head)
     for prefix in spec.get("freeze") or []:
         freeze(model, prefix)
