@@ -224,10 +224,13 @@ def load_initial_weights(model: nn.Module, checkpoint: str | Path, *, strict: bo
                 loadable[key] = value
             else:
                 mismatched.append(key)
+    # tied weights (an LM head sharing the input embedding) are saved once; their other
+    # name is loaded through the shared storage, so it is not "new"
+    loaded_storage = {own[k].data_ptr() for k in loadable}
     report = InitReport(
         source=str(checkpoint),
         loaded=sorted(loadable),
-        new=sorted(k for k in own if k not in loadable),
+        new=sorted(k for k in own if k not in loadable and own[k].data_ptr() not in loaded_storage),
         unused=sorted(k for k in state if k not in own),
         mismatched=sorted(mismatched),
     )
