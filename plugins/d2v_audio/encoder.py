@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput
+from d2v.layers import make_activation
 from d2v.masking import compute_span_mask
-
-from d2v_audio.feature_extractor import make_activation
 
 TARGET_FEATURES = ("ffn", "end")
 

@@ -15,17 +15,7 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
-
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
-
-
-def make_activation(name: str) -> nn.Module:
-    """``nn.Module`` for an activation name (the subset of HF's ``ACT2FN`` d2v supports)."""
-    try:
-        return ACTIVATIONS[name]()
-    except KeyError:
-        raise SpecError(f"unknown activation '{name}'; supported: {', '.join(sorted(ACTIVATIONS))}.") from None
-
+from d2v.layers import make_activation
 
 class ConvBlock(nn.Module):
     """Conv1d -> LayerNorm over channels -> activation, on ``(B, C, T)``."""
