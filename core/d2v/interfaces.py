@@ -211,7 +211,10 @@ class Head(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def eval_counts(self, output: HeadOutput, batch: dict[str, Any]) -> dict[str, float]:
-        """Additive evaluation counts for one batch (e.g. word edits and reference words)."""
+        """Additive evaluation counts for one batch (e.g. word edits and reference words).
+
+        Numbers are summed over batches and processes; a list value (per-example values a
+        metric needs whole, e.g. scores for Spearman's rho or an EER) is concatenated."""
 
     @abc.abstractmethod
     def summarize(self, counts: dict[str, float]) -> dict[str, float]:

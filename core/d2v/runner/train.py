@@ -30,6 +30,17 @@ from d2v.model import build_component, build_model, load_initial_weights
 from d2v.runner.checkpoint import load_trainer_state, prepare_run_dir, save_checkpoint, write_text_atomic
 
 
+def add_counts(totals: dict[str, Any], counts: dict[str, Any]) -> None:
+    """Add one batch's (or process's) evaluation counts into ``totals``: numbers are summed,
+    lists (per-example values a metric needs whole, e.g. scores for a rank correlation or an
+    EER) are concatenated."""
+    for key, value in counts.items():
+        if isinstance(value, (list, tuple)):
+            totals.setdefault(key, []).extend(value)
+        else:
+            totals[key] = totals.get(key, 0.0) + float(value)
+
+
 class MetricsLog:
     """Appends one JSON object per event to ``metrics.jsonl`` (main process only)."""
 
@@ -259,25 +270,22 @@ class Run:
         head = getattr(unwrapped, "head", None)
         head = head if isinstance(head, Head) else None
         model.eval()
-        counts: dict[str, float] = defaultdict(float)
+        counts: dict[str, Any] = {}
         rows: list[tuple[str, Any, Any]] = []
         for batch in self.eval_loader(split):
             batch = send_to_device(batch, acc.device)
             with acc.autocast():
                 out = model(batch)
             if out.loss is not None:
-                counts["objective_loss_sum"] += float(out.loss)
-                counts["objective_loss_batches"] += 1
+                add_counts(counts, {"objective_loss_sum": float(out.loss), "objective_loss_batches": 1})
             if head is not None:
-                for key, value in head.eval_counts(out.head_output, batch).items():
-                    counts[key] += float(value)
+                add_counts(counts, head.eval_counts(out.head_output, batch))
                 if keep_predictions:
                     preds = head.predict(out.head_output, batch)
                     rows.extend(zip(batch.get("ids", [""] * len(preds)), head.references(batch), preds))
-        all_counts: dict[str, float] = defaultdict(float)
-        for part in gather_object([dict(counts)]):
-            for key, value in part.items():
-                all_counts[key] += value
+        all_counts: dict[str, Any] = {}
+        for part in gather_object([counts]):
+            add_counts(all_counts, part)
         metrics: dict[str, float] = {}
         if all_counts.get("objective_loss_batches"):
             metrics["loss"] = all_counts["objective_loss_sum"] / all_counts["objective_loss_batches"]
