@@ -41,6 +41,18 @@ def add_counts(totals: dict[str, Any], counts: dict[str, Any]) -> None:
             totals[key] = totals.get(key, 0.0) + float(value)
 
 
+def check_vocabulary(processor: Any, model: Any) -> None:
+    """A tokenizer that emits ids the model cannot embed fails on the first batch with an
+    index error deep in torch; say so before anything runs."""
+    produced = getattr(processor, "vocab_size", None)
+    embedded = getattr(getattr(model, "feature_extractor", None), "vocab_size", None)
+    if produced is not None and embedded is not None and int(produced) > int(embedded):
+        raise SpecError(
+            f"data.processor produces token ids up to {int(produced) - 1} but the model embeds only {int(embedded)} "
+            f"tokens; set model.feature_extractor.vocab_size: {int(produced)} (or use the model's own tokenizer)."
+        )
+
+
 class MetricsLog:
     """Appends one JSON object per event to ``metrics.jsonl`` (main process only)."""
 
@@ -91,6 +103,7 @@ class Run:
         }
         self.processor = build_component(self.registry, "processor", data["processor"], "data.processor")
         self.model = build_model(spec["model"], self.registry, self.task)
+        check_vocabulary(self.processor, self.model)
         init = (spec["model"] or {}).get("init")
         if init and not self.resume_from:
             report = load_initial_weights(self.model, init["checkpoint"], strict=bool(init.get("strict", False)))
