@@ -16,4 +16,5 @@ def d2v_register(register):
     register("optimizer", "adam", "d2v.optim:adam", summary="Adam (fairseq's, i.e. decoupled weight decay) with data2vec's defaults")
     register("schedule", "tri_stage", "d2v.schedules:tri_stage", summary="wav2vec 2.0 tri-stage: linear warmup, hold, exponential decay")
     register("schedule", "cosine", "d2v.schedules:cosine", summary="linear warmup then cosine decay to a floor")
+    register("schedule", "polynomial", "d2v.schedules:polynomial", summary="linear warmup then polynomial decay (power 1: fairseq's polynomial_decay of the GLUE recipes)")
     register("schedule", "constant", "d2v.schedules:constant", summary="optional linear warmup then constant")

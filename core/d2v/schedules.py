@@ -36,6 +36,16 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int, final_lr_scale
     return final_lr_scale + (1.0 - final_lr_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def polynomial_factor(step: int, total_steps: int, warmup_steps: int, power: float, final_lr_scale: float) -> float:
+    """Linear warmup from 0, then ``(1 - progress) ** power`` down to ``final_lr_scale``
+    (fairseq ``polynomial_decay``; ``power=1`` is the linear decay of the RoBERTa/data2vec
+    GLUE recipes)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_lr_scale + (1.0 - final_lr_scale) * (1.0 - progress) ** power
+
+
 def _warmup(total_steps: int, warmup_steps: int | None, warmup_ratio: float | None) -> int:
     if warmup_steps is not None:
         return warmup_steps
@@ -76,3 +86,17 @@ def constant(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     warm = _warmup(total_steps, warmup_steps, warmup_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warm)) if warm else 1.0)
+
+
+def polynomial(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    warmup_ratio: float | None = None,
+    power: float = 1.0,
+    final_lr_scale: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = _warmup(total_steps, warmup_steps, warmup_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: polynomial_factor(s, total_steps, warm, power, final_lr_scale)
+    )

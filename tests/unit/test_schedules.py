@@ -39,3 +39,19 @@ def test_schedulers_drive_optimizer_lr():
     opt2 = torch.optim.SGD([param], lr=1.0)
     sched2 = cosine(opt2, total_steps=4, warmup_ratio=0.5)
     assert opt2.param_groups[0]["lr"] == 0.0
+
+
+def test_polynomial_is_fairseq_linear_decay():
+    from d2v.schedules import polynomial, polynomial_factor
+
+    # RTE recipe shape: 122 warmup updates of 2036, linear decay to 0
+    assert polynomial_factor(0, 2036, 122, 1.0, 0.0) == 0.0
+    assert polynomial_factor(61, 2036, 122, 1.0, 0.0) == pytest.approx(0.5)
+    assert polynomial_factor(122, 2036, 122, 1.0, 0.0) == pytest.approx(1.0)
+    assert polynomial_factor(122 + 957, 2036, 122, 1.0, 0.0) == pytest.approx(0.5)
+    assert polynomial_factor(2036, 2036, 122, 1.0, 0.0) == pytest.approx(0.0)
+    assert polynomial_factor(55, 100, 10, 2.0, 0.0) == pytest.approx(0.25)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2e-5)
+    polynomial(opt, total_steps=10, warmup_steps=2)
+    assert opt.param_groups[0]["lr"] == 0.0
