@@ -1,4 +1,5 @@
-"""Command line: ``d2v run|check|list|registry|convert`` and ``d2v-run`` (= ``d2v run``).
+"""Command line: ``d2v run|check|list|registry|convert`` (plus plugins' commands, hook
+``d2v_cli_commands``) and ``d2v-run`` (= ``d2v run``).
 
 Bad input (spec, data, checkpoint, plugin) prints one clear message and exits with 2;
 a training collapse exits with 3. Tracebacks are for bugs only.
@@ -113,11 +114,28 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     p.add_argument("destination", help="output directory (must not exist)")
     p.add_argument("--to", choices=("d2v", "hf"), required=True)
     p.set_defaults(fn=_cmd_convert)
+    _plugin_commands(sub)
     return parser
 
 
+def _plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Let plugins add subcommands (hook ``d2v_cli_commands``), naming the plugin on a clash."""
+    from d2v import plugins
+
+    for impl in plugins.plugin_manager().hook.d2v_cli_commands.get_hookimpls():
+        try:
+            impl.function(subparsers=sub)
+        except argparse.ArgumentError as exc:
+            raise SpecError(f"plugin '{impl.plugin_name}' adds a d2v command that clashes with another: {exc}") from None
+
+
 def main(argv: list[str] | None = None, prog: str = "d2v") -> int:
-    args = _parser(prog).parse_args(argv)
+    try:
+        parser = _parser(prog)
+    except SpecError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except SpecError as exc:

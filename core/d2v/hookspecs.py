@@ -27,3 +27,16 @@ def d2v_register(register):
 
     Called once per plugin when plugins load. Returns nothing.
     """
+
+
+@hookspec
+def d2v_cli_commands(subparsers):
+    """Add subcommands to the ``d2v`` command line (as pytest's ``pytest_addoption``).
+
+    ``subparsers`` is the ``argparse`` sub-parsers object of ``d2v``: call
+    ``subparsers.add_parser(name, help=...)``, add arguments, and ``set_defaults(fn=...)``
+    with ``fn(args) -> int`` (the exit status). ``fn`` raising ``d2v.errors.SpecError`` prints
+    one clear message and exits with 2, like d2v's own commands. A name that is already taken
+    fails with both the command and the plugin named. Keep the hook cheap (import heavy
+    modules inside ``fn``): it runs every time ``d2v`` parses its command line. Returns nothing.
+    """
