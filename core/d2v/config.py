@@ -30,7 +30,7 @@ DATA_SPLITS = ("train", "valid", "test")
 
 # Parameters the builder supplies itself; a spec may not need to set them.
 INJECTED = {
-    "head": {"input_dim", "vocab_size"},
+    "head": {"input_dim", "vocab_size", "num_layers"},
     "objective": {"feature_extractor", "encoder"},
     "optimizer": {"model"},
     "schedule": {"optimizer", "total_steps"},

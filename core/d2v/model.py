@@ -117,9 +117,13 @@ def build_component(registry: Registry, kind: str, node: dict, path: str, **inje
 
 
 def head_injected(feature_extractor: nn.Module, encoder: Encoder) -> dict[str, Any]:
-    """What a head gets from the model without the spec naming it: the encoder width, and the
-    input vocabulary size of feature extractors that embed tokens (an LM head's output size)."""
-    injected: dict[str, Any] = {"input_dim": encoder.dim}
+    """What a head gets from the model without the spec naming it: the encoder's output width
+    (``output_dim`` when the encoder has one, e.g. after a width-changing adapter, else ``dim``),
+    its number of layers (``num_layers``: a learned weighted sum over the ``num_layers + 1``
+    hidden states), and the input vocabulary size of feature extractors that embed tokens (an
+    LM head's output size)."""
+    injected: dict[str, Any] = {"input_dim": int(getattr(encoder, "output_dim", encoder.dim)),
+                                "num_layers": int(encoder.num_layers)}
     vocab_size = getattr(feature_extractor, "vocab_size", None)
     if vocab_size is not None:
         injected["vocab_size"] = int(vocab_size)

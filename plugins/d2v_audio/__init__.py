@@ -16,6 +16,12 @@ def d2v_register(register):
              summary="LibriSpeech on-disk layout: <root>/<split>/<spk>/<chapter>/*.flac + *.trans.txt")
     register("dataset", "audio_manifest", "d2v_audio.datasets:AudioManifest",
              summary="TSV manifest of path, n_samples, transcript for any speech corpus")
+    register("dataset", "audio_folder", "d2v_audio.labelled_datasets:AudioFolder",
+             summary="one class per utterance: <root>/<split>/<label>/*.wav|flac (keyword spotting, emotion)")
+    register("dataset", "audio_segments", "d2v_audio.labelled_datasets:AudioSegments",
+             summary="frame labels from segments: TSV path/start/end/label or RTTM (diarization)")
+    register("dataset", "voxceleb", "d2v_audio.labelled_datasets:VoxCeleb",
+             summary="speaker verification: <root>/<speaker>/<video>/*.wav, train/test split by a trial list")
     register("model", "data2vec-audio-base", "d2v_audio.presets:data2vec_audio_base",
              summary="data2vec-audio Base: 12 layers, 768 wide (facebook/data2vec-audio-base)")
     register("model", "data2vec-audio-large", "d2v_audio.presets:data2vec_audio_large",
@@ -26,3 +32,9 @@ def d2v_register(register):
              summary="import/export Hugging Face Data2VecAudioModel checkpoints")
     register("hf_converter", "Data2VecAudioForCTC", "d2v_audio.hf:AudioCTCConverter",
              summary="import/export Hugging Face Data2VecAudioForCTC checkpoints")
+    register("hf_converter", "Data2VecAudioForSequenceClassification", "d2v_audio.hf:AudioSequenceClassificationConverter",
+             summary="import/export Hugging Face Data2VecAudioForSequenceClassification checkpoints")
+    register("hf_converter", "Data2VecAudioForAudioFrameClassification", "d2v_audio.hf:AudioFrameClassificationConverter",
+             summary="import/export Hugging Face Data2VecAudioForAudioFrameClassification checkpoints")
+    register("hf_converter", "Data2VecAudioForXVector", "d2v_audio.hf:AudioXVectorConverter",
+             summary="import/export Hugging Face Data2VecAudioForXVector checkpoints")

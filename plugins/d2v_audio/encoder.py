@@ -8,7 +8,9 @@ Built bottom-up from small parts::
     everything                 -> AudioTransformerEncoder
 
 ``embed`` = mask embedding (or SpecAugment while fine-tuning) -> zero the padding ->
-``x + pos_conv(x)`` -> LayerNorm -> dropout. ``contextualize`` = the post-LN layers.
+``x + pos_conv(x)`` -> LayerNorm -> dropout. ``contextualize`` = the post-LN layers, then
+(``add_adapter``) Hugging Face's ``Data2VecAudioAdapter``: strided GLU convs that shorten the
+output for CTC with a smaller label rate.
 """
 
 from __future__ import annotations
@@ -121,6 +123,56 @@ class PositionalConv(nn.Module):
         return x.transpose(1, 2)
 
 
+class AdapterLayer(nn.Module):
+    """Strided Conv1d to twice the width, then GLU (halves it back), on ``(B, D, T)``."""
+
+    def __init__(self, dim: int, kernel: int, stride: int):
+        super().__init__()
+        # Hugging Face pads by 1 whatever the kernel size; kept for weight/shape parity
+        self.conv = nn.Conv1d(dim, 2 * dim, kernel, stride=stride, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.glu(self.conv(x), dim=1)
+
+
+class AudioAdapter(nn.Module):
+    """Hugging Face's ``Data2VecAudioAdapter`` (``add_adapter=True``): an optional
+    Linear + LayerNorm down to ``output_dim``, then ``num_layers`` strided GLU convs
+    (each skipped with probability ``layerdrop`` in training).
+
+    The convs read the padded frames too (nothing zeroes them first), exactly as Hugging Face
+    does, so the last valid frames of a short utterance in a padded batch depend on the padding.
+    """
+
+    def __init__(self, *, dim: int, output_dim: int, kernel: int, stride: int, num_layers: int, layerdrop: float):
+        super().__init__()
+        self.stride = stride
+        self.num_layers = num_layers
+        self.layerdrop = layerdrop
+        if output_dim != dim:
+            self.proj = nn.Linear(dim, output_dim)
+            self.proj_layer_norm = nn.LayerNorm(output_dim)
+        else:
+            self.proj = self.proj_layer_norm = None
+        self.layers = nn.ModuleList(AdapterLayer(output_dim, kernel, stride) for _ in range(num_layers))
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """Valid frames after the adapter, by Hugging Face's formula (a kernel-1 conv of the
+        stride: ``floor((L - 1) / stride) + 1`` per layer; equal to the real conv for kernel 3)."""
+        for _ in range(self.num_layers):
+            lengths = torch.div(lengths - 1, self.stride, rounding_mode="floor") + 1
+        return lengths
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.proj is not None:
+            x = self.proj_layer_norm(self.proj(x))
+        x = x.transpose(1, 2)
+        for layer in self.layers:
+            if not (self.training and torch.rand(()) < self.layerdrop):
+                x = layer(x)
+        return x.transpose(1, 2)
+
+
 class AudioTransformerEncoder(Encoder):
     """data2vec-audio's contextualising encoder (defaults: data2vec-audio Base).
 
@@ -132,6 +184,16 @@ class AudioTransformerEncoder(Encoder):
     LayerDrop skips whole layers in training mode. A skipped layer counts as the identity in
     ``hidden_states``; when ``output_layer_targets`` is asked for, no layer is skipped
     (targets need every layer).
+
+    ``apply_spec_augment=False`` switches the random SpecAugment off while keeping its settings
+    (Hugging Face's flag); an explicit ``mask`` is still applied (self-supervised students need
+    it), where Hugging Face would ignore ``mask_time_indices`` too.
+
+    ``add_adapter`` appends :class:`AudioAdapter` after the layers (``adapter_kernel_size``,
+    ``adapter_stride``, ``num_adapter_layers``; ``output_hidden_size`` its width, default
+    ``dim``): ``last_hidden_state`` and ``padding_mask`` are then at the adapter's rate and
+    ``output_dim`` wide, while ``hidden_states`` and ``layer_targets`` stay the layers' own.
+    ``output_dim`` is what heads receive as ``input_dim``.
     """
 
     def __init__(
@@ -156,6 +218,12 @@ class AudioTransformerEncoder(Encoder):
         mask_feature_prob: float = 0.0,
         mask_feature_length: int = 10,
         mask_feature_min_masks: int = 0,
+        apply_spec_augment: bool = True,
+        add_adapter: bool = False,
+        adapter_kernel_size: int = 3,
+        adapter_stride: int = 2,
+        num_adapter_layers: int = 3,
+        output_hidden_size: int | None = None,
     ):
         #: the constructor arguments (what the Hugging Face exporter reads back)
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -170,6 +238,8 @@ class AudioTransformerEncoder(Encoder):
         self.mask_feature_prob = mask_feature_prob
         self.mask_feature_length = mask_feature_length
         self.mask_feature_min_masks = mask_feature_min_masks
+        self.apply_spec_augment = bool(apply_spec_augment)
+        self.output_dim = int(output_hidden_size or dim)
 
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())
         self.pos_conv = PositionalConv(dim, num_pos_conv_layers, pos_conv_kernel, pos_conv_groups)
@@ -179,6 +249,10 @@ class AudioTransformerEncoder(Encoder):
             EncoderLayer(dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout, layer_norm_eps)
             for _ in range(layers)
         )
+        self.adapter = None
+        if add_adapter:
+            self.adapter = AudioAdapter(dim=dim, output_dim=self.output_dim, kernel=adapter_kernel_size,
+                                        stride=adapter_stride, num_layers=num_adapter_layers, layerdrop=layerdrop)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -201,7 +275,7 @@ class AudioTransformerEncoder(Encoder):
         ``torch.manual_seed`` makes them reproducible.
         """
         batch, time, channels = x.shape
-        if self.mask_time_prob <= 0 and self.mask_feature_prob <= 0:
+        if not self.apply_spec_augment or (self.mask_time_prob <= 0 and self.mask_feature_prob <= 0):
             return x
         rng = np.random.default_rng(int(torch.randint(2**31, ()).item()))
         if self.mask_time_prob > 0:
@@ -270,6 +344,12 @@ class AudioTransformerEncoder(Encoder):
                     layer_targets.append(ffn_out if target_feature == "ffn" else x)
             if hidden_states is not None:
                 hidden_states.append(x)
+
+        if self.adapter is not None:
+            x = self.adapter(x)
+            if padding_mask is not None:
+                lengths = self.adapter.output_lengths((~padding_mask).sum(-1)).clamp(1, x.shape[1])
+                padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
 
         return EncoderOutput(
             last_hidden_state=x,

@@ -1,4 +1,5 @@
-"""Hugging Face ``Data2VecAudioModel`` / ``Data2VecAudioForCTC`` checkpoint import and export.
+"""Hugging Face ``Data2VecAudio*`` checkpoint import and export: the bare model, ``ForCTC``,
+``ForSequenceClassification``, ``ForAudioFrameClassification`` and ``ForXVector``.
 
 The converters are registered as ``hf_converter`` components named after the Hugging Face
 architecture; :func:`d2v.hf.from_pretrained` and ``PretrainedModel.save_pretrained`` pick one
@@ -22,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.model import TaskModel
+from d2v.model import TaskModel, build_component, head_injected
 from d2v.plugins import registry
 
 #: ``Data2VecAudioConfig`` defaults (transformers 5); a saved ``config.json`` holds only the
@@ -72,6 +73,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "adapter_stride": 2,
     "num_adapter_layers": 3,
     "output_hidden_size": None,
+    "apply_spec_augment": True,
 }
 
 BACKBONE_PREFIX = "data2vec_audio."
@@ -90,6 +92,7 @@ RENAMES: list[tuple[str, str]] = [
     ("encoder.layers.{i}.ffn.fc1.", "encoder.layers.{i}.feed_forward.intermediate_dense."),
     ("encoder.layers.{i}.ffn.fc2.", "encoder.layers.{i}.feed_forward.output_dense."),
     ("encoder.layers.{i}.ffn_norm.", "encoder.layers.{i}.final_layer_norm."),
+    ("encoder.adapter.", "adapter."),
 ]
 #: the CTC head's linear (``head.proj``) is ``lm_head`` at the top level of ``*ForCTC``
 HEAD_RENAMES: list[tuple[str, str]] = [("head.proj.", "lm_head.")]
@@ -117,8 +120,6 @@ def full_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def _check_supported(config: dict[str, Any]) -> None:
     problems = []
-    if config.get("add_adapter"):
-        problems.append("add_adapter=True (the conv adapter on top of the encoder)")
     if config.get("feat_extract_activation") != "gelu":
         problems.append(f"feat_extract_activation={config.get('feat_extract_activation')!r} (only 'gelu')")
     if not isinstance(config.get("hidden_act"), str):
@@ -130,8 +131,8 @@ def _check_supported(config: dict[str, Any]) -> None:
 def _backbone_spec(config: dict[str, Any]) -> dict[str, Any]:
     c = full_config(config)
     _check_supported(c)
-    spec_augment = c.get("apply_spec_augment", True)
     dim = c["hidden_size"]
+    output_hidden_size = c.get("output_hidden_size")
     return {
         "feature_extractor": {
             "name": "audio.conv",
@@ -159,12 +160,19 @@ def _backbone_spec(config: dict[str, Any]) -> dict[str, Any]:
             "num_pos_conv_layers": c["num_conv_pos_embeddings"],
             "pos_conv_kernel": c["conv_pos_kernel_size"],
             "pos_conv_groups": c["num_conv_pos_embedding_groups"],
-            "mask_time_prob": c["mask_time_prob"] if spec_augment else 0.0,
+            "mask_time_prob": c["mask_time_prob"],
             "mask_time_length": c["mask_time_length"],
             "mask_time_min_masks": c["mask_time_min_masks"],
-            "mask_feature_prob": c["mask_feature_prob"] if spec_augment else 0.0,
+            "mask_feature_prob": c["mask_feature_prob"],
             "mask_feature_length": c["mask_feature_length"],
             "mask_feature_min_masks": c["mask_feature_min_masks"],
+            "apply_spec_augment": bool(c["apply_spec_augment"]),
+            "add_adapter": bool(c["add_adapter"]),
+            "adapter_kernel_size": c["adapter_kernel_size"],
+            "adapter_stride": c["adapter_stride"],
+            "num_adapter_layers": c["num_adapter_layers"],
+            # HF fills output_hidden_size with hidden_size; None means "the encoder width"
+            "output_hidden_size": None if output_hidden_size in (None, dim) else output_hidden_size,
         },
     }
 
@@ -235,7 +243,10 @@ class AudioModelConverter:
         spec = self.hf_config_to_spec(config)
         feature_extractor = _build("feature_extractor", spec["feature_extractor"])
         encoder = _build("encoder", spec["encoder"])
-        head = _build("head", spec["head"], input_dim=encoder.dim) if "head" in spec else None
+        head = None
+        if "head" in spec:
+            head = build_component(registry(), "head", spec["head"], f"{self.architecture} head",
+                                   **head_injected(feature_extractor, encoder))
         return TaskModel(feature_extractor, encoder, head)
 
     def rename_from_hf(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -327,7 +338,12 @@ class AudioModelConverter:
                 "conv_bias": bool(fe["conv_bias"]),
                 "feat_extract_activation": fe["activation"],
                 "feat_proj_dropout": fe["feat_proj_dropout"],
-                "output_hidden_size": enc["dim"],
+                "apply_spec_augment": encoder.apply_spec_augment,
+                "add_adapter": encoder.adapter is not None,
+                "adapter_kernel_size": enc["adapter_kernel_size"],
+                "adapter_stride": enc["adapter_stride"],
+                "num_adapter_layers": enc["num_adapter_layers"],
+                "output_hidden_size": encoder.output_dim,
             }
         )
         if fe["layer_norm_eps"] != enc["layer_norm_eps"]:
@@ -387,8 +403,120 @@ class AudioCTCConverter(AudioModelConverter):
 
     def exports(self, model: nn.Module) -> bool:
         audio = all(hasattr(getattr(model, part, None), "hparams") for part in ("feature_extractor", "encoder"))
-        return audio and hasattr(getattr(model, "head", None), "hf_config")
+        return audio and type(getattr(model, "head", None)).__name__ == "CTCHead"
 
     def extra_files(self, model: nn.Module) -> dict[str, str]:
         vocab = getattr(model.head, "vocab", None)
         return {"vocab.json": vocab.to_json() + "\n"} if hasattr(vocab, "to_json") else {}
+
+
+# --------------------------------------------------------------------------- task heads
+
+
+def _label_names(config: dict[str, Any]) -> list[str]:
+    """Class names in id order from ``id2label`` (HF writes it for every config), else
+    ``LABEL_i`` for ``num_labels`` classes (HF's default is 2)."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        try:
+            by_id = {int(k): str(v) for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise SpecError(f"config.json: id2label keys must be class ids, got {sorted(id2label)[:3]}.") from None
+        if sorted(by_id) != list(range(len(by_id))):
+            raise SpecError(f"config.json: id2label must number the classes 0..{len(by_id) - 1}, got {sorted(by_id)}.")
+        return [by_id[i] for i in range(len(by_id))]
+    return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
+
+
+class _AudioHeadConverter(AudioModelConverter):
+    """Shared by the task-head converters: the head's fields come from ``head.hf_config()``
+    and its weights keep Hugging Face's names at the top level (see ``head_renames``)."""
+
+    head_name = ""
+    head_class = ""
+    reject_adapter = False
+
+    def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        c = full_config(config)
+        if self.reject_adapter and c.get("add_adapter"):
+            raise SpecError(f"{self.architecture} does not support add_adapter=True (transformers refuses it too); "
+                            f"set add_adapter to false in config.json.")
+        spec = _backbone_spec(config)
+        spec["head"] = {"name": self.head_name, "label_names": _label_names(c),
+                        "use_weighted_layer_sum": bool(c["use_weighted_layer_sum"]), **self.head_fields(c)}
+        return spec
+
+    def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def head_config(self, head: nn.Module | None) -> dict[str, Any]:
+        if type(head).__name__ != self.head_class:
+            raise SpecError(f"{self.architecture} export needs a {self.head_name} head, got {type(head).__name__}.")
+        return head.hf_config()
+
+    def exports(self, model: nn.Module) -> bool:
+        audio = all(hasattr(getattr(model, part, None), "hparams") for part in ("feature_extractor", "encoder"))
+        return audio and type(getattr(model, "head", None)).__name__ == self.head_class
+
+
+class AudioSequenceClassificationConverter(_AudioHeadConverter):
+    """``Data2VecAudioForSequenceClassification`` <-> ``TaskModel(..., AudioClassificationHead)``."""
+
+    architecture = "Data2VecAudioForSequenceClassification"
+    head_name = "audio_classification"
+    head_class = "AudioClassificationHead"
+    reject_adapter = True
+    head_renames = [("head.layer_weights", "layer_weights"), ("head.projector.", "projector."),
+                    ("head.classifier.", "classifier.")]
+
+    def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {"classifier_proj_size": config["classifier_proj_size"]}
+
+
+class AudioFrameClassificationConverter(_AudioHeadConverter):
+    """``Data2VecAudioForAudioFrameClassification`` <-> ``TaskModel(..., AudioFrameClassificationHead)``.
+
+    The imported head uses Hugging Face's loss (``loss: cross_entropy``: softmax against the
+    argmax of each label row); switch to ``bce`` for multi-label training, the weights are the same.
+    """
+
+    architecture = "Data2VecAudioForAudioFrameClassification"
+    head_name = "audio_frame_classification"
+    head_class = "AudioFrameClassificationHead"
+    reject_adapter = True
+    head_renames = [("head.layer_weights", "layer_weights"), ("head.classifier.", "classifier.")]
+
+    def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {"loss": "cross_entropy"}
+
+
+class AudioXVectorConverter(_AudioHeadConverter):
+    """``Data2VecAudioForXVector`` <-> ``TaskModel(..., XVectorHead)``; ``embeddings`` is one of
+    the outputs, as in Hugging Face's ``XVectorOutput``."""
+
+    architecture = "Data2VecAudioForXVector"
+    head_name = "xvector"
+    head_class = "XVectorHead"
+    head_renames = [("head.layer_weights", "layer_weights"), ("head.projector.", "projector."),
+                    ("head.tdnn.{i}.kernel.", "tdnn.{i}.kernel."), ("head.feature_extractor.", "feature_extractor."),
+                    ("head.classifier.", "classifier."), ("head.objective.weight", "objective.weight")]
+
+    def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        c = full_config(config)
+        if c.get("add_adapter"):
+            output = c.get("output_hidden_size") or c["hidden_size"]
+            if output != c["hidden_size"] or c["use_weighted_layer_sum"]:
+                raise SpecError(
+                    "Data2VecAudioForXVector with add_adapter=True works in transformers only when "
+                    "output_hidden_size equals hidden_size and use_weighted_layer_sum is false (its projector reads "
+                    "hidden_size features, and the layer sum mixes frame rates); fix config.json."
+                )
+        return super().hf_config_to_spec(config)
+
+    def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {"tdnn_dim": list(config["tdnn_dim"]), "tdnn_kernel": list(config["tdnn_kernel"]),
+                "tdnn_dilation": list(config["tdnn_dilation"]), "xvector_output_dim": config["xvector_output_dim"]}
+
+    def hf_outputs(self, out: Any) -> dict[str, Any]:
+        extras = getattr(out.head_output, "extras", None) or {}
+        return {"loss": out.loss, "logits": out.logits, "embeddings": extras.get("embeddings")}

@@ -7,7 +7,10 @@ Two halves, matching where they run:
   only) and normalises it to zero mean and unit variance, exactly like Hugging Face's
   ``Wav2Vec2FeatureExtractor(do_normalize=True)``.
 * :meth:`AudioProcessor.collate` pads a list of loaded examples to the longest one (with
-  zeros, as HF does after normalising) and builds the padding mask.
+  zeros, as HF does after normalising) and builds the padding mask. Labels that task datasets
+  attach to examples travel along: ``label`` (a class id) becomes ``labels`` ``(B,)``,
+  ``segments`` (seconds, class id) become frame labels ``labels`` ``(B, F, num_labels)`` at the
+  model's frame rate (see :mod:`d2v_audio.frame_labels`), ``speaker`` becomes ``speakers``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import soundfile as sf
 import torch
 
 from d2v.errors import SpecError
+from d2v_audio.frame_labels import pad_frame_labels, segments_to_frames, shift_segments
 
 CROPS = ("random", "start", "none")
 NORM_EPS = 1e-7  # added to the variance, as in Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
@@ -56,7 +60,9 @@ class AudioProcessor:
             (a random window, the self-supervised pretraining recipe), ``"start"`` (the first
             ``max_samples``), or ``"none"`` (never crop; :meth:`filter_length` drops them
             instead). Cropping cuts the audio but not the transcript, so use ``"none"`` for
-            supervised (e.g. CTC) training.
+            supervised (e.g. CTC) training. Frame-label segments are cropped with the audio.
+        label_frame_shift, label_frame_length: hop and receptive field (in samples) of the
+            model's frames, for frame labels built from segments (data2vec-audio: 320 and 400).
 
     Example dicts come from a speech dataset (``id``, ``path``, ``num_samples``, ``text`` and
     optionally ``dataset``, a description used in error messages). Random crops draw from
@@ -72,6 +78,8 @@ class AudioProcessor:
         max_samples: int | None = None,
         min_samples: int = 0,
         crop: str = "random",
+        label_frame_shift: int = 320,
+        label_frame_length: int = 400,
     ) -> None:
         self.sample_rate = _positive_int(sample_rate, "sample_rate")
         if not isinstance(normalize, bool):
@@ -84,6 +92,8 @@ class AudioProcessor:
         if crop not in CROPS:
             raise SpecError(f"audio processor: crop must be one of {', '.join(CROPS)}, got {crop!r}.")
         self.crop = crop
+        self.label_frame_shift = _positive_int(label_frame_shift, "label_frame_shift")
+        self.label_frame_length = _positive_int(label_frame_length, "label_frame_length")
         if self.max_samples is not None and self.min_samples > self.max_samples:
             raise SpecError(
                 f"audio processor: min_samples ({self.min_samples}) is larger than max_samples "
@@ -145,21 +155,31 @@ class AudioProcessor:
         """``example`` plus ``"waveform"``: float32 ``(S,)``, mono, at ``sample_rate``, cropped
         to ``max_samples`` when training (see ``crop``) and normalised if ``normalize``."""
         waveform = self.read(example)
+        loaded = dict(example)
         if train and self.max_samples is not None and self.crop != "none":
-            waveform = self.crop_waveform(waveform, generator=generator)
+            start = self.crop_start(waveform.shape[0], generator=generator)
+            waveform = waveform[start : start + self.max_samples]
+            if "segments" in example:
+                loaded["segments"] = shift_segments(example["segments"], start / self.sample_rate,
+                                                    waveform.shape[0] / self.sample_rate)
         if self.normalize:
             waveform = normalize_waveform(waveform)
-        return {**example, "waveform": waveform}
+        loaded["waveform"] = waveform
+        return loaded
+
+    def crop_start(self, num_samples: int, *, generator: torch.Generator | None = None) -> int:
+        """Where a training crop of ``max_samples`` starts (0 when nothing needs cropping)."""
+        excess = num_samples - (self.max_samples or num_samples)
+        if excess <= 0 or self.crop != "random":
+            return 0
+        return int(torch.randint(0, excess + 1, (1,), generator=generator))
 
     def crop_waveform(self, waveform: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """At most ``max_samples`` of ``waveform``: a random window (``crop="random"``) or the
         start (``crop="start"``)."""
-        excess = waveform.shape[0] - (self.max_samples or waveform.shape[0])
-        if excess <= 0:
+        if waveform.shape[0] <= (self.max_samples or waveform.shape[0]):
             return waveform
-        start = 0
-        if self.crop == "random":
-            start = int(torch.randint(0, excess + 1, (1,), generator=generator))
+        start = self.crop_start(waveform.shape[0], generator=generator)
         return waveform[start : start + self.max_samples]
 
     # ------------------------------------------------------------------ batching
@@ -178,10 +198,28 @@ class AudioProcessor:
         for row, waveform in zip(inputs, waveforms):
             row[: waveform.shape[0]] = waveform
         padding_mask = torch.arange(longest)[None, :] >= lengths[:, None]
-        return {
+        batch = {
             "inputs": inputs,
             "padding_mask": padding_mask,
             "lengths": lengths,
             "text": [ex.get("text", "") for ex in examples],
             "ids": [ex.get("id", "") for ex in examples],
         }
+        batch.update(self.collate_labels(examples))
+        return batch
+
+    def collate_labels(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Task labels carried by the examples (all of them or none): ``label`` -> ``labels``
+        ``(B,)``; ``segments`` + ``num_labels`` -> ``labels`` ``(B, F, num_labels)`` (padded
+        frames -100); ``speaker`` -> ``speakers`` (list of str)."""
+        out: dict[str, Any] = {}
+        if all("label" in ex for ex in examples):
+            out["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
+        elif all("segments" in ex for ex in examples):
+            rows = [segments_to_frames(ex["segments"], ex["waveform"].shape[0], int(ex["num_labels"]),
+                                       sample_rate=self.sample_rate, shift=self.label_frame_shift,
+                                       length=self.label_frame_length) for ex in examples]
+            out["labels"] = pad_frame_labels(rows)
+        if all("speaker" in ex for ex in examples):
+            out["speakers"] = [str(ex["speaker"]) for ex in examples]
+        return out
