@@ -307,7 +307,8 @@ class SelfDistillation(EMASelfDistillation):
     * ``target``: the regression target (e.g. ``{name: data2vec, top_k: 8, layer_norm: instance}``).
     * ``masking``: the mask generator over the feature-rate ``(B, T)`` grid
       (e.g. ``{name: span, mask_prob: 0.65, mask_length: 10}``); called in ``forward`` unless
-      the batch already carries ``mask``.
+      the batch already carries ``mask`` or ``corrupted_mask``. Leave it out when the data
+      pipeline masks (text: ``data.processor.masking: {name: bert, ...}``).
     * ``head_layers``: 1 = Linear(D->D) (audio, vision); 2 = text's two-layer head.
     * ``ema_scope``: ``"encoder"`` (speech) or ``"all"`` (vision 1.0, text).
     * ``copy_keys``: teacher parameters copied from the student instead of averaged (patterns
@@ -324,7 +325,7 @@ class SelfDistillation(EMASelfDistillation):
         feature_extractor: FeatureExtractor,
         encoder: Encoder,
         target: Target,
-        masking: Any,
+        masking: Any = None,
         head_layers: int = 1,
         ema_scope: str = "encoder",
         copy_keys: list[str] | tuple[str, ...] | None = ("pos_conv",),
@@ -352,6 +353,11 @@ class SelfDistillation(EMASelfDistillation):
     def compute_mask(self, batch_size: int, length: int, padding_mask: Tensor | None, device: torch.device) -> Tensor:
         """``(B, T)`` mask from the masking component; leading extra tokens (e.g. CLS) and
         padding are never masked."""
+        if self.masking is None:
+            raise SpecError(
+                "data2vec: the batch carries no mask and model.objective has no masking; set model.objective.masking "
+                "(e.g. {name: span, ...}) or let the processor mask the inputs (text: data.processor.masking: {name: bert})."
+            )
         extra = int(getattr(self.feature_extractor, "num_extra_tokens", 0) or 0)
         grid = getattr(self.feature_extractor, "grid_size", None)
         pad = None if padding_mask is None else padding_mask[:, extra:]

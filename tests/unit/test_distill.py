@@ -194,3 +194,24 @@ def test_ls960_recipe_is_the_reference_one():
     proc = spec["data"]["processor"]
     assert (proc["min_samples"], proc["max_samples"], proc["normalize"]) == (32000, 320000, True)
     assert spec["data"]["loader"]["max_batch_seconds"] * 16000 == 3.8e6
+
+
+def test_pre_corrupted_inputs_are_regressed_without_masking_again():
+    """A processor that corrupted the inputs itself (BERT-masked text) hands over
+    ``corrupted_mask``: the student regresses exactly those positions and its encoder is called
+    without a mask; no masking component is needed."""
+    from d2v.errors import SpecError
+
+    torch.manual_seed(0)
+    model = build_tiny({"name": "data2vec", "target": {"name": "data2vec", "top_k": 2}})
+    batch = waves()
+    frames = model.feature_extractor(batch["inputs"], batch["padding_mask"]).features.shape[1]
+    with pytest.raises(SpecError, match="no masking"):
+        model(batch)
+    corrupted = torch.zeros(2, frames, dtype=torch.bool)
+    corrupted[:, 1::3] = True
+    seen = {}
+    model.encoder.register_forward_hook(lambda m, a, kw, out: seen.update(student=a), with_kwargs=True)
+    out = model({**batch, "corrupted_mask": corrupted})
+    assert seen["student"][2] is None
+    assert out.sample_size == int(corrupted.sum())
