@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 from d2v import plugins
 from d2v.errors import SpecError
-from d2v.hf import from_pretrained, get_converter, save_pretrained
-from d2v.model import TaskModel, build_model, load_initial_weights
+from d2v.hf import from_pretrained, get_converter, save_pretrained, write_extra_files
+from d2v.config import resolve_model_section
+from d2v.model import TaskModel, build_component, build_model, load_initial_weights
 
 
 def _fresh(destination: Path) -> None:
@@ -31,6 +32,7 @@ def hf_to_d2v(source: Path, destination: Path) -> str:
     _fresh(destination)
     state = {k: v.detach().contiguous().clone() for k, v in pretrained.model.state_dict().items()}
     save_file(state, str(destination / "model.safetensors"), metadata={"format": "pt"})
+    write_extra_files(pretrained.converter, pretrained.model, destination)
     task = "finetune" if "head" in model_spec else "pretrain"
     spec = {"task": task, "description": f"converted from Hugging Face {arch} at {source}", "model": model_spec}
     (destination / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -44,11 +46,25 @@ def load_d2v_checkpoint(source: Path) -> TaskModel:
                         f"(a run's final/ directory).")
     spec = yaml.safe_load(spec_path.read_text())
     task = spec.get("task", "finetune")
-    model = build_model(spec["model"], plugins.registry(), task)
+    if task == "pretrain" and "objective" not in resolve_model_section(spec["model"], plugins.registry()):
+        model = _backbone(spec["model"])  # a converted bare Hugging Face model: no objective, no head
+    else:
+        model = build_model(spec["model"], plugins.registry(), task)
     load_initial_weights(model, source, strict=True)
     if task == "pretrain":  # export the student backbone
         model = TaskModel(model.feature_extractor, model.encoder, None)
+    model.checkpoint_directory = str(source)  # converters find side files (a tokenizer) here
     return model.eval()
+
+
+def _backbone(model_spec: dict) -> TaskModel:
+    """Feature extractor + encoder of a ``model:`` section, without head or objective."""
+    registry = plugins.registry()
+    spec = resolve_model_section(model_spec, registry)
+    encoder = build_component(registry, "encoder", spec["encoder"], "model.encoder")
+    feature_extractor = build_component(registry, "feature_extractor", spec["feature_extractor"],
+                                        "model.feature_extractor", dim=encoder.dim)
+    return TaskModel(feature_extractor, encoder, None)
 
 
 def d2v_to_hf(source: Path, destination: Path) -> str:

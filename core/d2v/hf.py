@@ -13,9 +13,11 @@ A converter is any object with::
     hf_config_to_spec(config: dict) -> dict            # the d2v ``model:`` spec section
     from_hf(config: dict, state_dict: dict) -> nn.Module  # the native model, weights loaded
     to_hf(model) -> (config: dict, state_dict: dict)   # config.json dict and HF-named weights
-    extra_files(model) -> dict[str, str]               # optional: more files to write (vocab.json)
+    extra_files(model) -> dict[str, str | bytes]       # optional: more files to write (vocab.json)
     hf_outputs(out: ModelOutput) -> dict               # optional: the HF output fields, in HF's
                                                        # order (default: see default_hf_outputs)
+    hf_batch(model, batch: dict) -> dict               # optional: the HF class's call defaults
+                                                       # (e.g. a decoder caches unless labels are given)
 
 ``config`` always carries ``_name_or_path`` (the checkpoint directory) so a converter can find
 side files such as ``vocab.json``.
@@ -117,6 +119,9 @@ class PretrainedModel(nn.Module):
             batch["labels"] = labels
         if mask_time_indices is not None:
             batch["mask"] = mask_time_indices.bool()
+        hf_batch = getattr(self.converter, "hf_batch", None)
+        if callable(hf_batch):
+            batch = hf_batch(self.model, batch)
 
         out = self.model(batch, output_hidden_states=bool(output_hidden_states))
         custom = getattr(self.converter, "hf_outputs", None)
@@ -243,8 +248,16 @@ def save_pretrained(
     (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
     save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
-    extra_files = getattr(converter, "extra_files", None)
-    if extra_files is not None:
-        for name, text in extra_files(model).items():
-            (directory / name).write_text(text, encoding="utf-8")
+    write_extra_files(converter, model, directory)
     return directory
+
+
+def write_extra_files(converter: Any, model: nn.Module, directory: Path) -> None:
+    """The converter's side files (a tokenizer, ``vocab.json``) beside the weights: text, or
+    bytes (e.g. a sentencepiece model)."""
+    extra_files = getattr(converter, "extra_files", None)
+    for name, data in (extra_files(model) if extra_files is not None else {}).items():
+        if isinstance(data, bytes):
+            (directory / name).write_bytes(data)
+        else:
+            (directory / name).write_text(data, encoding="utf-8")

@@ -3,7 +3,7 @@
 
 Built bottom-up from small parts::
 
-    SelfAttention, FeedForward -> EncoderLayer (post-LN)
+    MultiHeadAttention, FeedForward (d2v.layers) -> EncoderLayer (post-LN)
     PositionalConvBlock        -> PositionalConv (a stack of grouped convs)
     everything                 -> AudioTransformerEncoder
 
@@ -22,52 +22,10 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import make_activation
+from d2v.layers import FeedForward, MultiHeadAttention
 from d2v.masking import compute_span_mask
 
 TARGET_FEATURES = ("ffn", "end")
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention``."""
-
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        if dim % heads:
-            raise SpecError(f"encoder dim {dim} is not divisible by heads {heads}.")
-        self.heads = heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def _split(self, x: Tensor) -> Tensor:
-        batch, time, dim = x.shape
-        return x.view(batch, time, self.heads, dim // self.heads).transpose(1, 2)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        """``x`` ``(B, T, D)``; ``attn_mask`` ``(B, 1, 1, T)`` bool, True where a key may be attended."""
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out_proj(out.transpose(1, 2).flatten(2))
-
-
-class FeedForward(nn.Module):
-    """``fc2(dropout(act(fc1(x))))``; the output dropout belongs to the layer (the output
-    *before* it is data2vec's target feature)."""
-
-    def __init__(self, dim: int, ffn_dim: int, activation: str, activation_dropout: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.activation = make_activation(activation)
-        self.activation_dropout = nn.Dropout(activation_dropout)
-        self.fc2 = nn.Linear(ffn_dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
 
 
 class EncoderLayer(nn.Module):
@@ -75,7 +33,7 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout, eps):
         super().__init__()
-        self.attention = SelfAttention(dim, heads, attention_dropout)
+        self.attention = MultiHeadAttention(dim, heads, attention_dropout)
         self.attention_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_dim, activation, activation_dropout)
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)

@@ -218,6 +218,12 @@ def _load(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
         raise SpecError("\n".join(lines))
 
 
+def _is_audio_backbone(model: nn.Module) -> bool:
+    """The audio.conv + audio.transformer pair (other modalities' components also have ``hparams``)."""
+    return (type(getattr(model, "feature_extractor", None)).__name__ == "ConvFeatureExtractor"
+            and type(getattr(model, "encoder", None)).__name__ == "AudioTransformerEncoder")
+
+
 def _build(kind: str, node: dict[str, Any], **extra: Any) -> nn.Module:
     node = dict(node)
     return registry().get(kind, node.pop("name")).build(**node, **extra)
@@ -362,8 +368,7 @@ class AudioModelConverter:
 
     def exports(self, model: nn.Module) -> bool:
         """Whether this converter is the right one to export ``model`` (used by ``d2v convert``)."""
-        audio = all(hasattr(getattr(model, part, None), "hparams") for part in ("feature_extractor", "encoder"))
-        return audio and getattr(model, "head", None) is None
+        return _is_audio_backbone(model) and getattr(model, "head", None) is None
 
 
 class AudioCTCConverter(AudioModelConverter):
@@ -402,8 +407,7 @@ class AudioCTCConverter(AudioModelConverter):
         return head.hf_config()
 
     def exports(self, model: nn.Module) -> bool:
-        audio = all(hasattr(getattr(model, part, None), "hparams") for part in ("feature_extractor", "encoder"))
-        return audio and type(getattr(model, "head", None)).__name__ == "CTCHead"
+        return _is_audio_backbone(model) and type(getattr(model, "head", None)).__name__ == "CTCHead"
 
     def extra_files(self, model: nn.Module) -> dict[str, str]:
         vocab = getattr(model.head, "vocab", None)
@@ -455,8 +459,7 @@ class _AudioHeadConverter(AudioModelConverter):
         return head.hf_config()
 
     def exports(self, model: nn.Module) -> bool:
-        audio = all(hasattr(getattr(model, part, None), "hparams") for part in ("feature_extractor", "encoder"))
-        return audio and type(getattr(model, "head", None)).__name__ == self.head_class
+        return _is_audio_backbone(model) and type(getattr(model, "head", None)).__name__ == self.head_class
 
 
 class AudioSequenceClassificationConverter(_AudioHeadConverter):

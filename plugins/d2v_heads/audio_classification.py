@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
 from d2v_heads.classification_metrics import classification_summary, confusion_counts
+from d2v_heads.label_names import resolve_label_names
 from d2v_heads.layer_sum import head_input, make_layer_weights
 
 
@@ -33,24 +33,6 @@ def d2v_register(register):
     register("head", "audio_classification", "d2v_heads.audio_classification:AudioClassificationHead",
              summary="utterance classification: projector, masked mean pooling, optional weighted layer sum, "
                      "cross-entropy (HF Data2VecAudioForSequenceClassification); accuracy, macro-F1")
-
-
-def resolve_label_names(num_labels: int | None, label_names: list[str] | None, where: str) -> list[str]:
-    """Class names: ``label_names`` as given, else ``LABEL_0 .. LABEL_{n-1}`` (HF's defaults)."""
-    if label_names is not None:
-        if any(isinstance(n, bool) for n in label_names):
-            raise SpecError(f"{where}: label_names {label_names!r} holds true/false: YAML reads unquoted yes, no, on "
-                            f"and off as booleans; quote them (\"yes\").")
-        names = [str(n) for n in label_names]
-        if not names or len(set(names)) != len(names):
-            raise SpecError(f"{where}: label_names must be a non-empty list of distinct names, got {label_names!r}.")
-        if num_labels is not None and int(num_labels) != len(names):
-            raise SpecError(f"{where}: num_labels={num_labels} but label_names has {len(names)} entries; "
-                            f"drop num_labels (it follows label_names).")
-        return names
-    if num_labels is None or isinstance(num_labels, bool) or int(num_labels) < 1:
-        raise SpecError(f"{where}: set num_labels (a positive integer) or label_names, got num_labels={num_labels!r}.")
-    return [f"LABEL_{i}" for i in range(int(num_labels))]
 
 
 def masked_mean(x: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -134,4 +116,4 @@ class AudioClassificationHead(Head):
         return classification_summary(counts, self.num_labels)
 
 
-__all__ = ["AudioClassificationHead", "masked_mean", "resolve_label_names"]
+__all__ = ["AudioClassificationHead", "masked_mean"]

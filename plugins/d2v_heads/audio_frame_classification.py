@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.audio_classification import resolve_label_names
+from d2v_heads.label_names import resolve_label_names
 from d2v_heads.classification_metrics import multilabel_counts, multilabel_summary
 from d2v_heads.layer_sum import head_input, make_layer_weights
 from d2v_heads.verification_metrics import diarization_counts, diarization_summary

@@ -6,6 +6,31 @@ from d2v import hookimpl
 
 @hookimpl
 def d2v_register(register):
+    register("feature_extractor", "text.embeddings", "d2v_text.feature_extractor:TextEmbeddings",
+             summary="word + RoBERTa position (padding-aware) + token type embeddings, LayerNorm, dropout")
+    register("encoder", "text.transformer", "d2v_text.encoder:TextTransformerEncoder",
+             summary="post-LN Transformer (SDPA, padding mask), optional pooler; decoder mode: causal mask, "
+                     "cross-attention, key/value cache")
+    register("model", "data2vec-text-base", "d2v_text.presets:data2vec_text_base",
+             summary="data2vec-text Base: 12 layers, 768 wide, 50265 BPE tokens (facebook/data2vec-text-base)")
+    register("model", "data2vec-text-large", "d2v_text.presets:data2vec_text_large",
+             summary="data2vec-text Large: 24 layers, 1024 wide, 16 heads")
+    register("model", "data2vec-text-tiny", "d2v_text.presets:data2vec_text_tiny",
+             summary="a tiny data2vec-text (2 x 64, the demo tokenizer's 1500 tokens) for tests and CPU demos")
+    register("hf_converter", "Data2VecTextModel", "d2v_text.hf:TextModelConverter",
+             summary="import/export Hugging Face Data2VecTextModel checkpoints")
+    register("hf_converter", "Data2VecTextForCausalLM", "d2v_text.hf:TextCausalLMConverter",
+             summary="import/export Hugging Face Data2VecTextForCausalLM checkpoints")
+    register("hf_converter", "Data2VecTextForMaskedLM", "d2v_text.hf:TextMaskedLMConverter",
+             summary="import/export Hugging Face Data2VecTextForMaskedLM checkpoints")
+    register("hf_converter", "Data2VecTextForSequenceClassification", "d2v_text.hf:TextSequenceClassificationConverter",
+             summary="import/export Hugging Face Data2VecTextForSequenceClassification checkpoints")
+    register("hf_converter", "Data2VecTextForMultipleChoice", "d2v_text.hf:TextMultipleChoiceConverter",
+             summary="import/export Hugging Face Data2VecTextForMultipleChoice checkpoints")
+    register("hf_converter", "Data2VecTextForTokenClassification", "d2v_text.hf:TextTokenClassificationConverter",
+             summary="import/export Hugging Face Data2VecTextForTokenClassification checkpoints")
+    register("hf_converter", "Data2VecTextForQuestionAnswering", "d2v_text.hf:TextQuestionAnsweringConverter",
+             summary="import/export Hugging Face Data2VecTextForQuestionAnswering checkpoints")
     register("processor", "text", "d2v_text.processor:TextProcessor",
              summary="RoBERTa-style tokenization (byte-level BPE or sentencepiece), truncation/QA windows, "
                      "label alignment, BERT masking, padded batches")

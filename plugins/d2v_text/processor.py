@@ -204,6 +204,11 @@ class TextProcessor:
         """The tokenizer's size: the runner checks the model embeds at least this many ids."""
         return self.tokenizer.vocab_size
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The tokenizer files beside a run's final weights, so the run is usable on its own
+        (``d2v convert ... --to hf`` exports them with the model)."""
+        self.tokenizer.save(directory)
+
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id

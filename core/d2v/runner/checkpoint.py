@@ -16,11 +16,25 @@ replaced atomically, so a run killed at any moment leaves the previous checkpoin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from d2v.errors import SpecError
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Accelerate warns whenever it saves tied weights once ("Removed shared tensor ...").
+    d2v ties LM heads to the word embeddings on purpose, and loading restores the tie (the
+    init report and ``--resume`` fill both names from the one saved tensor), so the warning
+    would only alarm users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 TRAINER_STATE = "trainer_state.json"
 

@@ -253,6 +253,9 @@ class Run:
             tmp.mkdir(parents=True, exist_ok=True)
             acc.save_model(model, str(tmp), safe_serialization=True)
             (tmp / "spec.yaml").write_text(dump_spec(self.spec))
+            save_assets = getattr(self.processor, "save_pretrained", None)
+            if callable(save_assets):  # e.g. the tokenizer, so final/ is usable and exportable alone
+                save_assets(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

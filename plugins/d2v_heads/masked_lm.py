@@ -1,0 +1,126 @@
+"""Masked language modelling: Hugging Face's ``Data2VecTextForMaskedLM`` head and loss.
+
+The LM layer of :mod:`d2v_heads.lm_head` (decoder tied to the word embeddings), cross-entropy
+over every position whose label is not -100 (the text processor's BERT masking puts the original
+id at the corrupted positions and -100 elsewhere), averaged over those positions, as HF.
+
+Spec usage::
+
+    head: {name: masked_lm, top_k: 5}
+
+``predict`` is fill-mask: for each ``<mask>`` position (``batch["mask_token_id"]``, else the
+head's ``mask_token_id``) the ``top_k`` token ids and their probabilities. Metrics:
+``accuracy`` (percent of labelled positions whose argmax is the label) and ``perplexity``
+(``exp`` of the token-weighted mean NLL over the whole evaluation set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from d2v import hookimpl
+from d2v.errors import SpecError
+from d2v.interfaces import EncoderOutput, HeadOutput
+from d2v_heads.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token_nll
+
+
+@hookimpl
+def d2v_register(register):
+    register("head", "masked_lm", "d2v_heads.masked_lm:MaskedLMHead",
+             summary="masked LM (HF Data2VecTextForMaskedLM: dense, gelu, LayerNorm, tied decoder + bias); "
+                     "top-k fill-mask; masked-token accuracy, perplexity")
+
+
+class MaskedLMHead(LanguageModelHead):
+    """Parameters (keyword-only): ``input_dim`` and ``vocab_size`` (injected), ``layer_norm_eps``,
+    ``activation``, ``tie_word_embeddings``, ``top_k`` (fill-mask candidates per position),
+    ``mask_token_id`` (used when the batch does not carry one)."""
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        vocab_size: int | None = None,
+        layer_norm_eps: float = 1e-5,
+        activation: str = "gelu",
+        tie_word_embeddings: bool = True,
+        top_k: int = 5,
+        mask_token_id: int | None = None,
+    ) -> None:
+        super().__init__(input_dim=input_dim, vocab_size=vocab_size, layer_norm_eps=layer_norm_eps,
+                         activation=activation, tie_word_embeddings=tie_word_embeddings, name="masked_lm")
+        if int(top_k) < 1:
+            raise SpecError(f"masked_lm head: top_k must be >= 1, got {top_k}.")
+        self.top_k = int(top_k)
+        self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
+
+    def hf_config(self) -> dict[str, Any]:
+        return self.lm_config()
+
+    def forward(self, encoder_output: EncoderOutput, batch: dict[str, Any] | None = None) -> HeadOutput:
+        logits = self.token_logits(encoder_output.last_hidden_state)
+        labels = (batch or {}).get("labels")
+        if labels is None:
+            return HeadOutput(logits=logits)
+        nll, tokens = token_nll(logits, labels)
+        # HF: CrossEntropyLoss() mean over the labelled positions (a batch with none gives 0, not nan)
+        loss = nll / tokens.clamp(min=1)
+        return HeadOutput(logits=logits, loss=loss, extras={"nll_sum": nll.detach(), "tokens": tokens})
+
+    # ------------------------------------------------------------------ predictions
+    def _mask_id(self, batch: dict[str, Any]) -> int:
+        mask_id = batch.get("mask_token_id", self.mask_token_id)
+        if mask_id is None:
+            raise SpecError("masked_lm head: fill-mask needs the <mask> token id: the text processor puts "
+                            "mask_token_id in the batch; otherwise set model.head.mask_token_id.")
+        return int(mask_id)
+
+    def predict(self, output: HeadOutput, batch: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        """Per example, one entry per ``<mask>`` position: ``{"position", "token_ids", "scores"}``
+        with the ``top_k`` most probable tokens (probabilities, best first), as HF's fill-mask."""
+        inputs: Tensor = batch["inputs"]
+        where = inputs == self._mask_id(batch)
+        probs = output.logits.detach().float().softmax(-1)
+        k = min(self.top_k, self.vocab_size)
+        out: list[list[dict[str, Any]]] = []
+        for b in range(inputs.shape[0]):
+            positions = where[b].nonzero().flatten().tolist()
+            entries = []
+            for p in positions:
+                scores, ids = probs[b, p].topk(k)
+                entries.append({"position": p, "token_ids": ids.tolist(), "scores": scores.tolist()})
+            out.append(entries)
+        return out
+
+    def references(self, batch: dict[str, Any]) -> list[Any]:
+        """Per example, the original token id at each labelled position ``{position: id}``."""
+        labels = batch.get("labels")
+        if labels is None:
+            return super().references(batch)
+        return [{p: t for p, t in enumerate(row) if t != IGNORE_INDEX} for row in labels.tolist()]
+
+    # ------------------------------------------------------------------ metrics
+    def eval_counts(self, output: HeadOutput, batch: dict[str, Any]) -> dict[str, float]:
+        labels = batch.get("labels")
+        if labels is None:
+            return {}
+        labels = labels.to(output.logits.device)
+        keep = labels != IGNORE_INDEX
+        correct = (output.logits.argmax(-1) == labels) & keep
+        extras = output.extras or {}
+        nll = extras.get("nll_sum")
+        if nll is None:
+            nll, _ = token_nll(output.logits, labels)
+        return {"mlm_correct": float(correct.sum()), "mlm_tokens": float(keep.sum()), "mlm_nll_sum": float(nll)}
+
+    def summarize(self, counts: dict[str, float]) -> dict[str, float]:
+        tokens = counts.get("mlm_tokens", 0.0)
+        if not tokens:
+            return {}
+        return {"accuracy": 100.0 * counts["mlm_correct"] / tokens,
+                "perplexity": perplexity(counts["mlm_nll_sum"], tokens)}
+
+
+__all__ = ["MaskedLMHead"]
