@@ -25,8 +25,11 @@ side files such as ``vocab.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +137,42 @@ class PretrainedModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (and any converter side files)."""
         return save_pretrained(self.model, save_directory, self.converter, config=self.config)
+
+
+# --------------------------------------------------------------------------- weight names
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(prefix: str) -> re.Pattern:
+    return re.compile("^" + re.escape(prefix).replace(re.escape("{i}"), r"(\d+)"))
+
+
+def rename_weight(name: str, table: Sequence[tuple[str, str]], *, to_hf: bool) -> str | None:
+    """Rename one weight through a table of ``(d2v prefix, Hugging Face prefix)`` pairs, in
+    either direction; ``{i}`` in a prefix stands for a layer index. ``None`` when no rule applies
+    (every modality's converter maps its names this way)."""
+    for ours, theirs in table:
+        source, target = (ours, theirs) if to_hf else (theirs, ours)
+        match = _pattern(source).match(name)
+        if match:
+            replaced = target.replace("{i}", match.group(1)) if match.groups() else target
+            return replaced + name[match.end():]
+    return None
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
+    """Load converted weights, failing with every missing and unused name listed: a checkpoint
+    that does not match the model its own config.json describes is a bad checkpoint."""
+    result = module.load_state_dict(state_dict, strict=False)
+    # BatchNorm's step counters are not weights (they never change an output); checkpoints may omit them
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        lines = [f"{what}: the checkpoint's weights do not match the model built from its config.json."]
+        if missing:
+            lines.append(f"  missing from the checkpoint ({len(missing)}): {', '.join(missing)}")
+        if result.unexpected_keys:
+            lines.append(f"  not used by the model ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys)}")
+        raise SpecError("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- loading

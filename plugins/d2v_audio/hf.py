@@ -16,13 +16,13 @@ mapping. No ``transformers`` import is needed (the config defaults are written o
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
+from d2v.hf import load_strict, rename_weight
 from d2v.model import TaskModel, build_component, head_injected
 from d2v.plugins import registry
 
@@ -96,21 +96,6 @@ RENAMES: list[tuple[str, str]] = [
 ]
 #: the CTC head's linear (``head.proj``) is ``lm_head`` at the top level of ``*ForCTC``
 HEAD_RENAMES: list[tuple[str, str]] = [("head.proj.", "lm_head.")]
-
-
-def _compile(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
-
-
-def _rename(name: str, table: list[tuple[str, str]], *, to_hf: bool) -> str | None:
-    """Rename one weight through ``table`` (None when no rule applies)."""
-    for ours, theirs in table:
-        source, target = (ours, theirs) if to_hf else (theirs, ours)
-        match = _compile(source).match(name)
-        if match:
-            replaced = target.replace("{i}", match.group(1)) if match.groups() else target
-            return replaced + name[match.end():]
-    return None
 
 
 def full_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -207,17 +192,6 @@ def _ctc_vocab(config: dict[str, Any]) -> str | list[str]:
     return _placeholder_vocab(config)
 
 
-def _load(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
-    result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        lines = [f"{what}: the checkpoint's weights do not match the model built from its config.json."]
-        if result.missing_keys:
-            lines.append(f"  missing from the checkpoint ({len(result.missing_keys)}): {', '.join(result.missing_keys)}")
-        if result.unexpected_keys:
-            lines.append(f"  not used by the model ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys)}")
-        raise SpecError("\n".join(lines))
-
-
 def _is_audio_backbone(model: nn.Module) -> bool:
     """The audio.conv + audio.transformer pair (other modalities' components also have ``hparams``)."""
     return (type(getattr(model, "feature_extractor", None)).__name__ == "ConvFeatureExtractor"
@@ -260,9 +234,9 @@ class AudioModelConverter:
         renamed, unknown = {}, []
         for name, tensor in state_dict.items():
             bare = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
-            ours = _rename(bare, RENAMES, to_hf=False)
+            ours = rename_weight(bare, RENAMES, to_hf=False)
             if ours is None:
-                ours = _rename(name, self.head_renames, to_hf=False)
+                ours = rename_weight(name, self.head_renames, to_hf=False)
             if ours is None:
                 unknown.append(name)
             else:
@@ -280,7 +254,7 @@ class AudioModelConverter:
         # HF only creates the mask embedding when SpecAugment is on; keep ours otherwise
         if "encoder.mask_embedding" not in renamed:
             renamed["encoder.mask_embedding"] = model.encoder.mask_embedding.detach().clone()
-        _load(model, renamed, self.architecture)
+        load_strict(model, renamed, self.architecture)
         return model
 
     # -- export ---------------------------------------------------------------------------
@@ -294,9 +268,9 @@ class AudioModelConverter:
         own = model.state_dict()
         for name, tensor in own.items():
             if name.startswith("head."):
-                theirs = _rename(name, self.head_renames, to_hf=True)
+                theirs = rename_weight(name, self.head_renames, to_hf=True)
             else:
-                theirs = _rename(name, RENAMES, to_hf=True)
+                theirs = rename_weight(name, RENAMES, to_hf=True)
                 if theirs is not None and self.head_renames:
                     theirs = BACKBONE_PREFIX + theirs
             if theirs is None:

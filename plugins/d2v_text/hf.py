@@ -16,13 +16,13 @@ import is needed.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
+from d2v.hf import load_strict, rename_weight
 from d2v.layers import ACTIVATIONS
 from d2v.model import TaskModel, build_component, head_injected
 from d2v.plugins import registry
@@ -87,21 +87,6 @@ DERIVED = ("embeddings.position_ids", "embeddings.token_type_ids", "lm_head.deco
 #: files of a tokenizer that travel with the weights (RoBERTa BPE, HF fast tokenizer, sentencepiece)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
-
-
-def _compile(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
-
-
-def _rename(name: str, table: list[tuple[str, str]], *, to_hf: bool) -> str | None:
-    """Rename one weight through ``table`` (None when no rule applies)."""
-    for ours, theirs in table:
-        source, target = (ours, theirs) if to_hf else (theirs, ours)
-        match = _compile(source).match(name)
-        if match:
-            replaced = target.replace("{i}", match.group(1)) if match.groups() else target
-            return replaced + name[match.end():]
-    return None
 
 
 def full_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -186,17 +171,6 @@ def _read_side_files(directory: str | Path | None) -> dict[str, str | bytes]:
     return files
 
 
-def _load(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
-    result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        lines = [f"{what}: the checkpoint's weights do not match the model built from its config.json."]
-        if result.missing_keys:
-            lines.append(f"  missing from the checkpoint ({len(result.missing_keys)}): {', '.join(result.missing_keys)}")
-        if result.unexpected_keys:
-            lines.append(f"  not used by the model ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys)}")
-        raise SpecError("\n".join(lines))
-
-
 class TextModelConverter:
     """``Data2VecTextModel`` <-> ``TaskModel(text.embeddings, text.transformer, head=None)``.
 
@@ -248,9 +222,9 @@ class TextModelConverter:
             bare = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
             if bare in DERIVED or (tied and name == "lm_head.decoder.weight"):
                 continue
-            ours = _rename(bare, RENAMES, to_hf=False)
+            ours = rename_weight(bare, RENAMES, to_hf=False)
             if ours is None:
-                ours = _rename(name, self.head_renames, to_hf=False)
+                ours = rename_weight(name, self.head_renames, to_hf=False)
             if ours is None:
                 unknown.append(name)
             else:
@@ -272,7 +246,7 @@ class TextModelConverter:
             )
         if tied and "feature_extractor.word_embeddings.weight" in renamed:
             renamed["head.decoder.weight"] = renamed["feature_extractor.word_embeddings.weight"]
-        _load(model, renamed, self.architecture)
+        load_strict(model, renamed, self.architecture)
         files = _read_side_files(config.get("_name_or_path"))
         if files:
             model.tokenizer_files = files
@@ -289,11 +263,11 @@ class TextModelConverter:
             if name.startswith("head."):
                 if skip_decoder and name == "head.decoder.weight":
                     continue
-                theirs = _rename(name, self.head_renames, to_hf=True)
+                theirs = rename_weight(name, self.head_renames, to_hf=True)
             else:
                 if name.startswith("encoder.pooler.") and not self.uses_pooler:
                     continue  # HF builds this class without the pooler
-                theirs = _rename(name, RENAMES, to_hf=True)
+                theirs = rename_weight(name, RENAMES, to_hf=True)
                 if theirs is not None and self.prefixed:
                     theirs = BACKBONE_PREFIX + theirs
             if theirs is None:
