@@ -40,16 +40,23 @@ def adamw(
 
     ``layer_decay < 1`` scales layer ``i`` of ``L`` by ``layer_decay ** (L - i)`` (BEiT /
     data2vec vision fine-tuning); parameters outside the encoder layers count as layer 0
-    (feature extractor) or the top (head).
+    (feature extractor) or the top (head). Components may list parameter names exempt from
+    weight decay in ``no_weight_decay_names`` (timm's ``no_weight_decay``: vision's CLS token,
+    position embeddings and relative-bias tables). An encoder may name submodules that belong with the
+    top in ``top_parameters`` (vision: the final/pooler LayerNorms and the shared relative
+    position bias, as BEiT's layer-id rule does).
     """
     named = _trainable(model)
     if not named:
         raise SpecError("optim: the model has no trainable parameters (is everything frozen by model.freeze?).")
     num_layers = _num_layers(model)
+    top = tuple(getattr(getattr(model, "encoder", None), "top_parameters", ()) or ())
+    skip = _no_weight_decay(model)
     groups: dict[tuple[float, float], list] = {}
     for name, param in named:
-        decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") else weight_decay
-        scale = layer_decay ** (num_layers + 1 - _layer_id(name, num_layers)) if layer_decay != 1.0 else 1.0
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or not skip.isdisjoint(name.split("."))
+        decay = 0.0 if no_decay else weight_decay
+        scale = layer_decay ** (num_layers + 1 - _layer_id(name, num_layers, top)) if layer_decay != 1.0 else 1.0
         groups.setdefault((decay, scale), []).append(param)
     param_groups = [
         {"params": ps, "weight_decay": decay, "lr": lr * scale, "lr_scale": scale}
@@ -58,12 +65,21 @@ def adamw(
     return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for attribute in ("feature_extractor", "encoder"):
+        names |= set(getattr(getattr(model, attribute, None), "no_weight_decay_names", ()) or ())
+    return names
+
+
 def _num_layers(model: nn.Module) -> int:
     encoder = getattr(model, "encoder", None)
     return int(getattr(encoder, "num_layers", 0))
 
 
-def _layer_id(name: str, num_layers: int) -> int:
+def _layer_id(name: str, num_layers: int, top: tuple[str, ...] = ()) -> int:
+    if any(name.startswith(f"encoder.{prefix}.") or name == f"encoder.{prefix}" for prefix in top):
+        return num_layers + 1
     if name.startswith("feature_extractor.") or name.startswith("encoder.") and ".layers." not in name:
         return 0
     if name.startswith("encoder.") and ".layers." in name:

@@ -61,6 +61,9 @@ def tri_stage(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     if len(phase_ratio) != 3 or abs(sum(phase_ratio) - 1.0) > 1e-6:
         raise SpecError(f"schedule.phase_ratio must be three fractions summing to 1, got {list(phase_ratio)}.")
+    if final_lr_scale <= 0:
+        raise SpecError(f"schedule.final_lr_scale must be > 0 for tri_stage's exponential decay, got {final_lr_scale}; "
+                        "for a decay to 0 use {name: cosine} or {name: polynomial}.")
     ratio = tuple(phase_ratio)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: tri_stage_factor(s, total_steps, ratio, init_lr_scale, final_lr_scale)

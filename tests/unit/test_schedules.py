@@ -55,3 +55,11 @@ def test_polynomial_is_fairseq_linear_decay():
     opt = torch.optim.SGD([param], lr=2e-5)
     polynomial(opt, total_steps=10, warmup_steps=2)
     assert opt.param_groups[0]["lr"] == 0.0
+
+
+def test_tri_stage_cannot_decay_exponentially_to_zero():
+    from d2v.errors import SpecError
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(SpecError, match="cosine"):
+        tri_stage(opt, total_steps=10, final_lr_scale=0.0)

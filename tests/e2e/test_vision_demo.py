@@ -1,0 +1,57 @@
+"""Vision demos end to end: data2vec 1.0 / 2.0 pretraining lowers the loss without collapse and
+its checkpoint initialises the classification demo; the segmentation demo trains and reports mIoU;
+every exported head loads back through d2v."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from d2v.config import load_spec
+from d2v.runner import Run, run
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
+
+def _train_records(directory: Path) -> list[dict]:
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("split") == "train"]
+
+
+@pytest.mark.parametrize("spec_name", ["pretrain_vision_demo.yaml", "pretrain2_vision_demo.yaml"])
+def test_vision_pretrain_then_finetune(spec_name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    pre = tmp_path / "pre"
+    run(load_spec(ROOT / "experiments" / spec_name,
+                  [f"trainer.output_dir={pre}", "trainer.max_steps=12", "trainer.log_every=1",
+                   "trainer.progress_bar=false", "data.train.max_examples=64", "data.valid.max_examples=16",
+                   "data.loader.batch_size=16"]))
+    train = _train_records(pre)
+    assert len(train) == 12 and all(r["target_std"] > 0.1 for r in train)
+    assert sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3])
+
+    runner = Run(load_spec(ROOT / "experiments" / "vision_cls_demo.yaml",
+                           [f"model.init.checkpoint={pre / 'final'}", f"trainer.output_dir={tmp_path / 'ft'}",
+                            # the pretraining demo's 4 px patches, so every backbone weight loads
+                            "model.feature_extractor.patch_size=4", "model.encoder.patch_size=4",
+                            "model.encoder.use_absolute_position_embeddings=false",
+                            "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.eval_before_training=false",
+                            "data.valid.max_examples=16"]))
+    report = capsys.readouterr().out
+    assert "new (randomly initialised)" in report and "head.classifier" in report
+    new = report.split("new (randomly initialised)")[1].split("\n")[0]
+    assert "encoder.layers" not in new and "feature_extractor" not in new and "shape mismatch" not in report
+    runner.train()
+    assert (tmp_path / "ft" / "final" / "model.safetensors").exists()
+
+
+def test_vision_segmentation_demo_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    run(load_spec(ROOT / "experiments" / "vision_seg_demo.yaml",
+                  [f"trainer.output_dir={tmp_path / 'seg'}", "trainer.max_steps=3", "trainer.eval_every=3",
+                   "trainer.progress_bar=false", "trainer.eval_before_training=false",
+                   "data.train.max_examples=32", "data.valid.max_examples=8"]))
+    records = [json.loads(line) for line in (tmp_path / "seg" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r.get("split") == "valid"]
+    assert valid and 0 <= valid[-1]["mIoU"] <= 100 and 0 <= valid[-1]["pixel_accuracy"] <= 100
