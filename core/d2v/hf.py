@@ -160,6 +160,21 @@ def rename_weight(name: str, table: Sequence[tuple[str, str]], *, to_hf: bool) -
     return None
 
 
+def config_label_names(config: dict[str, Any]) -> list[str]:
+    """Class names in id order from a config's ``id2label`` (checked to number the classes
+    0..n-1), else Hugging Face's ``LABEL_i`` for ``num_labels`` classes (its default is 2)."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        try:
+            by_id = {int(k): str(v) for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise SpecError(f"config.json: id2label keys must be class ids, got {sorted(id2label)[:3]}.") from None
+        if sorted(by_id) != list(range(len(by_id))):
+            raise SpecError(f"config.json: id2label must number the classes 0..{len(by_id) - 1}, got {sorted(by_id)}.")
+        return [by_id[i] for i in range(len(by_id))]
+    return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
+
+
 def load_strict(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
     """Load converted weights, failing with every missing and unused name listed: a checkpoint
     that does not match the model its own config.json describes is a bad checkpoint."""

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.hf import load_strict, rename_weight
+from d2v.hf import config_label_names, load_strict, rename_weight
 from d2v.model import TaskModel, build_component, head_injected
 from d2v.plugins import registry
 
@@ -391,21 +391,6 @@ class AudioCTCConverter(AudioModelConverter):
 # --------------------------------------------------------------------------- task heads
 
 
-def _label_names(config: dict[str, Any]) -> list[str]:
-    """Class names in id order from ``id2label`` (HF writes it for every config), else
-    ``LABEL_i`` for ``num_labels`` classes (HF's default is 2)."""
-    id2label = config.get("id2label")
-    if isinstance(id2label, dict) and id2label:
-        try:
-            by_id = {int(k): str(v) for k, v in id2label.items()}
-        except (TypeError, ValueError):
-            raise SpecError(f"config.json: id2label keys must be class ids, got {sorted(id2label)[:3]}.") from None
-        if sorted(by_id) != list(range(len(by_id))):
-            raise SpecError(f"config.json: id2label must number the classes 0..{len(by_id) - 1}, got {sorted(by_id)}.")
-        return [by_id[i] for i in range(len(by_id))]
-    return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
-
-
 class _AudioHeadConverter(AudioModelConverter):
     """Shared by the task-head converters: the head's fields come from ``head.hf_config()``
     and its weights keep Hugging Face's names at the top level (see ``head_renames``)."""
@@ -420,7 +405,7 @@ class _AudioHeadConverter(AudioModelConverter):
             raise SpecError(f"{self.architecture} does not support add_adapter=True (transformers refuses it too); "
                             f"set add_adapter to false in config.json.")
         spec = _backbone_spec(config)
-        spec["head"] = {"name": self.head_name, "label_names": _label_names(c),
+        spec["head"] = {"name": self.head_name, "label_names": config_label_names(c),
                         "use_weighted_layer_sum": bool(c["use_weighted_layer_sum"]), **self.head_fields(c)}
         return spec
 

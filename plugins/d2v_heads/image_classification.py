@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v_heads.label_names import resolve_label_names
 from d2v_heads.classification_metrics import classification_summary, confusion_counts
 
 
@@ -36,23 +37,14 @@ def d2v_register(register):
 
 
 class ImageClassificationHead(Head):
-    """Parameters: ``input_dim`` (injected), ``num_labels`` or ``labels`` (class names, in id
+    """Parameters: ``input_dim`` (injected), ``num_labels`` or ``label_names`` (class names, in id
     order), ``initializer_range`` (the classifier's init std; BEiT scales it down, 0.02 is HF's)."""
 
-    def __init__(self, *, input_dim: int, num_labels: int | None = None, labels: list[str] | None = None,
-                 initializer_range: float = 0.02, **_: Any):
+    def __init__(self, *, input_dim: int, num_labels: int | None = None, label_names: list[str] | None = None,
+                 initializer_range: float = 0.02):
         super().__init__()
-        if labels is not None:
-            names = [str(n) for n in labels]
-            if not names or len(set(names)) != len(names):
-                raise SpecError(f"head image_classification: labels must be distinct names, got {labels!r}.")
-            if num_labels is not None and int(num_labels) != len(names):
-                raise SpecError(f"head image_classification: num_labels={num_labels} but labels has {len(names)} names.")
-            num_labels = len(names)
-        if num_labels is None or isinstance(num_labels, bool) or int(num_labels) < 1:
-            raise SpecError("head image_classification: set num_labels (a positive integer) or labels (class names).")
-        self.label_names = None if labels is None else [str(n) for n in labels]
-        self.num_labels = int(num_labels)
+        self.label_names = resolve_label_names(num_labels, label_names, "head image_classification", default=False)
+        self.num_labels = len(self.label_names) if self.label_names is not None else int(num_labels)
         self.classifier = nn.Linear(int(input_dim), self.num_labels)
         trunc_normal_(self.classifier.weight, std=initializer_range)
         nn.init.zeros_(self.classifier.bias)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v_heads.label_names import resolve_label_names
 from d2v_heads.segmentation_metrics import segmentation_counts, segmentation_summary
 
 
@@ -107,29 +108,29 @@ class FCNHead(nn.Module):
 
 class SemanticSegmentationHead(Head):
     """Parameters (Hugging Face's names and defaults): ``input_dim`` (injected), ``num_labels``
-    or ``labels``, ``out_indices`` (4 numbers: hidden state ``i - 1`` is used, Hugging Face's convention), ``pool_scales``, ``use_auxiliary_head``,
+    or ``label_names``, ``out_indices`` (4 numbers: hidden state ``i - 1`` is used, Hugging Face's convention), ``pool_scales``, ``use_auxiliary_head``,
     ``auxiliary_loss_weight``, ``auxiliary_channels``, ``auxiliary_num_convs``,
     ``auxiliary_concat_input``, ``semantic_loss_ignore_index``."""
 
     needs_hidden_states = True
 
-    def __init__(self, *, input_dim: int, num_labels: int | None = None, labels: list[str] | None = None,
+    def __init__(self, *, input_dim: int, num_labels: int | None = None, label_names: list[str] | None = None,
                  out_indices: Sequence[int] = (3, 5, 7, 11), pool_scales: Sequence[int] = (1, 2, 3, 6),
                  use_auxiliary_head: bool = True, auxiliary_loss_weight: float = 0.4, auxiliary_channels: int = 256,
                  auxiliary_num_convs: int = 1, auxiliary_concat_input: bool = False,
-                 semantic_loss_ignore_index: int = 255, num_layers: int | None = None, **_: Any):
+                 semantic_loss_ignore_index: int = 255, num_layers: int | None = None):
         super().__init__()
-        if labels is not None:
-            num_labels = len(labels)
-        if num_labels is None or int(num_labels) < 2:
-            raise SpecError("head semantic_segmentation: set num_labels (>= 2) or labels (class names).")
+        names = resolve_label_names(num_labels, label_names, "head semantic_segmentation", default=False)
+        num_labels = len(names) if names is not None else int(num_labels)
+        if num_labels < 2:
+            raise SpecError("head semantic_segmentation: set num_labels (>= 2) or label_names (class names).")
         if len(out_indices) != 4:
             raise SpecError(f"head semantic_segmentation: out_indices needs 4 layer numbers, got {list(out_indices)}.")
         if num_layers is not None and any(not 1 <= int(i) <= num_layers + 1 for i in out_indices):
             raise SpecError(f"head semantic_segmentation: out_indices {list(out_indices)} must be within 1..{num_layers + 1} "
                             f"(hidden state i-1 is used, as Hugging Face does).")
         dim = int(input_dim)
-        self.label_names = None if labels is None else [str(n) for n in labels]
+        self.label_names = names
         self.num_labels = int(num_labels)
         self.out_indices = [int(i) for i in out_indices]
         self.pool_scales = [int(s) for s in pool_scales]

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.hf import load_strict, rename_weight
+from d2v.hf import config_label_names, load_strict, rename_weight
 from d2v.layers import ACTIVATIONS
 from d2v.model import TaskModel, build_component, head_injected
 from d2v.plugins import registry
@@ -132,17 +132,9 @@ def _backbone_spec(c: dict[str, Any], *, pooler: bool) -> dict[str, Any]:
 
 
 def _label_names(config: dict[str, Any]) -> list[str] | None:
-    """Class names in id order from ``id2label``; ``None`` when they are HF's ``LABEL_i`` defaults."""
-    id2label = config.get("id2label")
-    if not isinstance(id2label, dict) or not id2label:
-        return None
-    try:
-        by_id = {int(k): str(v) for k, v in id2label.items()}
-    except (TypeError, ValueError):
-        raise SpecError(f"config.json: id2label keys must be class ids, got {sorted(id2label)[:3]}.") from None
-    if sorted(by_id) != list(range(len(by_id))):
-        raise SpecError(f"config.json: id2label must number the classes 0..{len(by_id) - 1}, got {sorted(by_id)}.")
-    names = [by_id[i] for i in range(len(by_id))]
+    """Class names in id order; ``None`` when they are HF's ``LABEL_i`` defaults (the head then
+    keeps ``num_labels`` only)."""
+    names = config_label_names(config)
     return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.hf import load_strict, rename_weight
+from d2v.hf import config_label_names, load_strict, rename_weight
 from d2v.model import TaskModel, build_component, head_injected
 from d2v.plugins import registry
 
@@ -83,14 +83,6 @@ def backbone_spec(config: dict[str, Any], *, add_pooling_layer: bool) -> dict[st
             "add_pooling_layer": add_pooling_layer, "initializer_range": c["initializer_range"],
         },
     }
-
-
-def label_names(config: dict[str, Any]) -> list[str]:
-    id2label = config.get("id2label")
-    if isinstance(id2label, dict) and id2label:
-        by_id = {int(k): str(v) for k, v in id2label.items()}
-        return [by_id[i] for i in range(len(by_id))]
-    return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
 
 
 def _is_vision_backbone(model: nn.Module) -> bool:
@@ -229,7 +221,7 @@ class VisionImageClassificationConverter(VisionModelConverter):
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         spec = super().hf_config_to_spec(config)
-        spec["head"] = {"name": "image_classification", "labels": label_names(config)}
+        spec["head"] = {"name": "image_classification", "label_names": config_label_names(config)}
         return spec
 
     def head_config(self, head: nn.Module | None) -> dict[str, Any]:
@@ -248,7 +240,7 @@ class VisionSemanticSegmentationConverter(VisionModelConverter):
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         c = full_config(config)
         spec = super().hf_config_to_spec(config)
-        spec["head"] = {"name": "semantic_segmentation", "labels": label_names(config),
+        spec["head"] = {"name": "semantic_segmentation", "label_names": config_label_names(config),
                         **{k: c[k] for k in ("out_indices", "pool_scales", "use_auxiliary_head", "auxiliary_loss_weight",
                                              "auxiliary_channels", "auxiliary_num_convs", "auxiliary_concat_input",
                                              "semantic_loss_ignore_index")}}
