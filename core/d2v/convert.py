@@ -16,7 +16,7 @@ from d2v import plugins
 from d2v.errors import SpecError
 from d2v.hf import from_pretrained, get_converter, save_pretrained, write_extra_files
 from d2v.config import resolve_model_section
-from d2v.model import TaskModel, build_component, build_model, load_initial_weights
+from d2v.model import TaskModel, build_model, build_task_model, load_initial_weights
 
 
 def _fresh(destination: Path) -> None:
@@ -47,7 +47,7 @@ def load_d2v_checkpoint(source: Path) -> TaskModel:
     spec = yaml.safe_load(spec_path.read_text())
     task = spec.get("task", "finetune")
     if task == "pretrain" and "objective" not in resolve_model_section(spec["model"], plugins.registry()):
-        model = _backbone(spec["model"])  # a converted bare Hugging Face model: no objective, no head
+        model = build_task_model(spec["model"], plugins.registry())  # a converted bare HF model: no objective, no head
     else:
         model = build_model(spec["model"], plugins.registry(), task)
     load_initial_weights(model, source, strict=True)
@@ -55,16 +55,6 @@ def load_d2v_checkpoint(source: Path) -> TaskModel:
         model = TaskModel(model.feature_extractor, model.encoder, None)
     model.checkpoint_directory = str(source)  # converters find side files (a tokenizer) here
     return model.eval()
-
-
-def _backbone(model_spec: dict) -> TaskModel:
-    """Feature extractor + encoder of a ``model:`` section, without head or objective."""
-    registry = plugins.registry()
-    spec = resolve_model_section(model_spec, registry)
-    encoder = build_component(registry, "encoder", spec["encoder"], "model.encoder")
-    feature_extractor = build_component(registry, "feature_extractor", spec["feature_extractor"],
-                                        "model.feature_extractor", dim=encoder.dim)
-    return TaskModel(feature_extractor, encoder, None)
 
 
 def d2v_to_hf(source: Path, destination: Path) -> str:

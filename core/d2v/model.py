@@ -130,24 +130,43 @@ def head_injected(feature_extractor: nn.Module, encoder: Encoder) -> dict[str, A
     return injected
 
 
-def build_model(model_spec: dict, registry: Registry, task: str) -> nn.Module:
-    spec = resolve_model_section(model_spec, registry)
+def build_backbone(spec: dict, registry: Registry) -> tuple[FeatureExtractor, Encoder]:
+    """The encoder, then the feature extractor at the encoder's width, from a resolved ``model:``
+    section."""
     encoder = build_component(registry, "encoder", spec["encoder"], "model.encoder")
-    fe_injected = {"dim": encoder.dim}
-    feature_extractor = build_component(registry, "feature_extractor", spec["feature_extractor"], "model.feature_extractor", **fe_injected)
+    feature_extractor = build_component(registry, "feature_extractor", spec["feature_extractor"],
+                                        "model.feature_extractor", dim=encoder.dim)
     if getattr(feature_extractor, "dim", encoder.dim) != encoder.dim:
         raise SpecError(
             f"model: feature_extractor produces {feature_extractor.dim}-wide features but the encoder is "
             f"{encoder.dim} wide; set model.feature_extractor.dim={encoder.dim}."
         )
-    if task == "pretrain":
-        model = build_component(
-            registry, "objective", spec["objective"], "model.objective",
-            feature_extractor=feature_extractor, encoder=encoder,
-        )
-    else:
+    return feature_extractor, encoder
+
+
+def build_task_model(model_spec: dict, registry: Registry) -> TaskModel:
+    """Feature extractor -> encoder -> head (none when the section names no head: a bare
+    backbone, e.g. a converted Hugging Face ``*Model``)."""
+    spec = resolve_model_section(model_spec, registry)
+    feature_extractor, encoder = build_backbone(spec, registry)
+    head = None
+    if spec.get("head") is not None:
         head = build_component(registry, "head", spec["head"], "model.head", **head_injected(feature_extractor, encoder))
-        model = TaskModel(feature_extractor, encoder, head)
+    model = TaskModel(feature_extractor, encoder, head)
+    for prefix in spec.get("freeze") or []:
+        freeze(model, prefix)
+    return model
+
+
+def build_model(model_spec: dict, registry: Registry, task: str) -> nn.Module:
+    """The model a task trains: a :class:`TaskModel` (fine-tuning, evaluation) or the
+    registered ``objective`` around feature extractor and encoder (pretraining)."""
+    if task != "pretrain":
+        return build_task_model(model_spec, registry)
+    spec = resolve_model_section(model_spec, registry)
+    feature_extractor, encoder = build_backbone(spec, registry)
+    model = build_component(registry, "objective", spec["objective"], "model.objective",
+                            feature_extractor=feature_extractor, encoder=encoder)
     for prefix in spec.get("freeze") or []:
         freeze(model, prefix)
     return model

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.hf import config_label_names, load_strict, rename_weight
-from d2v.model import TaskModel, build_component, head_injected
+from d2v.model import TaskModel, build_task_model
 from d2v.plugins import registry
 
 #: ``Data2VecAudioConfig`` defaults (transformers 5); a saved ``config.json`` holds only the
@@ -198,11 +198,6 @@ def _is_audio_backbone(model: nn.Module) -> bool:
             and type(getattr(model, "encoder", None)).__name__ == "AudioTransformerEncoder")
 
 
-def _build(kind: str, node: dict[str, Any], **extra: Any) -> nn.Module:
-    node = dict(node)
-    return registry().get(kind, node.pop("name")).build(**node, **extra)
-
-
 class AudioModelConverter:
     """``Data2VecAudioModel`` <-> ``TaskModel(feature_extractor, encoder, head=None)``."""
 
@@ -220,14 +215,7 @@ class AudioModelConverter:
     # -- import ---------------------------------------------------------------------------
 
     def build(self, config: dict[str, Any]) -> TaskModel:
-        spec = self.hf_config_to_spec(config)
-        feature_extractor = _build("feature_extractor", spec["feature_extractor"])
-        encoder = _build("encoder", spec["encoder"])
-        head = None
-        if "head" in spec:
-            head = build_component(registry(), "head", spec["head"], f"{self.architecture} head",
-                                   **head_injected(feature_extractor, encoder))
-        return TaskModel(feature_extractor, encoder, head)
+        return build_task_model(self.hf_config_to_spec(config), registry())
 
     def rename_from_hf(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
         """HF names -> d2v names; also returns the HF names no rule knows."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from d2v.errors import SpecError
 from d2v.hf import config_label_names, load_strict, rename_weight
 from d2v.layers import ACTIVATIONS
-from d2v.model import TaskModel, build_component, head_injected
+from d2v.model import TaskModel, build_task_model
 from d2v.plugins import registry
 
 #: ``Data2VecTextConfig`` defaults (transformers 5) for the fields d2v reads; a saved
@@ -193,16 +193,7 @@ class TextModelConverter:
     # -- import ---------------------------------------------------------------------------
 
     def build(self, config: dict[str, Any]) -> TaskModel:
-        spec = self.hf_config_to_spec(config)
-        reg = registry()
-        encoder = build_component(reg, "encoder", spec["encoder"], f"{self.architecture} encoder")
-        feature_extractor = build_component(reg, "feature_extractor", spec["feature_extractor"],
-                                            f"{self.architecture} embeddings", dim=encoder.dim)
-        head = None
-        if "head" in spec:
-            head = build_component(reg, "head", spec["head"], f"{self.architecture} head",
-                                   **head_injected(feature_extractor, encoder))
-        return TaskModel(feature_extractor, encoder, head)
+        return build_task_model(self.hf_config_to_spec(config), registry())
 
     def _tied(self, config: dict[str, Any]) -> bool:
         return self.head_name in ("masked_lm", "causal_lm") and bool(full_config(config)["tie_word_embeddings"])

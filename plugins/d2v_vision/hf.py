@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.hf import config_label_names, load_strict, rename_weight
-from d2v.model import TaskModel, build_component, head_injected
+from d2v.model import TaskModel, build_task_model
 from d2v.plugins import registry
 
 #: ``Data2VecVisionConfig`` defaults (transformers 5)
@@ -90,11 +90,6 @@ def _is_vision_backbone(model: nn.Module) -> bool:
             and type(getattr(model, "encoder", None)).__name__ == "VisionTransformerEncoder")
 
 
-def _build(kind: str, node: dict[str, Any]) -> nn.Module:
-    node = dict(node)
-    return registry().get(kind, node.pop("name")).build(**node)
-
-
 class VisionModelConverter:
     """``Data2VecVisionModel`` <-> ``TaskModel(patches, transformer, head=None)`` (no pooler)."""
 
@@ -111,14 +106,7 @@ class VisionModelConverter:
         return {}
 
     def build(self, config: dict[str, Any]) -> TaskModel:
-        spec = self.hf_config_to_spec(config)
-        feature_extractor = _build("feature_extractor", spec["feature_extractor"])
-        encoder = _build("encoder", spec["encoder"])
-        head = None
-        if "head" in spec:
-            head = build_component(registry(), "head", spec["head"], f"{self.architecture} head",
-                                   **head_injected(feature_extractor, encoder))
-        return TaskModel(feature_extractor, encoder, head)
+        return build_task_model(self.hf_config_to_spec(config), registry())
 
     def from_hf(self, config: dict[str, Any], state_dict: dict[str, Tensor]) -> TaskModel:
         model = self.build(config)
