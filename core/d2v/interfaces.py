@@ -44,11 +44,15 @@ class FeatureExtractorOutput(_Output):
     padding_mask: ``(B, T)`` bool, True at padded positions (``None`` = nothing padded).
     extract_features: the modality's features before the projection to ``D`` (HF's
         ``extract_features``, e.g. the conv encoder output after its LayerNorm), if any.
+    encoder_context: keyword arguments the encoder needs about these features, passed on by
+        :class:`d2v.model.TaskModel` (images: ``grid_size``, the batch's patch grid, which the
+        token count alone cannot tell for a non-square image).
     """
 
     features: Tensor
     padding_mask: Tensor | None = None
     extract_features: Tensor | None = None
+    encoder_context: dict[str, Any] | None = None
 
 
 @dataclass

@@ -64,6 +64,7 @@ class TaskModel(nn.Module):
             features.padding_mask,
             batch.get("mask"),
             output_hidden_states=output_hidden_states or bool(getattr(self.head, "needs_hidden_states", False)),
+            **(features.encoder_context or {}),
             **batch_context(self.encoder, batch),
         )
         return encoded, features

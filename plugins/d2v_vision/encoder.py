@@ -11,9 +11,10 @@ resized to the batch's patch grid) -> dropout. ``contextualize`` = the blocks (r
 for the tokens' original positions) -> final LayerNorm (CLS pooling) -> ``pooler_output``
 (mean of the patch tokens + LayerNorm, or the CLS token).
 
-The patch grid of a batch is read from its token count: the ``image_size`` grid when the
-counts agree, else a square grid; non-square images at a size other than ``image_size``
-need ``image_size`` set to that size.
+The patch grid of a batch comes from the feature extractor (``grid_size``, passed on by
+``TaskModel``), so images of any size and aspect ratio run; called without it (e.g. by the
+self-supervised objectives, at the pretraining size) it is read from the token count: the
+``image_size`` grid when the counts agree, else a square grid.
 """
 
 from __future__ import annotations
@@ -202,12 +203,21 @@ class VisionTransformerEncoder(Encoder):
 
     # -- Encoder interface ------------------------------------------------------------------
 
-    def embed(self, features: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None, *,
+                grid_size: tuple[int, int] | None = None, **kwargs) -> EncoderOutput:
+        """:meth:`embed` then :meth:`contextualize` on the patch grid ``grid_size`` (from the
+        feature extractor; any aspect ratio)."""
+        x = self.embed(features, padding_mask, mask, grid_size=grid_size)
+        return self.contextualize(x, padding_mask, grid_size=grid_size, **kwargs)
+
+    def embed(self, features: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None, *,
+              grid_size: tuple[int, int] | None = None) -> Tensor:
         x = features
         if mask is not None:
             x = torch.where(mask.bool()[..., None], self.mask_embedding.to(x.dtype), x)
         if self.position_embeddings is not None:
-            x = x + self.resized_position_embeddings(self.grid_for(x.shape[1])).to(x.dtype)
+            grid = tuple(grid_size) if grid_size is not None else self.grid_for(x.shape[1])
+            x = x + self.resized_position_embeddings(grid).to(x.dtype)
         return self.dropout(x)
 
     def contextualize(
@@ -219,11 +229,15 @@ class VisionTransformerEncoder(Encoder):
         output_layer_targets: bool = False,
         target_feature: str = "ffn",
         position_ids: Tensor | None = None,
+        grid_size: tuple[int, int] | None = None,
     ) -> EncoderOutput:
         if target_feature not in TARGET_FEATURES:
             raise SpecError(f"unknown target_feature '{target_feature}'; expected one of {', '.join(TARGET_FEATURES)}.")
         # the grid is the full image's: with position_ids, x holds only some of its tokens
-        grid = self.grid_for(x.shape[1] if position_ids is None else self._full_tokens(position_ids))
+        if grid_size is not None:
+            grid = (int(grid_size[0]), int(grid_size[1]))
+        else:
+            grid = self.grid_for(x.shape[1] if position_ids is None else self._full_tokens(position_ids))
         bias = None
         if padding_mask is not None and bool(padding_mask.any()):
             bias = torch.zeros(padding_mask.shape, dtype=x.dtype, device=x.device)

@@ -76,4 +76,5 @@ class PatchEmbedding(FeatureExtractor):
                             "resize or crop the images (processor 'image': size/crop_size).")
         patches = self.projection(inputs.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        return FeatureExtractorOutput(features=torch.cat([cls, patches], dim=1))
+        grid = (height // self.patch_size, width // self.patch_size)
+        return FeatureExtractorOutput(features=torch.cat([cls, patches], dim=1), encoder_context={"grid_size": grid})

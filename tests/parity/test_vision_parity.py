@@ -137,3 +137,29 @@ def test_processor_equals_beit_image_processor_on_real_photos(single_thread):
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert isinstance(images[1], Image.Image) and images[1].mode == "RGB"
+
+
+@pytest.mark.parametrize("variant", sorted(BACKBONES))
+def test_non_square_images_match(variant, tmp_path, single_thread):
+    """A 16x28 image (a 4x7 patch grid, trained at 4x4): the feature extractor hands the grid to
+    the encoder, so positions and relative-bias tables resize as Hugging Face resizes them.
+    (Hugging Face's segmentation head reshapes to a square grid and fails here; d2v's runs.)"""
+    config = tiny_config(**BACKBONES[variant])
+    hf, ours = save_hf(transformers.Data2VecVisionForImageClassification, config, tmp_path)
+    x = torch.randn(2, 3, 16, 28, generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([0, 3])
+    with torch.no_grad():
+        expected = hf(pixel_values=x, labels=labels, interpolate_pos_encoding=True, output_hidden_states=True)
+        got = ours(pixel_values=x, labels=labels, interpolate_pos_encoding=True, output_hidden_states=True)
+    torch.testing.assert_close(got.logits, expected.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_segmentation_runs_on_non_square_images(tmp_path, single_thread):
+    config = tiny_config(use_relative_position_bias=True)
+    _, ours = save_hf(transformers.Data2VecVisionForSemanticSegmentation, config, tmp_path)
+    with torch.no_grad():
+        out = ours(pixel_values=torch.randn(1, 3, 16, 28), labels=torch.zeros(1, 16, 28, dtype=torch.long))
+    assert out.logits.shape == (1, 5, 16, 28) and torch.isfinite(out.loss)  # the FPN's 4x patch grid
