@@ -160,6 +160,41 @@ def batch_sampler_for(dataset: Any, processor: Any, loader: LoaderConfig, *, tra
                               shuffle=train and loader.shuffle, seed=seed)
 
 
+class KeptExamples(Dataset):
+    """The examples of ``dataset`` at ``indices`` (with their ``lengths``): what a processor's
+    length filter keeps for training."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = list(indices)
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is not None:
+            self.lengths = [lengths[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+
+def filter_training_examples(dataset: Any, processor: Any, where: str) -> tuple[Any, int]:
+    """Drop the training examples the processor's ``filter_length(length)`` rejects (e.g. audio
+    shorter than ``min_samples``, fairseq's ``min_sample_size``); returns the kept dataset and
+    how many were dropped."""
+    keep_length = getattr(processor, "filter_length", None)
+    lengths = getattr(dataset, "lengths", None)
+    if keep_length is None or lengths is None:
+        return dataset, 0
+    kept = [i for i, n in enumerate(lengths) if keep_length(int(n))]
+    if not kept:
+        raise SpecError(f"{where}: the processor's length limits drop all {len(lengths)} examples "
+                        f"({processor!r}); lower min_samples or raise max_samples.")
+    if len(kept) == len(lengths):
+        return dataset, 0
+    return KeptExamples(dataset, kept), len(lengths) - len(kept)
+
+
 def make_loader(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bool, seed: int, where: str,
                 transform: Callable | None = None) -> DataLoader:
     if len(dataset) == 0:

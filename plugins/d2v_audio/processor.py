@@ -111,6 +111,13 @@ class AudioProcessor:
         """Dataset lengths are counted in samples: ``sample_rate`` of them per second."""
         return self.sample_rate
 
+    def clip_length(self, num_samples: int, *, train: bool) -> int:
+        """The length an example will have once loaded (training crops to ``max_samples``), so
+        batches are sized by what they will hold, not by the uncropped file."""
+        if train and self.max_samples is not None and self.crop != "none":
+            return min(int(num_samples), self.max_samples)
+        return int(num_samples)
+
     # ------------------------------------------------------------------ filtering
     def filter_length(self, num_samples: int) -> bool:
         """True if an example of ``num_samples`` samples should be kept for training:

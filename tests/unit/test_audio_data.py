@@ -395,3 +395,35 @@ def test_loaded_demo_batch(demo_splits):
     assert batch["lengths"].tolist() == ds.lengths[:8]
     assert batch["ids"] == ds.ids[:8] and batch["text"] == ds.texts[:8]
     assert not torch.isnan(batch["inputs"]).any()
+
+
+def test_min_samples_drops_short_training_examples_and_says_how_many(tmp_path):
+    """fairseq's min_sample_size: utterances shorter than min_samples never reach training."""
+    from d2v.data import filter_training_examples
+
+    root = make_librispeech(tmp_path, utts={"1-10-0000": 8000, "1-10-0001": 20000, "1-10-0002": 40000, "2-20-0000": 12000})
+    dataset = LibriSpeech(root=str(root), splits=["train-x"])
+    kept, dropped = filter_training_examples(dataset, AudioProcessor(min_samples=16000), "data.train")
+    assert dropped == 2 and len(kept) == 2
+    assert sorted(kept.lengths) == [20000, 40000]
+    assert {kept[i]["num_samples"] for i in range(len(kept))} == {20000, 40000}
+    # crop="none" also drops what is longer than max_samples; nothing left is an error
+    _, dropped = filter_training_examples(dataset, AudioProcessor(max_samples=30000, crop="none"), "data.train")
+    assert dropped == 1
+    with pytest.raises(SpecError, match="drop all 4"):
+        filter_training_examples(dataset, AudioProcessor(min_samples=50000), "data.train")
+
+
+def test_batches_are_sized_by_the_cropped_length(tmp_path):
+    """Long utterances cropped to max_samples count as max_samples against the batch budget."""
+    from d2v.config import LoaderConfig
+    from d2v.data import batch_sampler_for
+
+    root = make_librispeech(tmp_path, utts={f"1-10-{i:04d}": 64000 for i in range(8)})
+    dataset = LibriSpeech(root=str(root), splits=["train-x"])
+    processor = AudioProcessor(max_samples=16000, crop="random")
+    loader = LoaderConfig(max_batch_seconds=3)
+    train = batch_sampler_for(dataset, processor, loader, train=True, seed=0, where="data.train")
+    assert sorted(len(b) for b in train.batches) == [2, 3, 3]  # 3 x 1 s fit the 3 s budget
+    with pytest.raises(SpecError, match="longest example"):  # evaluation is never cropped
+        batch_sampler_for(dataset, processor, loader, train=False, seed=0, where="data.valid")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from d2v import plugins
 from d2v.config import EvaluateConfig, LoaderConfig, Spec, TrainerConfig, dump_spec, validate
-from d2v.data import Collate, ProcessedDataset, batch_sampler_for, make_loader, set_epoch
+from d2v.data import Collate, ProcessedDataset, batch_sampler_for, filter_training_examples, make_loader, set_epoch
 from d2v.errors import SpecError, TrainingCollapse
 from d2v.interfaces import Head
 from d2v.model import build_component, build_model, load_initial_weights
@@ -122,7 +122,11 @@ class Run:
     def train(self) -> dict[str, float]:
         acc, cfg = self.accelerator, self.trainer
         transform = self.model.make_batch_transform() if hasattr(self.model, "make_batch_transform") else None
-        train_loader = make_loader(self.datasets["train"], self.processor, self.loader_cfg, train=True,
+        train_set, dropped = filter_training_examples(self.datasets["train"], self.processor, "data.train")
+        if dropped:
+            self.print(f"data.train: {dropped} of {len(self.datasets['train'])} examples dropped by the processor's "
+                       f"length limits ({self.processor!r})")
+        train_loader = make_loader(train_set, self.processor, self.loader_cfg, train=True,
                                    seed=self.seed, where="data.train", transform=transform)
         optimizer = build_component(self.registry, "optimizer", self.spec["optim"], "optim", model=self.model)
         schedule_node = self.spec.get("schedule") or {"name": "constant"}
@@ -142,7 +146,7 @@ class Run:
         if cfg.trackers:
             acc.init_trackers(self.output_dir.name, config={"task": self.task, "seed": self.seed})
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.print(f"{self.task}: {n_params / 1e6:.2f}M trainable parameters, {len(self.datasets['train'])} "
+        self.print(f"{self.task}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set)} "
                    f"training examples, {len(train_loader)} batches per epoch per process, {acc.num_processes} process(es)")
 
         trainable = [p for p in model.parameters() if p.requires_grad]
