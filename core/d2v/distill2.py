@@ -324,6 +324,9 @@ class Data2Vec2(EMASelfDistillation):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> PretrainOutput:
+        if batch.get("corrupted_mask") is not None:
+            raise SpecError("data2vec2 masks by dropping tokens, but the processor already corrupted the inputs "
+                            "(corrupted_mask); remove data.processor.masking from the spec.")
         M, E = self.clone_batch, self.num_extra_tokens
         fe = self.feature_extractor(batch["inputs"], batch.get("padding_mask"))
         features, padding_mask = fe.features, fe.padding_mask

@@ -52,9 +52,9 @@ class TaskModel(nn.Module):
         self.encoder = encoder
         self.head = head
         tie = getattr(head, "tie_input_embeddings", None)
-        embeddings = getattr(feature_extractor, "input_embeddings", None)
-        if callable(tie) and callable(embeddings) and embeddings() is not None:
-            tie(embeddings())
+        embedding = feature_extractor.input_embeddings() if hasattr(feature_extractor, "input_embeddings") else None
+        if callable(tie) and embedding is not None:
+            tie(embedding)
 
     def encode(self, batch: dict[str, Any], *, output_hidden_states: bool = False) -> tuple[EncoderOutput, Any]:
         features = self.feature_extractor(batch["inputs"], batch.get("padding_mask"),

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from audio_batches import LENGTHS, padded_batch
 
 import d2v
 from d2v.errors import SpecError
@@ -47,7 +48,6 @@ BACKBONE = dict(
 )
 # small TDNN with HF's kernel/dilation pattern (dilation makes the pooling quirk visible)
 XVECTOR = dict(tdnn_dim=(24, 24, 40), tdnn_kernel=(5, 3, 1), tdnn_dilation=(1, 2, 1), xvector_output_dim=16)
-LENGTHS = (4000, 3100, 1700)
 
 
 def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -72,16 +72,6 @@ def hf_model(cls, seed: int = 0, **kwargs):
             elif name == "layer_weights":
                 param.normal_(0.0, 1.0)
     return model
-
-
-def padded_batch(seed: int = 1, lengths=LENGTHS):
-    g = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(len(lengths), max(lengths), generator=g)
-    attention_mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for i, n in enumerate(lengths):
-        attention_mask[i, :n] = 1
-        inputs[i, n:] = 0.0
-    return inputs, attention_mask
 
 
 def compare(ours, theirs, fields) -> None:

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import numpy as np
 import pytest
 import torch
+from audio_batches import LENGTHS, padded_batch
 
 import d2v
 from d2v.errors import SpecError
@@ -60,7 +61,6 @@ CONFIGS = {
         mask_time_prob=0.0, vocab_size=32, ctc_loss_reduction="sum",
     ),
 }
-LENGTHS = (4000, 3100, 1700)
 
 
 def _record(name: str, diff: float) -> None:
@@ -88,16 +88,6 @@ def hf_model(cls, name: str, seed: int = 0, **kwargs):
             elif param_name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.normal_(0.0, 0.3)
     return model
-
-
-def padded_batch(seed: int = 1, lengths=LENGTHS):
-    g = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(len(lengths), max(lengths), generator=g)
-    attention_mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for i, n in enumerate(lengths):
-        attention_mask[i, :n] = 1
-        inputs[i, n:] = 0.0  # as the HF processor pads
-    return inputs, attention_mask
 
 
 def ctc_labels(vocab_size: int, seed: int = 2):

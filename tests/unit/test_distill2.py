@@ -265,3 +265,14 @@ def test_ls960_recipe_is_the_reference_one():
     assert (spec["optim"]["lr"], spec["schedule"]["name"], spec["schedule"]["warmup_steps"]) == (7.5e-4, "cosine", 8000)
     assert spec["trainer"]["max_steps"] == 400000
     assert spec["data"]["loader"]["max_batch_seconds"] * 16000 == 1e6
+
+
+def test_inputs_corrupted_by_the_processor_are_refused():
+    """data2vec 2.0 drops tokens itself; BERT-masked inputs from the processor would leak
+    corrupted tokens into the student, so the spec mistake is named."""
+    from d2v.errors import SpecError
+
+    model = build()
+    batch = waves()
+    with pytest.raises(SpecError, match="remove data.processor.masking"):
+        model({**batch, "corrupted_mask": torch.zeros(2, 10, dtype=torch.bool)})
