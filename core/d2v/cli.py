@@ -80,7 +80,8 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from d2v.convert import convert
 
-    print(convert(args.source, args.destination, to=args.to))
+    print(convert(args.source, args.destination, to=args.to, source_format=args.source_format,
+                  options={"dict": args.dict}))
     return 0
 
 
@@ -109,10 +110,16 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     p.add_argument("--output", default="registry.yaml")
     p.set_defaults(fn=_cmd_registry)
 
-    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and d2v formats")
-    p.add_argument("source", help="a Hugging Face checkpoint directory or a d2v checkpoint (e.g. runs/x/final)")
+    p = sub.add_parser("convert", help="convert checkpoints: Hugging Face <-> d2v, fairseq -> d2v / Hugging Face")
+    p.add_argument("source", help="a Hugging Face checkpoint directory, a d2v checkpoint (e.g. runs/x/final) "
+                                  "or a fairseq checkpoint file (model.pt)")
     p.add_argument("destination", help="output directory (must not exist)")
-    p.add_argument("--to", choices=("d2v", "hf"), required=True)
+    p.add_argument("--to", choices=("d2v", "hf"), default=None,
+                   help="output format (required unless --from fairseq, which defaults to d2v)")
+    p.add_argument("--from", dest="source_format", choices=("auto", "fairseq"), default="auto",
+                   help="'fairseq' reads a fairseq .pt checkpoint (also chosen for any *.pt file)")
+    p.add_argument("--dict", default=None, help="fairseq dictionary (e.g. dict.ltr.txt) for the output "
+                                               "labels of a fine-tuned fairseq checkpoint")
     p.set_defaults(fn=_cmd_convert)
     _plugin_commands(sub)
     return parser

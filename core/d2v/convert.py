@@ -1,4 +1,5 @@
-"""``d2v convert``: Hugging Face checkpoint directories <-> d2v checkpoints.
+"""``d2v convert``: Hugging Face checkpoint directories <-> d2v checkpoints, and fairseq
+``.pt`` checkpoints -> d2v checkpoints or Hugging Face directories (:mod:`d2v.fairseq`).
 
 A d2v checkpoint is a directory with ``model.safetensors`` (d2v parameter names) and a
 ``spec.yaml`` whose ``model:`` section rebuilds the model -- what a run writes to ``final/``
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import yaml
 from safetensors.torch import save_file
+from torch import nn
 
 from d2v import plugins
 from d2v.errors import SpecError
 from d2v.hf import from_pretrained, get_converter, save_pretrained, write_extra_files
 from d2v.config import resolve_model_section
+from d2v.fairseq import import_fairseq
 from d2v.model import TaskModel, build_model, build_task_model, load_initial_weights
 
 
@@ -39,6 +42,33 @@ def hf_to_d2v(source: Path, destination: Path) -> str:
     return f"wrote d2v checkpoint {destination} ({arch}, {len(state)} tensors)"
 
 
+def _write_d2v(model: nn.Module, spec: dict, destination: Path, extra: dict | None = None) -> int:
+    _fresh(destination)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(destination / "model.safetensors"), metadata={"format": "pt"})
+    for name, content in (extra or {}).items():
+        target = destination / name
+        target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+    (destination / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return len(state)
+
+
+def fairseq_to_d2v(source: Path, destination: Path, options: dict) -> str:
+    model, result = import_fairseq(source, options)
+    spec = {"task": result.task, "description": f"imported from fairseq checkpoint {source}", "model": result.spec}
+    count = _write_d2v(model, spec, destination, result.extra_files)
+    notes = "".join(f"\n  note: {n}" for n in result.notes)
+    return f"wrote d2v checkpoint {destination} ({count} tensors, task {result.task}){notes}"
+
+
+def fairseq_to_hf(source: Path, destination: Path, options: dict) -> str:
+    model, result = import_fairseq(source, options)
+    if result.task == "pretrain" and hasattr(model, "teacher"):
+        model = TaskModel(model.feature_extractor, model.encoder, None).eval()
+    notes = "".join(f"\n  note: {n}" for n in result.notes)
+    return _export_hf(model, source, destination, result.extra_files) + notes
+
+
 def load_d2v_checkpoint(source: Path) -> TaskModel:
     spec_path, weights = source / "spec.yaml", source / "model.safetensors"
     if not (spec_path.exists() and weights.exists()):
@@ -57,21 +87,34 @@ def load_d2v_checkpoint(source: Path) -> TaskModel:
     return model.eval()
 
 
-def d2v_to_hf(source: Path, destination: Path) -> str:
-    model = load_d2v_checkpoint(source)
+def _export_hf(model: nn.Module, source: Path, destination: Path, extra: dict | None = None) -> str:
     registry = plugins.registry()
     for component in registry.components("hf_converter"):
         converter = component.build()
         if getattr(converter, "exports", lambda m: False)(model):
             _fresh(destination)
             save_pretrained(model, destination, converter)
+            for name, content in (extra or {}).items():
+                if not (destination / name).exists():
+                    target = destination / name
+                    target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
             return f"wrote Hugging Face {component.name} checkpoint {destination}"
     known = ", ".join(registry.names("hf_converter"))
-    raise SpecError(f"no Hugging Face architecture matches the model in '{source}' (known: {known}).")
+    raise SpecError(f"no Hugging Face architecture matches the model in '{source}' (known: {known}); "
+                    f"convert it to a d2v checkpoint instead (--to d2v).")
 
 
-def convert(source: str | Path, destination: str | Path, *, to: str) -> str:
+def d2v_to_hf(source: Path, destination: Path) -> str:
+    return _export_hf(load_d2v_checkpoint(source), source, destination)
+
+
+def convert(source: str | Path, destination: str | Path, *, to: str | None, source_format: str = "auto",
+            options: dict | None = None) -> str:
     source, destination = Path(source), Path(destination)
     if not source.exists():
         raise SpecError(f"source '{source}' does not exist.")
+    if source_format == "fairseq" or (source.is_file() and source.suffix == ".pt"):
+        return (fairseq_to_hf if to == "hf" else fairseq_to_d2v)(source, destination, options or {})
+    if to is None:
+        raise SpecError("d2v convert: say --to d2v (from a Hugging Face directory) or --to hf (from a d2v checkpoint).")
     return hf_to_d2v(source, destination) if to == "d2v" else d2v_to_hf(source, destination)

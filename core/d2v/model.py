@@ -217,13 +217,20 @@ def _group_names(names: list[str], depth: int = 2) -> list[str]:
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
-    """Model weights from a d2v run checkpoint directory, a ``.safetensors`` file, or a
-    Hugging Face checkpoint directory (converted to d2v names)."""
+    """Model weights from a d2v run checkpoint directory, a ``.safetensors`` file, a
+    Hugging Face checkpoint directory or a fairseq ``.pt`` file (both converted to d2v names)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return load_file(str(path))
+    if path.is_file() and path.suffix == ".pt":
+        from d2v.fairseq import import_fairseq
+
+        model, result = import_fairseq(path)
+        for note in result.notes:
+            print(f"fairseq import: {note}")
+        return model.state_dict()
     if path.is_dir() and (path / "config.json").exists():
         from d2v.hf import from_pretrained
 
@@ -234,7 +241,8 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
         return read_checkpoint_state(path / (path / "latest").read_text().strip())
     raise SpecError(
         f"model.init.checkpoint: '{path}' is neither a d2v checkpoint (a directory with model.safetensors, "
-        f"e.g. runs/<name>/final) nor a Hugging Face checkpoint directory (with config.json)."
+        f"e.g. runs/<name>/final), a Hugging Face checkpoint directory (with config.json) nor a fairseq "
+        f"checkpoint file (*.pt)."
     )
 
 

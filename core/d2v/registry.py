@@ -28,6 +28,7 @@ KINDS = (
     "optimizer",
     "schedule",
     "hf_converter",
+    "fairseq_converter",
 )
 
 
