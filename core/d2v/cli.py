@@ -2,7 +2,8 @@
 ``d2v_cli_commands``) and ``d2v-run`` (= ``d2v run``).
 
 Bad input (spec, data, checkpoint, plugin) prints one clear message and exits with 2;
-a training collapse exits with 3. Tracebacks are for bugs only.
+a training collapse (or too many non-finite updates in a row) exits with 3; a run stopped by
+SIGTERM / SIGINT / SIGUSR1 after saving a checkpoint exits with 75 (EX_TEMPFAIL: resume it). Tracebacks are for bugs only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from d2v.errors import SpecError, TrainingCollapse
+from d2v.runner.guards import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -92,7 +94,8 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a spec (finetune, pretrain or evaluate)")
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.max_steps=10")
-    p.add_argument("--resume", action="store_true", help="continue the run in trainer.output_dir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in trainer.output_dir from its newest "
+                                                         "intact checkpoint (trainer.resume=auto: only if one exists)")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("check", help="validate a spec without building anything")
@@ -151,6 +154,9 @@ def main(argv: list[str] | None = None, prog: str = "d2v") -> int:
     except TrainingCollapse as exc:
         print(f"{prog}: training stopped: {exc}", file=sys.stderr)
         return 3
+    except Preempted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; completed checkpoints are kept (resume with --resume).", file=sys.stderr)
         return 130

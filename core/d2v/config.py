@@ -68,6 +68,11 @@ class TrainerConfig:
     progress_bar: bool = True
     trackers: list = dataclasses.field(default_factory=list)
     cpu: bool = False
+    #: how many skipped (non-finite) updates in a row stop the run
+    max_bad_steps: int = 20
+    #: ``auto``: continue from the newest good checkpoint when one exists, else start fresh
+    #: (what a requeued cluster job needs); ``true``: the same as ``--resume``
+    resume: bool | str = False
 
 
 @dataclasses.dataclass
@@ -329,6 +334,26 @@ class Validator:
             if expected:
                 self.error(f"{path}.{key}", f"expected {expected}, got {type(value).__name__} {value!r}.")
 
+    def trainer_values(self, node: Any) -> None:
+        """Values the runner would reject later, caught before anything is built."""
+        if not isinstance(node, dict):
+            return
+        choices = {"mixed_precision": ("no", "fp16", "bf16"), "resume": (False, True, "auto")}
+        for key, allowed in choices.items():
+            if key in node and node[key] not in allowed:
+                shown = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+                self.error(f"trainer.{key}", f"expected one of {shown}; got {node[key]!r}"
+                           + (" (full precision is 'no')." if key == "mixed_precision" else "."))
+        minimum = {"max_steps": 1, "grad_accum": 1, "log_every": 1, "max_bad_steps": 1,
+                   "keep_last": 0, "save_every": 0, "eval_every": 0, "clip_norm": 0}
+        for key, low in minimum.items():
+            value = node.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+                self.error(f"trainer.{key}", f"must be >= {low}, got {value}.")
+        output_dir = node.get("output_dir")
+        if isinstance(output_dir, str) and Path(output_dir).exists() and not Path(output_dir).is_dir():
+            self.error("trainer.output_dir", f"'{output_dir}' is a file; choose a directory path.")
+
     def keys(self, node: dict, allowed: tuple[str, ...], path: str) -> None:
         for key in node:
             if key not in allowed:
@@ -403,6 +428,7 @@ class Validator:
             if "schedule" in spec:
                 self.component("schedule", spec["schedule"], "schedule")
         self.dataclass_section(TrainerConfig, spec.get("trainer"), "trainer")
+        self.trainer_values(spec.get("trainer"))
         self.dataclass_section(EvaluateConfig, spec.get("evaluate"), "evaluate")
         if task == "evaluate" and not (spec.get("evaluate") or {}).get("checkpoint") and not (
             isinstance(model, dict) and model.get("init")

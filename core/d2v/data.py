@@ -8,6 +8,7 @@ uninterrupted run would have seen, whatever the number of workers.
 from __future__ import annotations
 
 import inspect
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,17 +125,33 @@ class ProcessedDataset(Dataset):
 class Collate:
     """The processor's collate plus an optional batch transform (e.g. data2vec 2.0 masks).
 
+    A transform that takes ``rng`` gets a numpy generator seeded by ``(seed, epoch, the batch's
+    example ids)``, so its randomness does not depend on which worker (or how many batches
+    before it in this process) made the batch: a resumed run draws the same masks.
     A plain object (not a closure) so it pickles into worker processes.
     """
 
-    def __init__(self, collate: Callable, transform: Callable | None = None):
+    def __init__(self, collate: Callable, transform: Callable | None = None, seed: int = 0):
         self.collate = collate
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self._transform_takes_rng = transform is not None and "rng" in inspect.signature(transform).parameters
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batch_rng(self, batch: dict) -> np.random.Generator:
+        key = zlib.crc32("\x1f".join(str(i) for i in batch.get("ids", ())).encode())
+        return np.random.default_rng([self.seed, self.epoch, key])
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate(examples)
         if self.transform is not None:
-            batch = self.transform(batch)
+            if self._transform_takes_rng:
+                batch = self.transform(batch, rng=self.batch_rng(batch))
+            else:
+                batch = self.transform(batch)
         return batch
 
 
@@ -203,7 +220,7 @@ def make_loader(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bo
     return DataLoader(
         ProcessedDataset(dataset, processor, train=train, seed=seed),
         batch_sampler=sampler,
-        collate_fn=Collate(processor.collate, transform),
+        collate_fn=Collate(processor.collate, transform, seed),
         num_workers=loader.num_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
@@ -216,6 +233,6 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     sampler = getattr(loader, "batch_sampler", None)
-    for obj in (sampler, getattr(sampler, "batch_sampler", None), loader.dataset):
+    for obj in (sampler, getattr(sampler, "batch_sampler", None), loader.dataset, loader.collate_fn):
         if obj is not None and hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)

@@ -128,12 +128,16 @@ class Data2Vec2Masks:
         valid = self.lengths_fn((~padding_mask.bool()).sum(-1)).clamp(min=1)
         return length, torch.arange(length)[None, :] >= valid[:, None]
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, Any], rng: Any = None) -> dict[str, Any]:
+        """``rng``: a numpy generator for the masks (the loader's ``Collate`` passes one seeded
+        by seed, epoch and the batch's ids, so a resumed run draws the same masks); without it,
+        a seed drawn from torch's RNG."""
         inputs = batch["inputs"]
         length, pad = self.frame_padding(inputs, batch.get("padding_mask"))
         B, M = inputs.shape[0], self.clone_batch
         rows_pad = None if pad is None else pad.repeat_interleave(M, 0)
-        mask = sample_masks(self.masking, B * M, length, rows_pad, rng=mask_seed(), grid=self.grid)
+        mask = sample_masks(self.masking, B * M, length, rows_pad, rng=mask_seed() if rng is None else rng,
+                            grid=self.grid)
         out = dict(batch)
         out["precomputed_mask"] = mask.view(B, M, length)
         return out

@@ -216,6 +216,16 @@ def _group_names(names: list[str], depth: int = 2) -> list[str]:
     return [f"{k}.* ({n})" if n > 1 else k for k, n in sorted(groups.items())]
 
 
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 -- SafetensorError, OSError, ...: one clear message
+        raise SpecError(f"'{path}' ({path.stat().st_size} bytes) cannot be read: {type(exc).__name__}: {exc}. "
+                        f"The file is damaged or truncated; use an intact checkpoint.") from None
+
+
 def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     """Model weights from a d2v run checkpoint directory, a ``.safetensors`` file, a
     Hugging Face checkpoint directory or a fairseq ``.pt`` file (both converted to d2v names)."""
@@ -223,7 +233,7 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        return load_file(str(path))
+        return _load_safetensors(path)
     if path.is_file() and path.suffix == ".pt":
         from d2v.fairseq import import_fairseq
 
@@ -236,7 +246,7 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
 
         return from_pretrained(path).model.state_dict()
     if path.is_dir() and (path / "model.safetensors").exists():
-        return load_file(str(path / "model.safetensors"))
+        return _load_safetensors(path / "model.safetensors")
     if path.is_dir() and (path / "latest").exists():
         return read_checkpoint_state(path / (path / "latest").read_text().strip())
     raise SpecError(
@@ -246,7 +256,11 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     )
 
 
-def load_initial_weights(model: nn.Module, checkpoint: str | Path, *, strict: bool = False) -> InitReport:
+def load_initial_weights(model: nn.Module, checkpoint: str | Path, *, strict: bool = False,
+                         allow_mismatch: bool = False) -> InitReport:
+    """Copy the weights of ``checkpoint`` that match ``model`` by name and shape. A checkpoint
+    whose tensors mostly do not fit (more than a tenth shape-mismatched, or fewer loaded than
+    left new) is almost always the wrong file, so it needs ``allow_mismatch``."""
     state = read_checkpoint_state(checkpoint)
     own = model.state_dict()
     loadable, mismatched = {}, []
@@ -270,6 +284,10 @@ def load_initial_weights(model: nn.Module, checkpoint: str | Path, *, strict: bo
         raise SpecError(f"model.init (strict): checkpoint does not match the model exactly.\n{report.summary()}")
     if not loadable:
         raise SpecError(f"model.init: no tensor of '{checkpoint}' matches the model by name and shape.\n{report.summary()}")
+    mostly_wrong = len(report.mismatched) > max(2, 0.1 * (len(report.loaded) + len(report.mismatched)))
+    if (mostly_wrong or len(report.loaded) < len(report.new)) and not allow_mismatch:
+        raise SpecError(f"model.init: '{checkpoint}' fits the model badly (is it the right checkpoint?); set "
+                        f"model.init.allow_mismatch: true to load the matching tensors anyway.\n{report.summary()}")
     with torch.no_grad():
         for key, value in loadable.items():
             own[key].copy_(value)

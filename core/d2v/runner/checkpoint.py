@@ -43,15 +43,46 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def resume_candidates(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first (the ``latest`` pointer's one leading)."""
     root = checkpoints_dir(output_dir)
+    if not root.exists():
+        return []
+    complete = sorted((p for p in root.glob("step-*") if (p / TRAINER_STATE).exists()), reverse=True)
     pointer = root / "latest"
     if pointer.exists():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / TRAINER_STATE).exists():
-            return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).exists()) if root.exists() else []
-    return complete[-1] if complete else None
+        named = root / pointer.read_text().strip()
+        if named in complete:
+            complete.remove(named)
+            complete.insert(0, named)
+    return complete
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    candidates = resume_candidates(output_dir)
+    return candidates[0] if candidates else None
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the records of steps after ``step`` (written before a kill, redone after the
+    resume), so ``metrics.jsonl`` never repeats a step. Returns how many were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            record_step = None  # a line cut short by the kill
+            dropped += 1
+            continue
+        if isinstance(record_step, int) and record_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -60,20 +91,25 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(output_dir: Path, *, resume: bool) -> Path | None:
+def prepare_run_dir(output_dir: Path, *, resume: bool | str) -> list[Path] | None:
     """Create the run directory; refuse to overwrite an existing run unless resuming.
 
-    Returns the checkpoint to resume from (``None`` for a fresh run).
+    Returns the checkpoints to try resuming from, newest first (``None`` for a fresh run).
+    ``resume="auto"`` resumes when a checkpoint exists and starts fresh otherwise.
     """
-    existing = latest_checkpoint(output_dir)
+    candidates = resume_candidates(output_dir)
+    if resume == "auto" and not candidates and not (output_dir / "final").exists():
+        resume = False
+    elif resume == "auto":
+        resume = True
     if resume:
-        if existing is None:
+        if not candidates:
             raise SpecError(
                 f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}; "
                 f"run without --resume to start fresh."
             )
-        return existing
-    if existing is not None or (output_dir / "final").exists():
+        return candidates
+    if candidates or (output_dir / "final").exists():
         raise SpecError(
             f"trainer.output_dir '{output_dir}' already holds a run (checkpoints or final weights). "
             f"Pass --resume to continue it, or choose another trainer.output_dir; nothing was overwritten."
@@ -82,8 +118,10 @@ def prepare_run_dir(output_dir: Path, *, resume: bool) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """Save accelerate state + trainer state atomically and prune old checkpoints."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, keep_last: int,
+                    protect: Path | None = None) -> Path:
+    """Save accelerate state + trainer state atomically and prune old checkpoints (never
+    ``protect``: the newest checkpoint known to train on)."""
     root = checkpoints_dir(output_dir)
     name = f"step-{step:08d}"
     final = root / name
@@ -103,10 +141,30 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dic
         write_text_atomic(root / "latest", name)
         if keep_last > 0:
             old = sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]
-            for path in old:
+            for path in (p for p in old if p != protect):
                 shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def quarantine_after(output_dir: Path, good: Path | None) -> list[Path]:
+    """Rename the checkpoints newer than ``good`` to ``suspect-step-*`` (kept for inspection,
+    never resumed from) and point ``latest`` at ``good``: they were saved by a run that then
+    could not take a single good update, so their weights are finite but unusable."""
+    root = checkpoints_dir(output_dir)
+    moved = []
+    for path in sorted(root.glob("step-*")) if root.exists() else []:
+        if path.is_dir() and (good is None or path.name > good.name):
+            target = root / f"suspect-{path.name}"
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            moved.append(target)
+    if good is not None:
+        write_text_atomic(root / "latest", good.name)
+    elif (root / "latest").exists():
+        (root / "latest").unlink()
+    return moved
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

@@ -27,7 +27,9 @@ from d2v.data import Collate, ProcessedDataset, batch_sampler_for, filter_traini
 from d2v.errors import SpecError, TrainingCollapse
 from d2v.interfaces import Head
 from d2v.model import build_component, build_model, load_initial_weights
-from d2v.runner.checkpoint import load_trainer_state, prepare_run_dir, save_checkpoint, write_text_atomic
+from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quarantine_after, save_checkpoint,
+                                   trim_metrics, write_text_atomic)
+from d2v.runner.guards import BadUpdates, Preempted, RunLock, StopSignals
 
 
 def add_counts(totals: dict[str, Any], counts: dict[str, Any]) -> None:
@@ -69,7 +71,7 @@ class MetricsLog:
 class Run:
     """Everything built from a spec, ready to train or evaluate."""
 
-    def __init__(self, spec: Spec, *, resume: bool = False):
+    def __init__(self, spec: Spec, *, resume: bool | str = False):
         validate(spec)
         self.spec = spec
         self.task = spec.get("task", "finetune")
@@ -87,11 +89,26 @@ class Run:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.is_main = self.accelerator.is_main_process
-        self.resume_from = None
+        self.resume_from: list[Path] | None = None
+        self.lock = None
         if self.task != "evaluate":
-            self.resume_from = prepare_run_dir(self.output_dir, resume=resume)
+            if self.is_main:  # before looking at the directory: two jobs must not both pass the check
+                self.lock = RunLock(self.output_dir).acquire()
+            resume = resume or self.trainer.resume
+            try:
+                self.resume_from = prepare_run_dir(self.output_dir, resume=resume)
+            except BaseException:
+                self.release()
+                raise
         else:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._build(spec)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, spec: Spec) -> None:
         set_seed(self.seed)
         self.registry = plugins.registry()
         data = spec["data"]
@@ -106,9 +123,16 @@ class Run:
         check_vocabulary(self.processor, self.model)
         init = (spec["model"] or {}).get("init")
         if init and not self.resume_from:
-            report = load_initial_weights(self.model, init["checkpoint"], strict=bool(init.get("strict", False)))
+            report = load_initial_weights(self.model, init["checkpoint"], strict=bool(init.get("strict", False)),
+                                          allow_mismatch=bool(init.get("allow_mismatch", False)))
             self.print(report.summary())
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
+
+    def release(self) -> None:
+        """Let another job use the run directory."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _eval_split(self) -> str:
         return EvaluateConfig(**(self.spec.get("evaluate") or {})).split
@@ -138,11 +162,15 @@ class Run:
             if self.is_main:
                 write_text_atomic(self.output_dir / "spec.yaml", dump_spec(self.spec))
         else:
-            acc.load_state(str(self.resume_from))
-            state = load_trainer_state(self.resume_from)
-            self.print(f"resuming from {self.resume_from} at step {state['step']}")
+            spec_lrs = list(getattr(getattr(scheduler, "scheduler", scheduler), "base_lrs", []) or [])
+            checkpoint = self._load_newest_intact(self.resume_from)
+            state = load_trainer_state(checkpoint)
+            self._apply_spec_lr(scheduler, spec_lrs)
+            self.print(f"resuming from {checkpoint} at step {state['step']}")
             self._keep_original_spec(state["step"])
-            self.log.write({"event": "resume", "step": state["step"]})
+            if self.is_main:
+                trim_metrics(self.output_dir / "metrics.jsonl", state["step"])
+            self.log.write({"event": "resume", "step": state["step"], "checkpoint": checkpoint.name})
         if cfg.trackers:
             acc.init_trackers(self.output_dir.name, config={"task": self.task, "seed": self.seed})
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -155,74 +183,194 @@ class Run:
         window_start = time.perf_counter()
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not (self.is_main and cfg.progress_bar), desc=self.task)
         last_eval: dict[str, float] = {}
+        bad_updates = BadUpdates(cfg.max_bad_steps)
+        # the newest checkpoint saved, and the newest one an update then trained on successfully
+        # (finite weights can still be unusable: only the second kind is "good")
+        self._last_saved = self._verified = checkpoint if self.resume_from is not None else None
+        bad_loss: str | None = None  # why the update being accumulated must be skipped
+
+        def trainer_state() -> dict[str, int]:
+            return {"step": step, "epoch": epoch, "batches_in_epoch": done_in_epoch}
+
         if cfg.eval_before_training and step == 0 and "valid" in self.datasets:
             self.evaluate_split("valid", model, step=0)  # the untrained baseline, for comparison
         model.train()
         try:
-            while step < cfg.max_steps:
-                set_epoch(train_loader, epoch)
-                batches = acc.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
-                for batch in batches:
-                    with acc.accumulate(model):
-                        out = model(batch)
-                        loss = out.loss
-                        if not torch.isfinite(loss):
-                            raise TrainingCollapse(
-                                f"the loss is {loss.item()} at step {step}; lower optim.lr, enable trainer.clip_norm, "
-                                f"or check the data (empty transcripts, silent audio)."
-                            )
-                        acc.backward(loss)
-                        if acc.sync_gradients:
-                            max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
-                            window["grad_norm"] += float(acc.clip_grad_norm_(trainable, max_norm))
-                        optimizer.step()
-                        if acc.sync_gradients:
-                            scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    done_in_epoch += 1
-                    window["loss"] += float(loss.detach())
-                    window["micro_batches"] += 1
-                    window["examples"] += len(batch.get("ids", ())) or int(batch["inputs"].shape[0])
-                    for key, value in (getattr(out, "logs", None) or {}).items():
-                        if key != "loss":  # the loss is already counted above
-                            window[key] += float(value)
-                    if not acc.sync_gradients:
-                        continue
-                    step += 1
-                    window["steps"] += 1
-                    unwrapped = acc.unwrap_model(model)
-                    if hasattr(unwrapped, "after_optimizer_step"):
-                        unwrapped.after_optimizer_step(step)
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == cfg.max_steps:
-                        record = self._train_record(window, step, epoch, scheduler, time.perf_counter() - window_start)
-                        bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
-                        self.log.write(record)
-                        if cfg.trackers:
-                            acc.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-                        window, window_start = defaultdict(float), time.perf_counter()
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and "valid" in self.datasets:
-                        last_eval = self.evaluate_split("valid", model, step=step)
-                        model.train()
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                        save_checkpoint(acc, self.output_dir, step,
-                                        {"step": step, "epoch": epoch, "batches_in_epoch": done_in_epoch}, cfg.keep_last)
-                    if step >= cfg.max_steps:
-                        break
-                else:
-                    epoch, done_in_epoch = epoch + 1, 0
+            with StopSignals() as signals:
+                while step < cfg.max_steps:
+                    set_epoch(train_loader, epoch)
+                    batches = acc.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
+                    for batch in batches:
+                        with acc.accumulate(model):
+                            out = model(batch)
+                            loss = out.loss
+                            loss_value = float(loss.detach())
+                            if not math.isfinite(loss_value):
+                                bad_loss = bad_loss or f"loss {loss_value} on {self._batch_names(batch)}"
+                            # backward even on a bad loss: every process must join the gradient all-reduce
+                            acc.backward(loss)
+                            skip_reason = None
+                            if acc.sync_gradients:
+                                skip_reason = self._apply_update(optimizer, trainable, bad_loss, window)
+                                if skip_reason is None:
+                                    scheduler.step()
+                                optimizer.zero_grad(set_to_none=True)
+                                bad_loss = None
+                        done_in_epoch += 1
+                        if math.isfinite(loss_value):
+                            window["loss"] += loss_value
+                            window["micro_batches"] += 1
+                            window["examples"] += len(batch.get("ids", ())) or int(batch["inputs"].shape[0])
+                            for key, value in (getattr(out, "logs", None) or {}).items():
+                                if key != "loss":  # the loss is already counted above
+                                    window[key] += float(value)
+                        if not acc.sync_gradients:
+                            continue
+                        if skip_reason is not None:
+                            window["skipped_updates"] += 1
+                            self.log.write({"event": "skipped_update", "step": step, "reason": skip_reason})
+                            self.print(f"skipped the update after step {step}: {skip_reason}")
+                            bad_updates.skipped(step, skip_reason, self._verified)
+                        else:
+                            bad_updates.ok()
+                            self._verified = self._last_saved or self._verified
+                            step += 1
+                            window["steps"] += 1
+                            unwrapped = acc.unwrap_model(model)
+                            if hasattr(unwrapped, "after_optimizer_step"):
+                                unwrapped.after_optimizer_step(step)
+                            bar.update(1)
+                        if skip_reason is None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                            record = self._train_record(window, step, epoch, scheduler, time.perf_counter() - window_start)
+                            bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
+                            self.log.write(record)
+                            if cfg.trackers:
+                                acc.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+                            window, window_start = defaultdict(float), time.perf_counter()
+                        if skip_reason is None:
+                            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and "valid" in self.datasets:
+                                last_eval = self.evaluate_split("valid", model, step=step)
+                                model.train()
+                            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                                self._save_checkpoint(model, trainer_state())
+                        if self._stop_requested(signals):
+                            saved = self._save_checkpoint(model, trainer_state())
+                            self.log.write({"event": "preempted", "step": step, "signal": signals.received})
+                            raise Preempted(
+                                f"{signals.received} received: stopped after step {step} and saved {saved}. "
+                                f"Continue with --resume (or trainer.resume=auto).", saved)
+                        if step >= cfg.max_steps:
+                            break
+                    else:
+                        epoch, done_in_epoch = epoch + 1, 0
         except TrainingCollapse as exc:
             bar.close()
-            raise TrainingCollapse(f"{exc}\nThe last good checkpoint (if any) is in {self.output_dir / 'checkpoints'}.") from None
-        bar.close()
-        save_checkpoint(acc, self.output_dir, step, {"step": step, "epoch": epoch, "batches_in_epoch": done_in_epoch},
-                        cfg.keep_last)
+            good = self._verified
+            if self.is_main:
+                moved = quarantine_after(self.output_dir, good)
+                if moved:
+                    self.print(f"checkpoints saved after the last good update were renamed: "
+                               f"{', '.join(p.name for p in moved)}")
+            where = f"The last good checkpoint is {good}." if good else "No checkpoint was written yet."
+            raise TrainingCollapse(f"{exc}\n{where}") from None
+        finally:
+            bar.close()
+            self.release()
+        self._save_checkpoint(model, trainer_state())
         self.save_final(model)
         if "valid" in self.datasets:
             last_eval = self.evaluate_split("valid", model, step=step)
         if cfg.trackers:
             acc.end_training()
         return last_eval
+
+    # ------------------------------------------------------------------ guarded steps
+
+    def _apply_update(self, optimizer, trainable, bad_loss: str | None, window: dict[str, float]) -> str | None:
+        """Clip and step, unless the loss or the gradient norm is not finite; returns why the
+        update was skipped (``None`` when it was applied). Every process reaches the same
+        decision: the gradient norm is computed after the all-reduce, and the loss flag is summed."""
+        acc, cfg = self.accelerator, self.trainer
+        max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
+        grad_norm = float(acc.clip_grad_norm_(trainable, max_norm))
+        reason = bad_loss
+        if acc.num_processes > 1:
+            flag = acc.reduce(torch.tensor([1.0 if bad_loss else 0.0], device=acc.device), reduction="sum")
+            if float(flag) > 0 and reason is None:
+                reason = "a non-finite loss on another process"
+        if reason is None and not math.isfinite(grad_norm):
+            reason = f"gradient norm {grad_norm}"
+        if reason is not None and acc.scaler is None:
+            return reason
+        optimizer.step()  # with fp16 the grad scaler skips a non-finite step itself and lowers its scale
+        if getattr(optimizer, "step_was_skipped", False):
+            return reason or "fp16 overflow (the grad scaler lowered its loss scale)"
+        if reason is not None:
+            return reason
+        window["grad_norm"] += grad_norm
+        return None
+
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        requested = signals.received is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if requested else 0.0], device=self.accelerator.device)
+            requested = float(self.accelerator.reduce(flag, reduction="sum")) > 0
+            if requested:
+                signals.received = signals.received or "a stop signal (on another process)"
+        return requested
+
+    @staticmethod
+    def _batch_names(batch: dict[str, Any]) -> str:
+        ids = [str(i) for i in batch.get("ids", ())]
+        shown = ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
+        return f"the batch of {shown}" if ids else "this batch"
+
+    def _save_checkpoint(self, model, trainer_state: dict[str, int]) -> Path:
+        """Save, but never non-finite weights: they would replace the last good checkpoint."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        broken = [name for name, p in unwrapped.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:
+            raise TrainingCollapse(
+                f"the weights became non-finite at step {trainer_state['step']} ({len(broken)} tensors, e.g. "
+                f"{', '.join(broken[:3])}); nothing was saved. Resume with a lower optim.lr or trainer.clip_norm > 0."
+            )
+        self._last_saved = save_checkpoint(self.accelerator, self.output_dir, trainer_state["step"], trainer_state,
+                                           self.trainer.keep_last, protect=self._verified)
+        return self._last_saved
+
+    def _apply_spec_lr(self, scheduler, spec_lrs: list[float] | None) -> None:
+        """A checkpoint restores the learning rate it was saved with; resuming with another
+        ``optim.lr`` (the usual cure for a diverging run) should take effect, so the spec's
+        base rates replace the saved ones and the schedule continues from there."""
+        inner = getattr(scheduler, "scheduler", scheduler)
+        saved = list(getattr(inner, "base_lrs", []) or [])
+        if not spec_lrs or not saved or saved == spec_lrs or not hasattr(inner, "lr_lambdas"):
+            return
+        inner.base_lrs = list(spec_lrs)
+        for group, base, factor in zip(inner.optimizer.param_groups, spec_lrs, inner.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(inner.last_epoch)
+        inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
+        self.print(f"optim.lr differs from the checkpoint's ({saved[0]:.3g} -> {spec_lrs[0]:.3g}); using the spec's")
+
+    def _load_newest_intact(self, candidates: list[Path]) -> Path:
+        """Load the newest checkpoint that reads; report each damaged one by name and reason."""
+        problems = []
+        for checkpoint in candidates:
+            try:
+                self.accelerator.load_state(str(checkpoint))
+                load_trainer_state(checkpoint)
+            except Exception as exc:  # noqa: BLE001 -- any unreadable file means: try the older one
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                problems.append(f"{checkpoint.name} ({reason})")
+                self.print(f"checkpoint {checkpoint} cannot be loaded ({reason}); trying an older one")
+                continue
+            if problems:
+                self.print(f"resuming from {checkpoint.name}, the newest intact checkpoint "
+                           f"(skipped damaged: {'; '.join(problems)})")
+            return checkpoint
+        raise SpecError(f"--resume: no checkpoint under {self.output_dir / 'checkpoints'} can be loaded: "
+                        f"{'; '.join(problems)}. Start a fresh run in another trainer.output_dir.")
 
     def _keep_original_spec(self, step: int) -> None:
         """A resumed run never overwrites the spec it started with; a changed spec is saved beside it."""
@@ -242,7 +390,9 @@ class Run:
                                   "lr": float(scheduler.get_last_lr()[0]),
                                   "grad_norm": window["grad_norm"] / max(1.0, window["steps"]),
                                   "examples_per_second": float(totals[2]) / max(seconds, 1e-9)}
-        skip = {"loss", "micro_batches", "examples", "grad_norm", "steps"}
+        if window.get("skipped_updates"):
+            record["skipped_updates"] = int(window["skipped_updates"])
+        skip = {"loss", "micro_batches", "examples", "grad_norm", "steps", "skipped_updates"}
         for key, value in window.items():
             if key not in skip:
                 record[key] = value / max(1.0, window["micro_batches"])
@@ -342,7 +492,7 @@ class Run:
         return metrics
 
 
-def run(spec: Spec, *, resume: bool = False) -> dict[str, float]:
+def run(spec: Spec, *, resume: bool | str = False) -> dict[str, float]:
     """Run a spec (train, pretrain or evaluate) and return the final evaluation metrics."""
     runner = Run(spec, resume=resume)
     if runner.task == "evaluate":

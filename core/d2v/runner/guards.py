@@ -1,0 +1,118 @@
+"""What keeps a long run from losing work: skipped bad updates, preemption signals, one writer.
+
+* :class:`BadUpdates` -- an update whose loss or gradient norm is not finite (or that the fp16
+  grad scaler skipped) changes nothing: no optimizer step, no schedule step, no step count, no
+  EMA. Too many in a row stop the run (the weights are then still the last good ones).
+* :class:`StopSignals` -- SIGTERM (what SLURM and cloud schedulers send before killing a job),
+  SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) ask the run to stop after the current
+  update; the runner then writes a checkpoint and exits with :data:`PREEMPTED_EXIT_CODE`.
+* :class:`RunLock` -- an exclusive ``flock`` on ``<output_dir>/.lock`` so two jobs never write
+  into one run directory; the kernel drops it when the process dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+
+from d2v.errors import SpecError, TrainingCollapse
+
+#: exit status of a run that stopped on a signal after saving (EX_TEMPFAIL: "try again")
+PREEMPTED_EXIT_CODE = 75
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class BadUpdates:
+    """Counts skipped updates; raises after ``max_in_a_row`` consecutive ones."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = int(max_in_a_row)
+        self.in_a_row = 0
+        self.total = 0
+
+    def skipped(self, step: int, reason: str, last_good: Path | None) -> None:
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.max_in_a_row:
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            raise TrainingCollapse(
+                f"{self.in_a_row} updates in a row were skipped after step {step} ({reason}); {where}. "
+                f"Resume from it with a lower optim.lr or trainer.clip_norm > 0 (trainer.max_bad_steps "
+                f"sets how many skipped updates in a row are tolerated)."
+            )
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+
+class StopSignals:
+    """Context manager: records the first stop signal instead of dying on it; a second Ctrl-C
+    interrupts at once (the checkpoint being written is atomic, so nothing is damaged)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = self.received or name
+
+    def __enter__(self) -> "StopSignals":
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                try:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+                except ValueError:  # not the main thread (e.g. a notebook's worker thread)
+                    pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class RunLock:
+    """Exclusive lock on a run directory for as long as the run lives."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SpecError(
+                f"trainer.output_dir '{self.path.parent}' is in use by {holder}; two runs must not write into one "
+                f"directory. Wait for it to finish (or stop it), or choose another trainer.output_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
