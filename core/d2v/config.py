@@ -73,6 +73,9 @@ class TrainerConfig:
     #: ``auto``: continue from the newest good checkpoint when one exists, else start fresh
     #: (what a requeued cluster job needs); ``true``: the same as ``--resume``
     resume: bool | str = False
+    #: DDP's find_unused_parameters; ``auto``: on only when LayerDrop is on or a probe batch
+    #: leaves a trainable parameter without gradient (it costs a graph traversal per step)
+    find_unused_parameters: bool | str = "auto"
 
 
 @dataclasses.dataclass
@@ -127,8 +130,13 @@ class Spec(dict):
 
     source: str = "<spec>"
     lines: dict[str, int]
+    #: ``key.path -> "key.path=value"`` for values set on the command line
+    overridden: dict[str, str]
 
     def where(self, path: str) -> str:
+        override = (getattr(self, "overridden", None) or {}).get(path)
+        if override is not None:
+            return f"command-line override '{override}': {path}"
         line = self.lines.get(path) if hasattr(self, "lines") else None
         return f"{self.source}:{line}: {path}" if line else f"{self.source}: {path}"
 
@@ -149,8 +157,10 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     spec = Spec(data)
     spec.source = str(path)
     spec.lines = lines
+    spec.overridden = {}
     for item in overrides:
         apply_override(spec, item)
+        spec.overridden[item.partition("=")[0]] = item
     return spec
 
 
@@ -236,6 +246,14 @@ def _type_ok(value: Any, annotation: Any, default: Any) -> str | None:
 
 _SIMPLE = (bool, int, float, str, list, tuple, dict)
 
+#: parameter names that are sizes or counts of something the model must have at least one of
+_SIZE_NAMES = re.compile(r"^(dim|layers|heads|ffn_dim|vocab_size|clone_batch|top_k|patch_size|image_size|"
+                         r"num_labels|(.+_)?(dim|heads|kernel|stride|groups))$")
+
+
+def _is_size(name: str) -> bool:
+    return bool(_SIZE_NAMES.match(name))
+
 
 def _expected_types(annotation: Any, default: Any) -> tuple[type, ...]:
     if isinstance(annotation, str):
@@ -280,8 +298,9 @@ class Validator:
             self.error(path, f"expected a mapping with 'name:' naming a {kind}, got {node!r}.")
             return
         name = node.get("name")
-        if name is None:
-            self.error(path, f"missing 'name:' (which {kind}?). Available: {', '.join(self.registry.names(kind)) or 'none'}.")
+        if name is None or not isinstance(name, str):
+            what = "missing 'name:'" if name is None else f"'name:' must be a string, got {name!r}"
+            self.error(path, f"{what} (which {kind}?). Available: {', '.join(self.registry.names(kind)) or 'none'}.")
             return
         try:
             comp = self.registry.get(kind, name)
@@ -313,6 +332,8 @@ class Validator:
             expected = _type_ok(value, param.annotation, param.default)
             if expected:
                 self.error(key_path, f"expected {expected}, got {type(value).__name__} {value!r}.")
+            elif _is_size(key) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                self.error(key_path, f"a size or count must be >= 1, got {value}.")
         for pname, param in params.items():
             if param.default is inspect.Parameter.empty and pname not in node and pname not in injected:
                 self.error(path, f"{kind} '{name}' needs parameter '{pname}'.")
@@ -338,7 +359,8 @@ class Validator:
         """Values the runner would reject later, caught before anything is built."""
         if not isinstance(node, dict):
             return
-        choices = {"mixed_precision": ("no", "fp16", "bf16"), "resume": (False, True, "auto")}
+        choices = {"mixed_precision": ("no", "fp16", "bf16"), "resume": (False, True, "auto"),
+                   "find_unused_parameters": (False, True, "auto")}
         for key, allowed in choices.items():
             if key in node and node[key] not in allowed:
                 shown = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)

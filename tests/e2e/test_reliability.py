@@ -150,3 +150,28 @@ def test_check_rejects_an_output_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["check", str(ASR), f"trainer.output_dir={tmp_path / 'f'}"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process_accumulating_the_same_global_batch(tmp_path):
+    """Accelerate hands process i the batches i, i+2, ...; one process accumulating two batches
+    per update sees the same global batch, so with randomness off the weights agree."""
+    import os
+    import subprocess
+    import sys
+
+    no_randomness = ["model.encoder.dropout=0", "model.encoder.attention_dropout=0", "model.encoder.activation_dropout=0",
+                     "model.encoder.mask_time_prob=0", "model.head.final_dropout=0",
+                     "model.feature_extractor.feat_proj_dropout=0", "data.loader.batch_size=4",
+                     "data.loader.max_batch_seconds=null", "trainer.max_steps=3", "trainer.eval_every=0",
+                     "trainer.eval_before_training=false", "data.valid.max_examples=4"] + QUIET
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "d2v.cli", "run"]
+    two = subprocess.run([*launch, str(ASR), *no_randomness, f"trainer.output_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["run", str(ASR), *no_randomness, "trainer.grad_accum=2", f"trainer.output_dir={tmp_path / 'one'}"]) == 0
+    a = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

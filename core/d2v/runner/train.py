@@ -86,7 +86,7 @@ class Run:
             step_scheduler_with_optimizer=False,
             log_with=self.trainer.trackers or None,
             project_dir=str(self.output_dir),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # see _set_find_unused_parameters
         )
         self.is_main = self.accelerator.is_main_process
         self.resume_from: list[Path] | None = None
@@ -156,6 +156,7 @@ class Run:
         schedule_node = self.spec.get("schedule") or {"name": "constant"}
         scheduler = build_component(self.registry, "schedule", schedule_node, "schedule",
                                     optimizer=optimizer, total_steps=cfg.max_steps)
+        self._set_find_unused_parameters(train_set, transform)
         model, optimizer, train_loader, scheduler = acc.prepare(self.model, optimizer, train_loader, scheduler)
         state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
         if self.resume_from is None:
@@ -283,6 +284,31 @@ class Run:
         if cfg.trackers:
             acc.end_training()
         return last_eval
+
+    def _set_find_unused_parameters(self, train_set, transform) -> None:
+        """Tell DDP to look for unused parameters only when some can be unused: LayerDrop, or
+        parameters a probe batch leaves without gradient (e.g. a pooler the head ignores)."""
+        acc, setting = self.accelerator, self.trainer.find_unused_parameters
+        if acc.num_processes == 1 or acc.ddp_handler is None:
+            return
+        if setting == "auto":
+            layerdrop = any(float(getattr(m, "layerdrop", 0) or 0) > 0 for m in self.model.modules())
+            setting = layerdrop or bool(self._unused_parameters(train_set, transform))
+        acc.ddp_handler.find_unused_parameters = bool(setting)
+
+    def _unused_parameters(self, train_set, transform) -> list[str]:
+        """Trainable parameters one training batch leaves without gradient (RNG untouched)."""
+        indices = next(iter(batch_sampler_for(train_set, self.processor, self.loader_cfg, train=True,
+                                              seed=self.seed, where="data.train")))
+        dataset = ProcessedDataset(train_set, self.processor, train=True, seed=self.seed)
+        batch = Collate(self.processor.collate, transform, self.seed)([dataset[i] for i in indices])
+        model = self.model
+        with torch.random.fork_rng(devices=[]):
+            model.train()
+            model(send_to_device(batch, self.accelerator.device)).loss.backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        model.zero_grad(set_to_none=True)
+        return unused
 
     # ------------------------------------------------------------------ guarded steps
 
