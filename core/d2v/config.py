@@ -25,7 +25,7 @@ from d2v.registry import KINDS, Registry, did_you_mean
 TASKS = ("finetune", "pretrain", "evaluate")
 TOP_LEVEL = ("task", "seed", "description", "model", "data", "optim", "schedule", "trainer", "evaluate")
 MODEL_KEYS = ("preset", "feature_extractor", "encoder", "head", "objective", "init", "freeze")
-DATA_KEYS = ("processor", "train", "valid", "test", "loader")
+DATA_KEYS = ("processor", "train", "valid", "test", "loader", "on_bad_example")
 DATA_SPLITS = ("train", "valid", "test")
 
 # Parameters the builder supplies itself; a spec may not need to set them.
@@ -34,6 +34,7 @@ INJECTED = {
     "objective": {"feature_extractor", "encoder"},
     "optimizer": {"model"},
     "schedule": {"optimizer", "total_steps"},
+    "dataset": {"on_bad_example"},
 }
 
 
@@ -442,6 +443,8 @@ class Validator:
             if needed not in data:
                 self.error("data", f"task '{task}' needs 'data.{needed}'.")
             self.dataclass_section(LoaderConfig, data.get("loader"), "data.loader")
+            if data.get("on_bad_example", "skip") not in ("error", "skip"):
+                self.error("data.on_bad_example", f"expected error or skip, got {data['on_bad_example']!r}.")
         if task != "evaluate":
             if "optim" not in spec:
                 self.error("optim", "missing 'optim:' section (e.g. {name: adam, lr: 5e-5}).")

@@ -90,18 +90,51 @@ class BucketBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
+#: what ``data.on_bad_example`` may say
+BAD_EXAMPLE_POLICIES = ("error", "skip")
+#: exceptions that mean "this file is bad" (a bug raises something else and is not hidden)
+BAD_DATA_ERRORS = (SpecError, OSError, ValueError, RuntimeError, EOFError, UnicodeError)
+#: key of the stand-in a skipped example becomes between ``load`` and ``Collate``
+SKIPPED = "__skipped__"
+
+
+class BadExample(SpecError):
+    """An example that cannot be loaded (``data.on_bad_example: error``).
+
+    A DataLoader worker's exception reaches the main process re-raised as
+    ``BadExample("Caught BadExample in DataLoader worker ...<traceback>...")``; only the last
+    line, the message itself, is kept, so the user sees which file failed and why.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith("Caught BadExample"):
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
+        super().__init__(message)
+
+
+def check_policy(policy: str) -> str:
+    if policy not in BAD_EXAMPLE_POLICIES:
+        raise SpecError(f"data.on_bad_example must be one of {', '.join(BAD_EXAMPLE_POLICIES)}, got {policy!r}.")
+    return policy
+
+
 class ProcessedDataset(Dataset):
     """Applies the processor's ``load`` to a dataset's light examples (runs in workers).
 
     Each example gets its own generator (numpy ``rng`` or torch ``generator``, whichever the
-    processor's ``load`` accepts) seeded by ``(seed, epoch, index)``.
+    processor's ``load`` accepts) seeded by ``(seed, epoch, index)``. An example that fails to
+    load (unreadable, empty, truncated, undecodable) raises :class:`BadExample` naming it, or,
+    with ``on_bad_example="skip"``, becomes a stand-in that :class:`Collate` leaves out.
     """
 
-    def __init__(self, dataset: Dataset, processor: Any, *, train: bool, seed: int):
+    def __init__(self, dataset: Dataset, processor: Any, *, train: bool, seed: int,
+                 on_bad_example: str = "error", where: str = "data"):
         self.dataset = dataset
         self.processor = processor
         self.train = train
         self.seed = seed
+        self.on_bad_example = check_policy(on_bad_example)
+        self.where = where
         self.epoch = 0
         params = inspect.signature(processor.load).parameters
         self._rng_kind = "rng" if "rng" in params else "generator" if "generator" in params else None
@@ -114,6 +147,17 @@ class ProcessedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         example = self.dataset[index]
+        try:
+            return self._load(example, index)
+        except BAD_DATA_ERRORS as err:
+            name = example.get("id", index) if isinstance(example, dict) else index
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            if self.on_bad_example == "skip":
+                return {SKIPPED: reason, "id": name}
+            raise BadExample(f"{self.where}: example '{name}' cannot be loaded: {reason} "
+                             f"(data.on_bad_example: skip leaves such examples out)") from None
+
+    def _load(self, example: Any, index: int) -> dict:
         if self._rng_kind == "rng":  # a numpy Generator
             return self.processor.load(example, train=self.train, rng=np.random.default_rng([self.seed, self.epoch, index]))
         if self._rng_kind == "generator":  # a torch Generator
@@ -146,6 +190,17 @@ class Collate:
         return np.random.default_rng([self.seed, self.epoch, key])
 
     def __call__(self, examples: list[dict]) -> dict:
+        skipped = [(e["id"], e[SKIPPED]) for e in examples if SKIPPED in e]
+        if skipped:
+            examples = [e for e in examples if SKIPPED not in e]
+            if not examples:  # nothing left: the runner steps over the batch
+                return {"skipped_examples": skipped}
+        batch = self._collate(examples)
+        if skipped:
+            batch["skipped_examples"] = skipped
+        return batch
+
+    def _collate(self, examples: list[dict]) -> dict:
         batch = self.collate(examples)
         if self.transform is not None:
             if self._transform_takes_rng:
@@ -213,12 +268,12 @@ def filter_training_examples(dataset: Any, processor: Any, where: str) -> tuple[
 
 
 def make_loader(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bool, seed: int, where: str,
-                transform: Callable | None = None) -> DataLoader:
+                transform: Callable | None = None, on_bad_example: str = "error") -> DataLoader:
     if len(dataset) == 0:
         raise SpecError(f"{where}: the dataset is empty.")
     sampler = batch_sampler_for(dataset, processor, loader, train=train, seed=seed, where=where)
     return DataLoader(
-        ProcessedDataset(dataset, processor, train=train, seed=seed),
+        ProcessedDataset(dataset, processor, train=train, seed=seed, on_bad_example=on_bad_example, where=where),
         batch_sampler=sampler,
         collate_fn=Collate(processor.collate, transform, seed),
         num_workers=loader.num_workers,

@@ -109,8 +109,12 @@ class LibriSpeech(Dataset):
         max_examples: int | None = None,
         *,
         cache_index: bool | None = None,
+        on_bad_example: str = "error",
     ) -> None:
         self.root = Path(root).expanduser()
+        self.on_bad_example = on_bad_example
+        #: ``(id, reason)`` of audio files whose header cannot be read (``on_bad_example: skip``)
+        self.skipped: list[tuple[str, str]] = []
         if isinstance(splits, str):
             splits = [splits]
         if (
@@ -297,9 +301,12 @@ class LibriSpeech(Dataset):
                 try:
                     frames = sf.info(str(path)).frames
                 except (RuntimeError, OSError, ValueError) as err:
+                    if self.on_bad_example == "skip":
+                        self.skipped.append((utt_id, f"cannot read the header of '{path}': {err}"))
+                        continue
                     raise SpecError(
                         f"{where}: cannot read the header of audio file '{path}': {err}. "
-                        f"Re-download or remove the file."
+                        f"Re-download or remove the file, or set data.on_bad_example: skip."
                     ) from None
             rows.append((rel, size, mtime, frames))
             index.ids.append(utt_id)

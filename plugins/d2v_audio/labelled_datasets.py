@@ -31,7 +31,7 @@ def _num_samples(path: Path, where: str) -> int:
     try:
         return int(sf.info(str(path)).frames)
     except (RuntimeError, OSError, ValueError) as err:
-        raise SpecError(f"{where}: cannot read the header of audio file '{path}': {err}. Re-download or remove it.") from None
+        raise SpecError(f"{where}: cannot read the header of audio file '{path}': {err}. Re-download or remove it, or set data.on_bad_example: skip.") from None
 
 
 def _directory(path: str | Path, where: str, hint: str) -> Path:
@@ -57,16 +57,26 @@ class _LabelledAudio(Dataset):
 
     where = "dataset"
 
-    def _init_lists(self) -> None:
+    def _init_lists(self, on_bad_example: str = "error") -> None:
+        self.on_bad_example = on_bad_example
+        #: ``(id, reason)`` of files whose header cannot be read (``on_bad_example: skip``)
+        self.skipped: list[tuple[str, str]] = []
         self.ids: list[str] = []
         self.paths: list[str] = []
         self.lengths: list[int] = []
         self.fields: list[dict[str, Any]] = []
 
     def _add(self, utt_id: str, path: Path, **fields: Any) -> None:
+        try:
+            length = _num_samples(path, self.where)
+        except SpecError as err:
+            if self.on_bad_example != "skip":
+                raise
+            self.skipped.append((utt_id, str(err)))
+            return
         self.ids.append(utt_id)
         self.paths.append(str(path))
-        self.lengths.append(_num_samples(path, self.where))
+        self.lengths.append(length)
         self.fields.append(fields)
 
     def _limit(self, max_examples: int | None) -> None:
@@ -107,6 +117,7 @@ class AudioFolder(_LabelledAudio):
         include_list: str | None = None,
         exclude_lists: list[str] | None = None,
         max_examples: int | None = None,
+        on_bad_example: str = "error",
     ) -> None:
         self.where = f"audio_folder '{root}'" + (f" split '{split}'" if split else "")
         base = _directory(Path(root) / split if split else root, self.where,
@@ -128,7 +139,7 @@ class AudioFolder(_LabelledAudio):
         for path in exclude_lists or []:
             exclude |= _read_list(path, self.where)
         index = {name: i for i, name in enumerate(self.label_names)}
-        self._init_lists()
+        self._init_lists(on_bad_example)
         for directory in dirs:
             label = directory if directory in index else unknown_label
             if label is None:
@@ -168,6 +179,7 @@ class AudioSegments(_LabelledAudio):
         audio_dir: str | None = None,
         max_speakers: int = 2,
         max_examples: int | None = None,
+        on_bad_example: str = "error",
     ) -> None:
         file = Path(manifest).expanduser()
         self.where = f"audio_segments '{file}'"
@@ -214,7 +226,7 @@ class AudioSegments(_LabelledAudio):
                                     f"set audio_dir.")
                 paths[rec], ids[rec] = found[0], rec
         self.num_labels = len(self.label_names)
-        self._init_lists()
+        self._init_lists(on_bad_example)
         for key in sorted(segments):
             if not paths[key].is_file():
                 raise SpecError(f"{self.where}: audio file '{paths[key]}' does not exist; relative paths resolve "
@@ -267,6 +279,7 @@ class VoxCeleb(_LabelledAudio):
         split: str = "all",
         trials: str | None = None,
         max_examples: int | None = None,
+        on_bad_example: str = "error",
     ) -> None:
         self.where = f"voxceleb '{root}' split '{split}'"
         base = _directory(root, self.where, "Expected <root>/<speaker id>/<video id>/*.wav (VoxCeleb1's wav/ directory).")
@@ -300,7 +313,7 @@ class VoxCeleb(_LabelledAudio):
         if not self.label_names:
             raise SpecError(f"{self.where}: no utterances found under '{base}'.")
         index = {name: i for i, name in enumerate(self.label_names)}
-        self._init_lists()
+        self._init_lists(on_bad_example)
         for rel, speaker, path in chosen:
             # test speakers are unseen in training: no class id, only the name for trial pairing
             label = {} if split == "test" else {"label": index[speaker]}

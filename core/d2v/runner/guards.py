@@ -6,6 +6,9 @@
 * :class:`StopSignals` -- SIGTERM (what SLURM and cloud schedulers send before killing a job),
   SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) ask the run to stop after the current
   update; the runner then writes a checkpoint and exits with :data:`PREEMPTED_EXIT_CODE`.
+* :class:`SkippedLog` / :class:`EmptyBatches` -- examples that cannot be loaded
+  (``data.on_bad_example: skip``) are named in ``skipped.tsv``; a run whose batches are all
+  left out stops instead of spinning.
 * :class:`RunLock` -- an exclusive ``flock`` on ``<output_dir>/.lock`` so two jobs never write
   into one run directory; the kernel drops it when the process dies, however it dies.
 """
@@ -85,6 +88,38 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+class SkippedLog:
+    """Appends ``split<TAB>example id<TAB>reason`` lines to ``skipped.tsv``. Every process
+    appends its own lines (one ``write`` each, ``O_APPEND``), so nothing is lost or interleaved."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, split: str, rows: list[tuple[object, str]]) -> None:
+        text = "".join(f"{split}\t{name}\t{' '.join(str(reason).split())}\n" for name, reason in rows)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+class EmptyBatches:
+    """Stops a run whose data loads nothing at all (every example left out), naming the reason."""
+
+    def __init__(self, limit: int = 50):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def seen(self, batch: dict, left_out: list[tuple[object, str]] | None) -> None:
+        self.in_a_row = 0 if batch or not left_out else self.in_a_row + 1
+        if self.in_a_row >= self.limit and left_out:
+            name, reason = left_out[-1]
+            raise SpecError(f"the last {self.in_a_row} training batches had no loadable example (the last: "
+                            f"'{name}': {reason}); check the data and data.processor.")
 
 
 class RunLock:

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from d2v import plugins
 from d2v.config import EvaluateConfig, LoaderConfig, Spec, TrainerConfig, dump_spec, validate
-from d2v.data import Collate, ProcessedDataset, batch_sampler_for, filter_training_examples, make_loader, set_epoch
+from d2v.data import (Collate, ProcessedDataset, batch_sampler_for, check_policy, filter_training_examples,
+                      make_loader, set_epoch)
 from d2v.errors import SpecError, TrainingCollapse
 from d2v.interfaces import Head
 from d2v.model import build_component, build_model, load_initial_weights
 from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quarantine_after, save_checkpoint,
                                    trim_metrics, write_text_atomic)
-from d2v.runner.guards import BadUpdates, Preempted, RunLock, StopSignals
+from d2v.runner.guards import BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals
 
 
 def add_counts(totals: dict[str, Any], counts: dict[str, Any]) -> None:
@@ -112,12 +113,20 @@ class Run:
         set_seed(self.seed)
         self.registry = plugins.registry()
         data = spec["data"]
+        self.on_bad_example = check_policy(data.get("on_bad_example", "skip"))
+        self.skipped_log = SkippedLog(self.output_dir / "skipped.tsv")
         # data first: a missing corpus is the cheapest mistake to report
         self.datasets = {
-            split: build_component(self.registry, "dataset", data[split], f"data.{split}")
+            split: build_component(self.registry, "dataset", data[split], f"data.{split}",
+                                   on_bad_example=self.on_bad_example)
             for split in ("train", "valid", "test")
             if split in data and (self.task != "evaluate" or split == self._eval_split())
         }
+        for split, dataset in self.datasets.items():
+            left_out = list(getattr(dataset, "skipped", None) or [])
+            if left_out and self.is_main:
+                self.skipped_log.write(split, left_out)
+                self.print(f"data.{split}: {len(left_out)} unreadable examples left out (listed in {self.skipped_log.path})")
         self.processor = build_component(self.registry, "processor", data["processor"], "data.processor")
         self.model = build_model(spec["model"], self.registry, self.task)
         check_vocabulary(self.processor, self.model)
@@ -150,8 +159,8 @@ class Run:
         if dropped:
             self.print(f"data.train: {dropped} of {len(self.datasets['train'])} examples dropped by the processor's "
                        f"length limits ({self.processor!r})")
-        train_loader = make_loader(train_set, self.processor, self.loader_cfg, train=True,
-                                   seed=self.seed, where="data.train", transform=transform)
+        train_loader = make_loader(train_set, self.processor, self.loader_cfg, train=True, seed=self.seed,
+                                   where="data.train", transform=transform, on_bad_example=self.on_bad_example)
         optimizer = build_component(self.registry, "optimizer", self.spec["optim"], "optim", model=self.model)
         schedule_node = self.spec.get("schedule") or {"name": "constant"}
         scheduler = build_component(self.registry, "schedule", schedule_node, "schedule",
@@ -185,6 +194,7 @@ class Run:
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not (self.is_main and cfg.progress_bar), desc=self.task)
         last_eval: dict[str, float] = {}
         bad_updates = BadUpdates(cfg.max_bad_steps)
+        empty_batches = EmptyBatches()
         # the newest checkpoint saved, and the newest one an update then trained on successfully
         # (finite weights can still be unusable: only the second kind is "good")
         self._last_saved = self._verified = checkpoint if self.resume_from is not None else None
@@ -202,9 +212,17 @@ class Run:
                     set_epoch(train_loader, epoch)
                     batches = acc.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
                     for batch in batches:
+                        left_out = batch.pop("skipped_examples", None)
+                        if left_out:
+                            window["skipped_examples"] += len(left_out)
+                            self.skipped_log.write("train", left_out)
+                        empty_batches.seen(batch, left_out)
                         with acc.accumulate(model):
-                            out = model(batch)
-                            loss = out.loss
+                            if batch:
+                                out = model(batch)
+                                loss = out.loss
+                            else:  # every example was left out: a zero loss keeps processes in step
+                                out, loss = None, sum(p.sum() for p in trainable) * 0.0
                             loss_value = float(loss.detach())
                             if not math.isfinite(loss_value):
                                 bad_loss = bad_loss or f"loss {loss_value} on {self._batch_names(batch)}"
@@ -218,7 +236,7 @@ class Run:
                                 optimizer.zero_grad(set_to_none=True)
                                 bad_loss = None
                         done_in_epoch += 1
-                        if math.isfinite(loss_value):
+                        if math.isfinite(loss_value) and out is not None:
                             window["loss"] += loss_value
                             window["micro_batches"] += 1
                             window["examples"] += len(batch.get("ids", ())) or int(batch["inputs"].shape[0])
@@ -416,9 +434,10 @@ class Run:
                                   "lr": float(scheduler.get_last_lr()[0]),
                                   "grad_norm": window["grad_norm"] / max(1.0, window["steps"]),
                                   "examples_per_second": float(totals[2]) / max(seconds, 1e-9)}
-        if window.get("skipped_updates"):
-            record["skipped_updates"] = int(window["skipped_updates"])
-        skip = {"loss", "micro_batches", "examples", "grad_norm", "steps", "skipped_updates"}
+        for count in ("skipped_updates", "skipped_examples"):
+            if window.get(count):
+                record[count] = int(window[count])
+        skip = {"loss", "micro_batches", "examples", "grad_norm", "steps", "skipped_updates", "skipped_examples"}
         for key, value in window.items():
             if key not in skip:
                 record[key] = value / max(1.0, window["micro_batches"])
@@ -453,7 +472,8 @@ class Run:
                                     where=f"data.{split}")
         acc = self.accelerator
         mine = list(sampler)[acc.process_index::acc.num_processes]
-        return DataLoader(ProcessedDataset(dataset, self.processor, train=False, seed=self.seed),
+        return DataLoader(ProcessedDataset(dataset, self.processor, train=False, seed=self.seed,
+                                           on_bad_example=self.on_bad_example, where=f"data.{split}"),
                           batch_sampler=mine, collate_fn=Collate(self.processor.collate),
                           num_workers=self.loader_cfg.num_workers)
 
@@ -468,7 +488,14 @@ class Run:
         model.eval()
         counts: dict[str, Any] = {}
         rows: list[tuple[str, Any, Any]] = []
+        left_out_count = 0
         for batch in self.eval_loader(split):
+            left_out = batch.pop("skipped_examples", None)
+            if left_out:
+                left_out_count += len(left_out)
+                self.skipped_log.write(split, left_out)
+            if not batch:
+                continue
             batch = send_to_device(batch, acc.device)
             with acc.autocast():
                 out = model(batch)
@@ -479,10 +506,16 @@ class Run:
                 if keep_predictions:
                     preds = head.predict(out.head_output, batch)
                     rows.extend(zip(batch.get("ids", [""] * len(preds)), head.references(batch), preds))
+        if left_out_count:
+            add_counts(counts, {"skipped_examples": left_out_count})
         all_counts: dict[str, Any] = {}
         for part in gather_object([counts]):
             add_counts(all_counts, part)
         metrics: dict[str, float] = {}
+        if all_counts.get("skipped_examples"):
+            metrics["skipped_examples"] = all_counts["skipped_examples"]
+            self.print(f"[{split}] {int(all_counts['skipped_examples'])} examples could not be loaded and were "
+                       f"left out of the metrics (see {self.skipped_log.path})")
         if all_counts.get("objective_loss_batches"):
             metrics["loss"] = all_counts["objective_loss_sum"] / all_counts["objective_loss_batches"]
         if head is not None:
