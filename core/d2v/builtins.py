@@ -18,3 +18,5 @@ def d2v_register(register):
     register("schedule", "cosine", "d2v.schedules:cosine", summary="linear warmup then cosine decay to a floor")
     register("schedule", "polynomial", "d2v.schedules:polynomial", summary="linear warmup then polynomial decay (power 1: fairseq's polynomial_decay of the GLUE recipes)")
     register("schedule", "constant", "d2v.schedules:constant", summary="optional linear warmup then constant")
+    # data
+    register("dataset", "shards", "d2v.shards:ShardedDataset", summary="any modality's examples from tar shards made by `d2v shards make` (WebDataset layout, random access)")

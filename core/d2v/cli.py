@@ -1,4 +1,4 @@
-"""Command line: ``d2v run|check|list|registry|convert`` (plus plugins' commands, hook
+"""Command line: ``d2v run|check|list|registry|convert|shards`` (plus plugins' commands, hook
 ``d2v_cli_commands``) and ``d2v-run`` (= ``d2v run``).
 
 Bad input (spec, data, checkpoint, plugin) prints one clear message and exits with 2;
@@ -87,6 +87,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shards(args: argparse.Namespace) -> int:
+    from d2v import plugins
+    from d2v.config import load_spec
+    from d2v.model import build_component
+    from d2v.shards import make_shards
+
+    spec = load_spec(args.spec, args.overrides)
+    node = (spec.get("data") or {}).get(args.split)
+    if not isinstance(node, dict):
+        raise SpecError(f"{args.spec}: no data.{args.split} dataset to turn into shards.")
+    dataset = build_component(plugins.registry(), "dataset", node, f"data.{args.split}")
+    index = make_shards(dataset, args.out, max_count=args.max_count, source=f"{args.spec} data.{args.split}")
+    print(f"wrote {index['num_examples']} examples in {len(index['shards'])} shards to {args.out}; use it as "
+          f"data.{args.split}: {{name: shards, index: {args.out}}}")
+    return 0
+
+
 def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="data2vec: fine-tune, evaluate and pretrain from YAML specs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +129,16 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 if registry.yaml is stale")
     p.add_argument("--output", default="registry.yaml")
     p.set_defaults(fn=_cmd_registry)
+
+    p = sub.add_parser("shards", help="tar shards (WebDataset layout) for large corpora")
+    shards = p.add_subparsers(dest="shards_command", required=True)
+    q = shards.add_parser("make", help="write the examples of a spec's dataset as tar shards")
+    q.add_argument("spec", help="a spec whose data.<split> is the corpus (any modality)")
+    q.add_argument("out", help="output directory (must not exist or be empty)")
+    q.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. data.train.splits=[train-clean-100]")
+    q.add_argument("--split", default="train", help="which data.<split> (default: train)")
+    q.add_argument("--max-count", type=int, default=1000, help="examples per shard (default: 1000)")
+    q.set_defaults(fn=_cmd_shards)
 
     p = sub.add_parser("convert", help="convert checkpoints: Hugging Face <-> d2v, fairseq -> d2v / Hugging Face")
     p.add_argument("source", help="a Hugging Face checkpoint directory, a d2v checkpoint (e.g. runs/x/final) "
