@@ -175,3 +175,38 @@ def test_two_ddp_processes_equal_one_process_accumulating_the_same_global_batch(
     a = load_file(tmp_path / "two" / "final" / "model.safetensors")
     b = load_file(tmp_path / "one" / "final" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_makes_its_workers_checkpoint_and_stop(tmp_path):
+    """SIGKILL to `accelerate launch` (no chance to forward anything): the workers get SIGTERM
+    from the kernel (PR_SET_PDEATHSIG), save and exit instead of writing on unsupervised."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "d2v.cli", "run",
+           str(ASR), f"trainer.output_dir={out}", "trainer.max_steps=5000", "trainer.eval_every=0",
+           "trainer.eval_before_training=false", "trainer.progress_bar=false", "trainer.log_every=1"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(2)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if any(e.get("event") == "preempted" for e in events):
+            break
+        time.sleep(0.5)
+    assert any(e.get("event") == "preempted" for e in events)
+    time.sleep(3)
+    lock = RunLock(out).acquire()  # the workers are gone: the directory is free again
+    lock.release()
+    assert list((out / "checkpoints").glob("step-*"))

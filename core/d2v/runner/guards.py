@@ -19,6 +19,7 @@ import fcntl
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from types import FrameType
 
@@ -36,6 +37,21 @@ class Preempted(Exception):
     def __init__(self, message: str, checkpoint: Path | None):
         super().__init__(message)
         self.checkpoint = checkpoint
+
+
+def stop_with_launcher() -> bool:
+    """Ask Linux to send this process SIGTERM when its parent dies. Under ``accelerate launch``
+    (torchrun sets ``LOCAL_RANK``) a launcher killed with SIGKILL would otherwise leave its
+    workers training and writing into the run directory; with this they checkpoint and stop."""
+    if os.environ.get("LOCAL_RANK") is None or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return False
+    return os.getppid() != 1  # the parent may already be gone
 
 
 class BadUpdates:

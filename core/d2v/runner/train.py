@@ -30,7 +30,8 @@ from d2v.interfaces import Head
 from d2v.model import build_component, build_model, load_initial_weights
 from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quarantine_after, save_checkpoint,
                                    trim_metrics, write_text_atomic)
-from d2v.runner.guards import BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals
+from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals,
+                               stop_with_launcher)
 
 
 def add_counts(totals: dict[str, Any], counts: dict[str, Any]) -> None:
@@ -93,6 +94,7 @@ class Run:
         self.resume_from: list[Path] | None = None
         self.lock = None
         if self.task != "evaluate":
+            stop_with_launcher()
             if self.is_main:  # before looking at the directory: two jobs must not both pass the check
                 self.lock = RunLock(self.output_dir).acquire()
             resume = resume or self.trainer.resume
