@@ -435,12 +435,12 @@ class Validator:
             else:
                 self.component("processor", data["processor"], "data.processor")
             for split in DATA_SPLITS:
-                if split in data:
+                if data.get(split) is not None:  # `data.valid=null` removes a split
                     self.component("dataset", data[split], f"data.{split}")
             needed = "test" if task == "evaluate" else "train"
             if task == "evaluate":
                 needed = (spec.get("evaluate") or {}).get("split", "test")
-            if needed not in data:
+            if data.get(needed) is None:
                 self.error("data", f"task '{task}' needs 'data.{needed}'.")
             self.dataclass_section(LoaderConfig, data.get("loader"), "data.loader")
             if data.get("on_bad_example", "skip") not in ("error", "skip"):

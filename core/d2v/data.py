@@ -267,6 +267,29 @@ def filter_training_examples(dataset: Any, processor: Any, where: str) -> tuple[
     return KeptExamples(dataset, kept), len(lengths) - len(kept)
 
 
+def drop_featureless(dataset: Any, processor: Any, frames: Callable[[Any], Any],
+                     train: bool = True) -> tuple[Any, list[tuple[str, str]]]:
+    """Leave out examples too short to give the model a single feature frame (e.g. audio
+    shorter than the conv stack's 400-sample receptive field): they would be silently zeroed
+    by CTC or break pooling. Returns the kept dataset and ``(id, reason)`` for each one left out."""
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is None:
+        return dataset, []
+    clip = getattr(processor, "clip_length", None)
+    sizes = [clip(int(n), train=train) if clip else int(n) for n in lengths]
+    counts = frames(torch.as_tensor(sizes)).tolist() if sizes else []
+    short = [i for i, n in enumerate(counts) if n < 1]
+    if not short:
+        return dataset, []
+    left_out = []
+    for i in short:
+        example = dataset[i]
+        name = example.get("id", i) if isinstance(example, dict) else i
+        left_out.append((str(name), f"too short: length {sizes[i]} gives no feature frame"))
+    kept = [i for i in range(len(lengths)) if counts[i] >= 1]
+    return KeptExamples(dataset, kept), left_out
+
+
 def make_loader(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bool, seed: int, where: str,
                 transform: Callable | None = None, on_bad_example: str = "error") -> DataLoader:
     if len(dataset) == 0:

@@ -201,6 +201,11 @@ class Head(nn.Module, abc.ABC):
       ``input_embeddings()`` so an output layer shares the input embedding matrix (masked LM);
     * ``prepare_batch(batch) -> batch``: reshape the inputs before encoding (multiple choice
       folds ``(B, C, S)`` choices into ``(B*C, S)`` rows).
+
+    And by the runner: ``inspect_examples(examples) -> list[str]``: called once per split with
+    the dataset's light examples (no audio or pixels loaded) before training; each returned line
+    is printed and logged as a data warning (CTC reports transcript characters its vocabulary
+    lacks).
     """
 
     needs_hidden_states: bool = False

@@ -16,6 +16,8 @@ units), computed on whitespace-normalised, case-matched text (see :mod:`d2v.metr
 
 from __future__ import annotations
 
+from collections import Counter
+
 import heapq
 import math
 from collections.abc import Iterable, Sequence
@@ -268,6 +270,31 @@ class CTCHead(Head):
             extras["labels"] = labels
             extras["utterance_loss"] = per_utterance.detach()
         return HeadOutput(logits=logits, loss=loss, extras=extras)
+
+    def inspect_examples(self, examples: Any) -> list[str]:
+        """Transcript characters outside the vocabulary (they would silently become ``<unk>``),
+        with counts and example ids."""
+        missing: Counter[str] = Counter()
+        where: dict[str, list[str]] = {}
+        utterances = 0
+        known = set(self.vocab.token_to_id) | {" "}
+        for example in examples:
+            text = example.get("text") if isinstance(example, dict) else None
+            if not text:
+                continue
+            bad = [c for c in self.vocab.normalize(text) if c not in known]
+            if bad:
+                utterances += 1
+                missing.update(bad)
+                for char in set(bad):
+                    where.setdefault(char, []).append(str(example.get("id", "?")))
+        if not missing:
+            return []
+        shown = ", ".join(f"{c!r} x{n} (e.g. {where[c][0]})" for c, n in missing.most_common(12))
+        target = self.vocab.unk_token if self.vocab.unk_id is not None else "an error"
+        return [f"{sum(missing.values())} transcript characters in {utterances} utterances are not in the CTC "
+                f"vocabulary and become {target}: {shown}. Normalise the transcripts or extend the vocabulary "
+                f"(head.vocab)."]
 
     def labels_from_batch(self, batch: dict[str, Any], *, device: torch.device | str | None = None) -> Tensor | None:
         """``batch["labels"]`` as a LongTensor, else ``batch["text"]`` encoded and padded with

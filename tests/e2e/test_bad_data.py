@@ -69,3 +69,30 @@ def test_error_policy_names_the_file_and_the_reason(damaged_corpus, tmp_path, ca
     err = capsys.readouterr().err
     assert "data.train: example 'left/left_002' cannot be loaded: cannot read audio file" in err
     assert "Traceback" not in err and "Caught" not in err
+
+
+def test_oov_transcripts_are_reported_and_clips_too_short_for_a_frame_are_left_out(tmp_path, single_thread, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (seconds, text) in enumerate([(1.0, "CAFÉ 42"), (0.01, "UP"), (1.0, "LEFT"), (1.2, "DOWN")]):
+        samples = int(16000 * seconds)
+        sf.write(corpus / f"u{i}.flac", (0.1 * rng.standard_normal(samples)).astype("float32"), 16000)
+        rows.append(f"u{i}.flac\t{samples}\t{text}")
+    (corpus / "train.tsv").write_text(f"{corpus}\n" + "\n".join(rows) + "\n")
+    overrides = [f"data.train={{name: audio_manifest, path: {corpus / 'train.tsv'}}}", "data.valid=null",
+                 "data.test=null", "data.loader.max_batch_seconds=null", "data.loader.batch_size=2",
+                 "trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_before_training=false",
+                 "trainer.progress_bar=false", f"trainer.output_dir={tmp_path / 'run'}"]
+    assert main(["run", str(ROOT / "experiments" / "asr_demo.yaml"), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "3 transcript characters in 1 utterances are not in the CTC vocabulary and become <unk>" in out
+    assert "'É' x1" in out and "'4' x1" in out and "'2' x1" in out
+    skipped = (tmp_path / "run" / "skipped.tsv").read_text()
+    assert "train\tu1\ttoo short: length 160 gives no feature frame" in skipped
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "data_warning" for e in events)

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from d2v import plugins
 from d2v.config import EvaluateConfig, LoaderConfig, Spec, TrainerConfig, dump_spec, validate
-from d2v.data import (Collate, ProcessedDataset, batch_sampler_for, check_policy, filter_training_examples,
-                      make_loader, set_epoch)
+from d2v.data import (Collate, ProcessedDataset, batch_sampler_for, check_policy, drop_featureless,
+                      filter_training_examples, make_loader, set_epoch)
+from d2v.distill2 import frame_lengths_fn
 from d2v.errors import SpecError, TrainingCollapse
 from d2v.interfaces import Head
 from d2v.model import build_component, build_model, load_initial_weights
@@ -122,7 +123,7 @@ class Run:
             split: build_component(self.registry, "dataset", data[split], f"data.{split}",
                                    on_bad_example=self.on_bad_example)
             for split in ("train", "valid", "test")
-            if split in data and (self.task != "evaluate" or split == self._eval_split())
+            if data.get(split) is not None and (self.task != "evaluate" or split == self._eval_split())
         }
         for split, dataset in self.datasets.items():
             left_out = list(getattr(dataset, "skipped", None) or [])
@@ -138,6 +139,17 @@ class Run:
                                           allow_mismatch=bool(init.get("allow_mismatch", False)))
             self.print(report.summary())
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
+        self._inspect_examples()
+
+    def _inspect_examples(self) -> None:
+        """Let the head look at each split's light examples once (``Head.inspect_examples``)."""
+        inspect = getattr(getattr(self.model, "head", None), "inspect_examples", None)
+        if not callable(inspect):
+            return
+        for split, dataset in self.datasets.items():
+            for line in inspect(dataset[i] for i in range(len(dataset))):
+                self.print(f"data.{split}: warning: {line}")
+                self.log.write({"event": "data_warning", "split": split, "message": line})
 
     def release(self) -> None:
         """Let another job use the run directory."""
@@ -161,6 +173,14 @@ class Run:
         if dropped:
             self.print(f"data.train: {dropped} of {len(self.datasets['train'])} examples dropped by the processor's "
                        f"length limits ({self.processor!r})")
+        feature_extractor = getattr(self.model, "feature_extractor", None)
+        if feature_extractor is not None:
+            train_set, too_short = drop_featureless(train_set, self.processor, frame_lengths_fn(feature_extractor))
+            if too_short:
+                if self.is_main:
+                    self.skipped_log.write("train", too_short)
+                self.print(f"data.train: {len(too_short)} examples too short for a single feature frame left out "
+                           f"(listed in {self.skipped_log.path})")
         train_loader = make_loader(train_set, self.processor, self.loader_cfg, train=True, seed=self.seed,
                                    where="data.train", transform=transform, on_bad_example=self.on_bad_example)
         optimizer = build_component(self.registry, "optimizer", self.spec["optim"], "optim", model=self.model)
