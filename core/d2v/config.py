@@ -60,7 +60,8 @@ class TrainerConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     clip_norm: float = 0.0
-    mixed_precision: str = "no"
+    #: ``auto``: bf16 on a GPU that supports it, else full precision; ``fp16`` scales the loss
+    mixed_precision: str = "auto"
     log_every: int = 10
     eval_every: int = 0
     eval_before_training: bool = False
@@ -360,7 +361,7 @@ class Validator:
         """Values the runner would reject later, caught before anything is built."""
         if not isinstance(node, dict):
             return
-        choices = {"mixed_precision": ("no", "fp16", "bf16"), "resume": (False, True, "auto"),
+        choices = {"mixed_precision": ("auto", "no", "fp16", "bf16"), "resume": (False, True, "auto"),
                    "find_unused_parameters": (False, True, "auto")}
         for key, allowed in choices.items():
             if key in node and node[key] not in allowed:

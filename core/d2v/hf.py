@@ -222,7 +222,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise SpecError(f"{config_file}: not valid JSON ({exc}).") from None
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Weights of a checkpoint directory: safetensors (single or sharded) or ``pytorch_model.bin``."""
     from safetensors.torch import load_file
 
@@ -240,6 +240,20 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         f"'{path}' has a {CONFIG_NAME} but no weights: expected {SAFETENSORS_NAME}, "
         f"{SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME}."
     )
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Weights of a checkpoint directory: safetensors (single or sharded) or ``pytorch_model.bin``
+    (through ``torch.load(weights_only=True)``: no code in it runs). A damaged file is one clear
+    error naming it."""
+    try:
+        return _read_state_dict(path)
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- SafetensorError, UnpicklingError, OSError, ...
+        raise SpecError(f"the weights in '{path}' cannot be read: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}. The file is damaged or truncated "
+                        f"(an interrupted download?); download it again.") from None
 
 
 def from_pretrained(

@@ -210,3 +210,27 @@ def test_killing_the_launcher_makes_its_workers_checkpoint_and_stop(tmp_path):
     lock = RunLock(out).acquire()  # the workers are gone: the directory is free again
     lock.release()
     assert list((out / "checkpoints").glob("step-*"))
+
+
+def test_damaged_init_checkpoints_are_one_clear_error(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"\x00" * 100)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"architectures": ["Data2VecAudioForCTC"], "model_type": "data2vec-audio"}')
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"garbage" * 10)
+    for source in ("bad", "hf"):
+        overrides = [f"model.init.checkpoint={tmp_path / source}", f"trainer.output_dir={tmp_path / ('run-' + source)}"]
+        assert main(["run", str(ASR), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be read" in err and "Traceback" not in err
+
+
+def test_an_init_checkpoint_that_mostly_mismatches_needs_an_opt_in(tmp_path, single_thread, capsys):
+    common = ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.eval_before_training=false",
+              "trainer.progress_bar=false"]
+    assert main(["run", str(ASR), *common, f"trainer.output_dir={tmp_path / 'small'}", "model.encoder.dim=16",
+                 "model.encoder.ffn_dim=32", "model.encoder.heads=2"]) == 0
+    wrong = [f"model.init.checkpoint={tmp_path / 'small' / 'final'}", *common]
+    assert main(["run", str(ASR), *wrong, f"trainer.output_dir={tmp_path / 'a'}"]) == 2
+    assert "fits the model badly" in capsys.readouterr().err
+    assert main(["run", str(ASR), *wrong, "model.init.allow_mismatch=true", f"trainer.output_dir={tmp_path / 'b'}"]) == 0

@@ -93,3 +93,38 @@ def test_init_reports_loaded_and_new_weights(toy_plugin, tmp_path, capsys):
     weights = _final_weights(out)
     torch.testing.assert_close(runner.model.encoder.layers[0][0].weight, weights["encoder.layers.0.0.weight"])
     assert "tensors loaded" in capsys.readouterr().out
+
+
+class _FakeAccelerator:
+    def __init__(self, norm: float, scaler: bool):
+        self.norm, self.scaler, self.num_processes = norm, (object() if scaler else None), 1
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.tensor(self.norm)
+
+
+class _FakeOptimizer:
+    def __init__(self, skipped: bool):
+        self.steps, self.step_was_skipped = 0, skipped
+
+    def step(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("norm, scaler, scaler_skips, bad_loss, stepped, skipped", [
+    (1.0, False, False, None, 1, False),            # a normal update
+    (float("nan"), False, False, None, 0, True),   # non-finite gradient: no optimizer step at all
+    (1.0, False, False, "loss nan", 0, True),      # non-finite loss
+    (float("inf"), True, True, None, 1, True),     # fp16: the scaler must see the step (to lower its scale)
+    (1.0, True, True, None, 1, True),              # ... and a step it skipped counts as skipped
+])
+def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, scaler_skips, bad_loss, stepped, skipped):
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler), trainer=SimpleNamespace(clip_norm=0.0))
+    optimizer = _FakeOptimizer(scaler_skips)
+    window = {"grad_norm": 0.0}
+    reason = train_module.Run._apply_update(fake, optimizer, [], bad_loss, window)
+    assert optimizer.steps == stepped
+    assert (reason is not None) == skipped
+    assert window["grad_norm"] == (0.0 if skipped else norm)

@@ -58,6 +58,16 @@ def check_vocabulary(processor: Any, model: Any) -> None:
         )
 
 
+def resolve_precision(setting: str, cpu: bool) -> str:
+    """``auto`` -> bf16 where the GPU computes in it natively, else full precision (CPU runs
+    stay exact and comparable with the fp32 parity tests)."""
+    if setting != "auto":
+        return setting
+    if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
 class MetricsLog:
     """Appends one JSON object per event to ``metrics.jsonl`` (main process only)."""
 
@@ -83,7 +93,7 @@ class Run:
         self.loader_cfg = LoaderConfig(**((spec.get("data") or {}).get("loader") or {}))
         self.output_dir = Path(self.trainer.output_dir)
         self.accelerator = Accelerator(
-            mixed_precision=self.trainer.mixed_precision,
+            mixed_precision=resolve_precision(self.trainer.mixed_precision, self.trainer.cpu),
             gradient_accumulation_steps=self.trainer.grad_accum,
             cpu=self.trainer.cpu or not torch.cuda.is_available(),  # CPU-only: multi-process over gloo
             step_scheduler_with_optimizer=False,
