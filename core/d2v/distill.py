@@ -252,14 +252,19 @@ class EMASelfDistillation(nn.Module):
         self.min_pred_std = float(min_pred_std)
         # optimizer updates done so far (saved, so a resumed run checks collapse at once)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._update_offset: int | None = None
 
     # ------------------------------------------------------------------ EMA (runner hooks)
     def current_decay(self) -> float:
         return annealed_decay(int(self.num_updates), self.ema_decay, self.ema_end_decay, self.ema_anneal_end_step)
 
     def after_optimizer_step(self, step: int) -> None:
-        """EMA update with the decay annealed to ``step`` (the number of updates done)."""
-        self.num_updates.fill_(int(step))
+        """EMA update with the decay annealed to the number of updates done: ``step`` plus the
+        updates the weights had before this run's first step (e.g. a fairseq checkpoint's, set
+        by the importer), so continued pretraining keeps fairseq's decay schedule."""
+        if self._update_offset is None:
+            self._update_offset = max(0, int(self.num_updates) - (int(step) - 1))
+        self.num_updates.fill_(self._update_offset + int(step))
         self.teacher.update(_ema_student(self.feature_extractor, self.encoder, self.ema_scope), self.current_decay())
 
     # ------------------------------------------------------------------ forward plumbing

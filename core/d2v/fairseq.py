@@ -43,6 +43,8 @@ class FairseqCheckpoint:
     cfg: dict[str, Any]
     model: dict[str, Tensor]
     ema: dict[str, Tensor] = field(default_factory=dict)
+    #: updates the checkpoint was trained for (``optimizer_history[-1].num_updates``), if known
+    num_updates: int | None = None
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -160,7 +162,11 @@ def read_fairseq_checkpoint(path: str | Path) -> FairseqCheckpoint:
     ema = weights.pop("_ema", None) or {}
     tensors = {k: v for k, v in weights.items() if isinstance(v, Tensor)}
     ema = {k: v for k, v in dict(ema).items() if isinstance(v, Tensor)}
-    return FairseqCheckpoint(path=path, cfg=_config_of(state), model=tensors, ema=ema)
+    history = plain(state.get("optimizer_history")) or []
+    last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], dict) else {}
+    updates = last.get("num_updates")
+    return FairseqCheckpoint(path=path, cfg=_config_of(state), model=tensors, ema=ema,
+                             num_updates=int(updates) if isinstance(updates, (int, float)) else None)
 
 
 # --------------------------------------------------------------------------- converting
@@ -217,6 +223,10 @@ def import_fairseq(path: str | Path, options: dict[str, Any] | None = None) -> t
     else:
         model = build_model(result.spec, registry, result.task)
     _strict_load(model, result, ckpt.path)
+    counter = model.state_dict().get("num_updates")
+    if counter is not None and ckpt.num_updates and counter.numel() == 1:
+        counter.fill_(ckpt.num_updates)  # the EMA decay schedule continues where fairseq stopped
+        result.notes.append(f"continues from fairseq's update {ckpt.num_updates} (EMA decay schedule)")
     unmapped = unmapped_names(ckpt, result)
     if unmapped:
         result.notes.append(f"{len(unmapped)} fairseq tensors not imported: {', '.join(unmapped)}")

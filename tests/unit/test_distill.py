@@ -215,3 +215,18 @@ def test_pre_corrupted_inputs_are_regressed_without_masking_again():
     out = model({**batch, "corrupted_mask": corrupted})
     assert seen["student"][2] is None
     assert out.sample_size == int(corrupted.sum())
+
+
+def test_updates_continue_from_the_count_the_weights_arrived_with():
+    """An imported fairseq checkpoint sets num_updates (e.g. 400000); a new run's step 1 is its
+    update 400001, so the EMA decay schedule does not restart. A fresh run and a resumed run
+    (num_updates = step - 1 when step arrives) are unchanged."""
+    imported = build(ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10)
+    imported.num_updates.fill_(400)
+    imported.after_optimizer_step(1)
+    imported.after_optimizer_step(2)
+    assert int(imported.num_updates) == 402 and imported.current_decay() == pytest.approx(0.99)
+    resumed = build()
+    resumed.num_updates.fill_(7)
+    resumed.after_optimizer_step(8)
+    assert int(resumed.num_updates) == 8
