@@ -19,7 +19,7 @@ def _train_records(directory: Path) -> list[dict]:
     return [r for r in records if r.get("split") == "train"]
 
 
-@pytest.mark.parametrize("spec_name", ["pretrain_vision_demo.yaml", "pretrain2_vision_demo.yaml"])
+@pytest.mark.parametrize("spec_name", ["pretrain_vision_demo.yaml"])  # 2.0 (its own ViT): test_vision2_demo.py
 def test_vision_pretrain_then_finetune(spec_name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     pre = tmp_path / "pre"

@@ -1,0 +1,447 @@
+"""fairseq data2vec 2.0 image checkpoints -> d2v (``d2v convert x.pt OUT``, ``model.init.checkpoint: x.pt``).
+
+Two ``fairseq_converter`` components:
+
+* ``data2vec_multi_image``: a pretraining checkpoint (``cfg.model._name: data2vec_multi`` with
+  ``modality_encoders.IMAGE.*``) -> a ``pretrain`` spec with the ``data2vec2`` objective:
+  student, ``Decoder2d`` (``modality_encoders.IMAGE.decoder.*`` -> ``decoder.*``) and the EMA
+  teacher (``_ema``; with ``ema_local_encoder`` it holds the patch embedding too).
+* ``mae_image_classification``: a fine-tuned classifier over ``data2vec_multi`` (``model.*``,
+  ``fc_norm``, ``head``) -> a ``finetune`` spec with the ``image_classification`` head (the
+  encoder's ``pooler_norm`` is fairseq's ``fc_norm``).
+
+Name map (fairseq ``modality_encoders.IMAGE.`` prefix = ``M.``)::
+
+    M.local_encoder.proj             feature_extractor.projection     (M.local_encoder.0.proj, .1 ->
+    M.fixed_positional_encoder.positions  feature_extractor.positions   projection, patch_projection)
+    M.extra_tokens                   feature_extractor.extra_tokens
+    M.context_encoder.norm           encoder.layer_norm
+    M.context_encoder.blocks.<i>     encoder.layers.<i>
+    blocks.<j>                       encoder.layers.<prenet + j>     (attn -> attention)
+    norm                             encoder.norm                    (layer_norm_first models)
+    M.decoder.blocks.<i>.0 / .proj   decoder.blocks.<i>.conv / decoder.proj
+
+Older checkpoints name the positions ``positional_encoder.pos_embed`` (fairseq renames them to
+``positions`` when fine-tuning) and may carry ``modality_encoders.IMAGE.encoder_mask``, which
+fairseq drops; both are handled the same way here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from d2v.errors import SpecError
+from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
+
+M = "modality_encoders.IMAGE."
+POSITION_NAMES = ("fixed_positional_encoder.positions", "positional_encoder.positions", "positional_encoder.pos_embed")
+DROPPED = ("encoder_mask",)
+
+# fairseq's dataclass fields (examples/data2vec/models/data2vec2.py, modalities/base.py, images.py, modules.py)
+MULTI_FIELDS = (
+    "loss_beta", "loss_scale", "depth", "start_drop_path_rate", "end_drop_path_rate", "num_heads", "norm_eps",
+    "norm_affine", "encoder_dropout", "post_mlp_drop", "attention_dropout", "activation_dropout", "dropout_input",
+    "layerdrop", "embed_dim", "mlp_ratio", "layer_norm_first", "average_top_k_layers", "end_of_block_targets",
+    "clone_batch", "layer_norm_target_layer", "batch_norm_target_layer", "instance_norm_target_layer",
+    "instance_norm_targets", "layer_norm_targets", "ema_decay", "ema_same_dtype", "log_norms", "ema_end_decay",
+    "ema_anneal_end_step", "ema_encoder_only", "max_update", "modalities", "shared_decoder", "min_target_var",
+    "min_pred_var", "supported_modality", "mae_init", "seed", "skip_ema", "cls_loss", "recon_loss", "d2v_loss",
+    "decoder_group",
+)
+IMAGE_FIELDS = (
+    "type", "prenet_depth", "prenet_layerdrop", "prenet_dropout", "start_drop_path_rate", "end_drop_path_rate",
+    "num_extra_tokens", "init_extra_token_zero", "mask_noise_std", "mask_prob_min", "mask_prob", "inverse_mask",
+    "mask_prob_adjust", "keep_masked_pct", "mask_length", "add_masks", "remove_masks", "mask_dropout",
+    "encoder_zero_mask", "mask_channel_prob", "mask_channel_length", "ema_local_encoder", "local_grad_mult",
+    "use_alibi_encoder", "alibi_scale", "learned_alibi", "alibi_max_pos", "learned_alibi_scale",
+    "learned_alibi_scale_per_head", "learned_alibi_scale_per_layer", "num_alibi_heads", "model_depth", "decoder",
+    "input_size", "in_chans", "patch_size", "embed_dim", "alibi_dims", "alibi_distance", "fixed_positions",
+    "transformer_decoder", "enc_dec_transformer",
+)
+DECODER_FIELDS = (
+    "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers", "input_dropout", "add_positions_masked",
+    "add_positions_all", "decoder_residual", "projection_layers", "projection_ratio",
+)
+CLASSIFIER_FIELDS = (
+    "model_path", "no_pretrained_weights", "linear_classifier", "num_classes", "mixup", "cutmix", "label_smoothing",
+    "drop_path_rate", "layer_decay", "mixup_prob", "mixup_switch_prob", "mixup_mode", "pretrained_model_args", "data",
+    "norm_eps", "remove_alibi", "encoder_dropout", "post_mlp_drop", "attention_dropout", "activation_dropout",
+    "dropout_input", "layerdrop", "prenet_layerdrop", "prenet_dropout", "use_fc_norm", "prediction_mode",
+    "no_decay_blocks",
+)
+BLOCK_NAMES = {"attn.qkv": "attention.qkv", "attn.proj": "attention.proj"}
+
+
+# --------------------------------------------------------------------------- the architecture
+
+
+class ImageConfig:
+    """The parts of a ``data2vec_multi`` config that shape the image backbone, read once."""
+
+    def __init__(self, model: ConfigReader, overrides: dict[str, Any] | None = None):
+        over = overrides or {}
+        self.model = model
+        modalities = model.section("modalities", known=("audio", "image", "text", "_name"))
+        self.image = image = modalities.section("image", known=IMAGE_FIELDS)
+        self.decoder = image.section("decoder", known=DECODER_FIELDS)
+        self.depth = int(model.get("depth", 8))
+        self.dim = int(model.get("embed_dim", 768))
+        self.heads = int(model.get("num_heads", 12))
+        self.mlp_ratio = float(model.get("mlp_ratio", 4.0))
+        self.norm_eps = float(over.get("norm_eps") if over.get("norm_eps") is not None else model.get("norm_eps", 1e-6))
+        self.layer_norm_first = bool(model.get("layer_norm_first", False))
+        self.prenet = int(image.get("prenet_depth", 4))
+        self.patch_dim = int(image.get("embed_dim", 768))
+        self.extra = int(image.get("num_extra_tokens", 0))
+        if not model.get("norm_affine", True):
+            raise SpecError("cfg.model.norm_affine: false (LayerNorms without weights) is not supported by "
+                            "vision.vit_transformer.")
+        if image.get("use_alibi_encoder", False):
+            raise SpecError("cfg.model.modalities.image.use_alibi_encoder: true -- ALiBi image encoders are not "
+                            "supported by vision.vit_transformer (the released image models use none).")
+        if image.get("transformer_decoder", False):
+            raise SpecError("cfg.model.modalities.image.transformer_decoder: true -- only the convolutional Decoder2d "
+                            "imports (the released image models use it).")
+        if not image.get("fixed_positions", True):
+            raise SpecError("cfg.model.modalities.image.fixed_positions: false is not supported (no positions at all).")
+
+    def backbone(self, regularisation: dict[str, Any] | None = None, pooling: dict[str, Any] | None = None) -> dict:
+        """The ``feature_extractor`` and ``encoder`` spec nodes."""
+        model, image = self.model, self.image
+        reg = {
+            "dropout": model.get("encoder_dropout", 0.1),
+            "attention_dropout": model.get("attention_dropout", 0.1),
+            "activation_dropout": model.get("activation_dropout", 0.0),
+            "post_mlp_dropout": model.get("post_mlp_drop", 0.1),
+            "prenet_dropout": image.get("prenet_dropout", 0.0),
+            "dropout_input": model.get("dropout_input", 0.0),
+            "layerdrop": model.get("layerdrop", 0.0),
+            "prenet_layerdrop": image.get("prenet_layerdrop", 0.0),
+            "drop_path_rate": max(float(model.get("end_drop_path_rate", 0.0)),
+                                  float(image.get("end_drop_path_rate", 0.0))),
+            **(regularisation or {}),
+        }
+        extractor = {
+            "name": "vision.vit", "image_size": int(image.get("input_size", 224)),
+            "patch_size": int(image.get("patch_size", 16)),
+            "num_channels": int(image.get("in_chans", 3)), "num_extra_tokens": self.extra,
+            "init_extra_token_zero": bool(image.get("init_extra_token_zero", True)),
+        }
+        if self.patch_dim != self.dim:
+            extractor["patch_dim"] = self.patch_dim
+        encoder = {
+            "name": "vision.vit_transformer", "dim": self.dim, "layers": self.prenet + self.depth,
+            "prenet_layers": self.prenet, "heads": self.heads, "ffn_dim": int(self.dim * self.mlp_ratio),
+            "layer_norm_eps": self.norm_eps, "layer_norm_first": self.layer_norm_first,
+            "num_extra_tokens": self.extra, **{k: float(v) for k, v in reg.items()},
+            **(pooling or {"add_pooling_layer": False}),
+        }
+        return {"feature_extractor": extractor, "encoder": encoder}
+
+
+def rename(name: str, prenet: int, patch_dim_differs: bool) -> str | None:
+    """The d2v name (relative to the backbone) of a fairseq ``data2vec_multi`` tensor name, or
+    ``None`` when it is not part of the backbone."""
+    if name.startswith(M):
+        rest = name[len(M):]
+        if rest in POSITION_NAMES:
+            return "feature_extractor.positions"
+        if rest == "extra_tokens":
+            return "feature_extractor.extra_tokens"
+        if patch_dim_differs:
+            for old, new in (("local_encoder.0.proj.", "feature_extractor.projection."),
+                             ("local_encoder.1.", "feature_extractor.patch_projection.")):
+                if rest.startswith(old):
+                    return new + rest[len(old):]
+        elif rest.startswith("local_encoder.proj."):
+            return "feature_extractor.projection." + rest[len("local_encoder.proj."):]
+        if rest.startswith("context_encoder.norm."):
+            return "encoder.layer_norm." + rest[len("context_encoder.norm."):]
+        if rest.startswith("context_encoder.blocks."):
+            index, tail = rest[len("context_encoder.blocks."):].split(".", 1)
+            return f"encoder.layers.{int(index)}.{_block(tail)}"
+        return None
+    if name.startswith("blocks."):
+        index, tail = name[len("blocks."):].split(".", 1)
+        return f"encoder.layers.{prenet + int(index)}.{_block(tail)}"
+    if name.startswith("norm."):
+        return "encoder." + name
+    return None
+
+
+def _block(tail: str) -> str:
+    for old, new in BLOCK_NAMES.items():
+        if tail.startswith(old + "."):
+            return new + tail[len(old):]
+    return tail
+
+
+def decoder_name(name: str) -> str | None:
+    """``modality_encoders.IMAGE.decoder.blocks.<i>.0.weight`` -> ``decoder.blocks.<i>.conv.weight``."""
+    prefix = M + "decoder."
+    if not name.startswith(prefix):
+        return None
+    rest = name[len(prefix):]
+    if rest.startswith("proj."):
+        return "decoder." + rest
+    parts = rest.split(".")
+    if len(parts) == 4 and parts[0] == "blocks" and parts[2] == "0":
+        return f"decoder.blocks.{parts[1]}.conv.{parts[3]}"
+    return None
+
+
+def map_backbone(weights: dict[str, Tensor], cfg: ImageConfig,
+                 prefix: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Backbone tensors of ``weights`` (fairseq names, ``prefix`` stripped) under d2v names, and
+    for each d2v name the fairseq name it came from (names fairseq drops, ``encoder_mask``, are
+    listed under ``dropped:<name>``)."""
+    out: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+    differs = cfg.patch_dim != cfg.dim
+    for name, value in weights.items():
+        if not name.startswith(prefix):
+            continue
+        local = name[len(prefix):]
+        if local.startswith(M) and local[len(M):] in DROPPED:
+            source[f"dropped:{name}"] = name
+            continue
+        target = rename(local, cfg.prenet, differs)
+        if target is not None:
+            out[target] = value.float()
+            source[target] = name
+    return out, source
+
+
+def required_names(cfg: ImageConfig) -> list[str]:
+    """Every fairseq tensor name of the image backbone ``cfg`` describes (no decoder)."""
+    if cfg.patch_dim != cfg.dim:
+        names = [M + "local_encoder.0.proj.weight", M + "local_encoder.0.proj.bias",
+                 M + "local_encoder.1.weight", M + "local_encoder.1.bias"]
+    else:
+        names = [M + "local_encoder.proj.weight", M + "local_encoder.proj.bias"]
+    names.append(M + "fixed_positional_encoder.positions")
+    if cfg.extra:
+        names.append(M + "extra_tokens")
+    names += ["norm.weight", "norm.bias"] if cfg.layer_norm_first else \
+        [M + "context_encoder.norm.weight", M + "context_encoder.norm.bias"]
+    modules = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    parts = [f"{m}.{k}" for m in modules for k in ("weight", "bias")]
+    for i in range(cfg.prenet):
+        names += [f"{M}context_encoder.blocks.{i}.{p}" for p in parts]
+    for i in range(cfg.depth):
+        names += [f"blocks.{i}.{p}" for p in parts]
+    return names
+
+
+def check_complete(state: dict[str, Tensor], cfg: ImageConfig, where: str, prefix: str = "") -> None:
+    """A :class:`SpecError` naming, by fairseq name, every backbone tensor ``state`` (d2v names) lacks."""
+    differs = cfg.patch_dim != cfg.dim
+    missing = [prefix + n for n in required_names(cfg) if rename(n, cfg.prenet, differs) not in state]
+    if missing:
+        raise SpecError(f"{where}: the checkpoint lacks {len(missing)} tensors of the data2vec 2.0 image model "
+                        f"(depth {cfg.depth}, prenet_depth {cfg.prenet}): {', '.join(missing[:12])}"
+                        f"{' ...' if len(missing) > 12 else ''}. Is the file complete (download it again), and does "
+                        f"its cfg.model match its weights?")
+
+
+# --------------------------------------------------------------------------- data2vec_multi (pretraining)
+
+
+class Data2VecMultiImageImporter:
+    """fairseq ``data2vec_multi`` image pretraining checkpoints -> d2v ``data2vec2`` pretraining models."""
+
+    def accepts(self, ckpt: FairseqCheckpoint) -> bool:
+        return ckpt.name == "data2vec_multi" and any(k.startswith(M) for k in ckpt.model)
+
+    def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
+        notes: list[str] = []
+        model = ConfigReader(ckpt.model_cfg, "cfg.model", known=MULTI_FIELDS, notes=notes)
+        cfg = ImageConfig(model)
+        spec = cfg.backbone()
+        spec["objective"] = self.objective(cfg, ckpt)
+
+        student, sources = map_backbone(ckpt.model, cfg)
+        check_complete(student, cfg, str(ckpt.path))
+        student["encoder.mask_embedding"] = torch.zeros(cfg.dim)
+        consumed = set(sources.values())
+        state = dict(student)
+        for name, value in ckpt.model.items():
+            target = decoder_name(name)
+            if target is not None:
+                state[target] = value.float()
+                consumed.add(name)
+        if not any(k.startswith("decoder.") for k in state):
+            raise SpecError(f"{ckpt.path}: no decoder tensors ({M}decoder.*) -- not a data2vec 2.0 pretraining "
+                            f"checkpoint with a Decoder2d.")
+        teacher, used = self.teacher(ckpt, cfg, student, spec["objective"]["ema_scope"], notes)
+        state.update(teacher)
+        consumed |= used
+        state["num_updates"] = torch.zeros((), dtype=torch.long)
+        notes.append("the EMA schedule restarts at objective.ema_decay (num_updates = 0) if pretraining continues")
+        notes.append("encoder.mask_embedding set to 0: fairseq has none (data2vec 2.0 drops masked patches; a "
+                     "zero vector is fairseq's encoder_zero_mask)")
+        self._drift_notes(model, cfg, notes)
+        model.finish()
+        return FairseqImport(spec=spec, task="pretrain", state_dict=state, consumed=consumed, notes=notes)
+
+    @staticmethod
+    def objective(cfg: ImageConfig, ckpt: FairseqCheckpoint) -> dict[str, Any]:
+        model, image, decoder = cfg.model, cfg.image, cfg.decoder
+        max_update = (ckpt.cfg.get("optimization") or {}).get("max_update", 0)
+        layer_norm = "instance" if model.get("instance_norm_target_layer", False) else (
+            "layer" if model.get("layer_norm_target_layer", False) else None)
+        final_norm = "layer" if model.get("layer_norm_targets", False) else (
+            "instance" if model.get("instance_norm_targets", False) else None)
+        if model.get("batch_norm_target_layer", False):
+            raise SpecError("cfg.model.batch_norm_target_layer: true is not supported by the data2vec target.")
+        beta = float(model.get("loss_beta", 0.0))
+        target = {"name": "data2vec", "top_k": min(int(model.get("average_top_k_layers", 8)), cfg.depth),
+                  "layer_norm": layer_norm, "final_norm": final_norm, "loss": "l2" if beta == 0 else "smooth_l1",
+                  "loss_scale": model.get("loss_scale", None)}
+        if beta:
+            target["beta"] = beta
+        mask_length = int(image.get("mask_length", 5))
+        mask_prob = float(image.get("mask_prob", 0.7))
+        if mask_length > 1:
+            masking = {"name": "inverse_block", "dims": 2, "inverse": bool(image.get("inverse_mask", False)),
+                       "mask_prob": mask_prob, "mask_length": mask_length,
+                       "mask_prob_adjust": float(image.get("mask_prob_adjust", 0.0))}
+        else:
+            masking = {"name": "random", "mask_prob": mask_prob}
+        whole = not model.get("ema_encoder_only", True) and image.get("ema_local_encoder", False)
+        ema_scope = "all" if whole else "encoder"
+        return {
+            "name": "data2vec2",
+            "clone_batch": int(model.get("clone_batch", 1)),
+            "target": target,
+            "masking": masking,
+            "decoder_type": "2d",
+            "decoder_dim": int(decoder.get("decoder_dim", 384)),
+            "decoder_kernel": int(decoder.get("decoder_kernel", 5)),
+            "decoder_layers": int(decoder.get("decoder_layers", 5)),
+            "decoder_groups": int(decoder.get("decoder_groups", 16)),
+            "decoder_residual": bool(decoder.get("decoder_residual", True)),
+            "decoder_projection_layers": 1,
+            "decoder_input_dropout": float(decoder.get("input_dropout", 0.1)),
+            "mask_noise_std": float(image.get("mask_noise_std", 0.01)),
+            "encoder_zero_mask": False,
+            "cls_loss": float(model.get("cls_loss", 0.0)),
+            "ema_scope": ema_scope,
+            "ema_decay": float(model.get("ema_decay", 0.999)),
+            "ema_end_decay": float(model.get("ema_end_decay", 0.9999)),
+            "ema_anneal_end_step": int(model.get("ema_anneal_end_step", int(max_update or 0))),
+            "target_feature": "end" if model.get("end_of_block_targets", False) else "ffn",
+            "min_target_std": float(model.get("min_target_var", 0.1)),
+            "min_pred_std": float(model.get("min_pred_var", 0.01)),
+        }
+
+    @staticmethod
+    def teacher(ckpt: FairseqCheckpoint, cfg: ImageConfig, student: dict[str, Tensor], scope: str,
+                notes: list[str]) -> tuple[dict[str, Tensor], set[str]]:
+        """The EMA teacher's state (``teacher.model.*``) from ``_ema``, and the names used."""
+        if not ckpt.ema:
+            notes.append("the checkpoint has no _ema (EMA teacher): the teacher starts as a copy of the student")
+            source, sources = dict(student), {}
+        elif all(k.split(".", 1)[0].isdigit() for k in ckpt.ema):
+            # ema_encoder_only: fairseq averaged the shared blocks only (names "<j>.attn.qkv.weight")
+            mapped, block_sources = map_backbone({f"blocks.{k}": v for k, v in ckpt.ema.items()}, cfg)
+            source = {**student, **mapped}
+            sources = {d: "_ema." + f.split(".", 1)[1] for d, f in block_sources.items()}
+            notes.append("ema_encoder_only: the teacher's shared blocks are fairseq's _ema, its LayerNorm and prenet "
+                         "blocks the student's (fairseq runs the student's there); d2v's teacher averages them too")
+        else:
+            mapped, ema_sources = map_backbone(ckpt.ema, cfg)
+            sources = {d: "_ema." + f for d, f in ema_sources.items()}
+            # without ema_local_encoder fairseq's teacher has no patch embedding: it reuses the student's
+            reuse = () if cfg.image.get("ema_local_encoder", False) else ("feature_extractor.projection.",
+                                                                          "feature_extractor.patch_projection.")
+            local = {k: v for k, v in student.items() if reuse and k.startswith(reuse)}
+            source = {**local, **mapped}
+            check_complete(source, cfg, f"{ckpt.path} (_ema)", prefix="_ema.")
+        source["encoder.mask_embedding"] = torch.zeros(cfg.dim)
+        keep = "" if scope == "all" else "encoder."
+        state = {f"teacher.model.{k[len(keep):]}": v for k, v in source.items() if k.startswith(keep)}
+        used = {f for d, f in sources.items() if d.startswith(keep) or d.startswith("dropped:")}
+        return state, used
+
+    @staticmethod
+    def _drift_notes(model: ConfigReader, cfg: ImageConfig, notes: list[str]) -> None:
+        image = cfg.image
+        if float(model.get("start_drop_path_rate", 0.0)) or float(image.get("start_drop_path_rate", 0.0)):
+            notes.append("drop path: d2v grows drop_path_rate linearly from 0 over all blocks; fairseq's per-part "
+                         "start/end rates are approximated by their maximum end rate")
+        if float(image.get("local_grad_mult", 1.0)) != 1.0:
+            notes.append(f"local_grad_mult {image.get('local_grad_mult', 1.0)} (gradient scale of the patch embedding) "
+                         "is not reproduced")
+        if float(model.get("recon_loss", 0.0)) or model.get("shared_decoder", None):
+            notes.append("recon_loss / shared_decoder are not reproduced (their tensors are not imported)")
+        if float(image.get("mask_dropout", 0.0)) or float(image.get("keep_masked_pct", 0.0)):
+            notes.append("mask_dropout / keep_masked_pct are not reproduced by d2v's inverse_block masking")
+
+
+# --------------------------------------------------------------------------- mae_image_classification
+
+
+class MaeImageClassificationImporter:
+    """fairseq ``mae_image_classification`` over ``data2vec_multi`` -> d2v image classifiers."""
+
+    def accepts(self, ckpt: FairseqCheckpoint) -> bool:
+        return ckpt.name == "mae_image_classification" and any(k.startswith("model." + M) for k in ckpt.model)
+
+    def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
+        notes: list[str] = []
+        top = ConfigReader(ckpt.model_cfg, "cfg.model", known=CLASSIFIER_FIELDS, notes=notes)
+        pretrained = top.section("pretrained_model_args", known=("model", "task", "common", "checkpoint", "dataset",
+                                                                 "distributed_training", "optimization", "optimizer",
+                                                                 "lr_scheduler", "criterion", "bpe", "tokenizer",
+                                                                 "ema", "scoring", "generation", "eval_lm",
+                                                                 "interactive", "bmuf", "_name", "job_logging_cfg"))
+        inner = pretrained.section("model", known=MULTI_FIELDS)
+        if inner.values.get("_name") not in (None, "data2vec_multi"):
+            raise SpecError(f"{ckpt.path}: mae_image_classification over '{inner.values.get('_name')}' -- only "
+                            f"data2vec_multi (data2vec 2.0) backbones import here.")
+        cfg = ImageConfig(inner, overrides={"norm_eps": top.get("norm_eps", None)})
+        mode = str(top.get("prediction_mode", "MEAN_POOLING")).rsplit(".", 1)[-1].upper()
+        if mode not in ("MEAN_POOLING", "CLS_TOKEN"):
+            raise SpecError(f"{ckpt.path}: prediction_mode {mode} is not supported (MEAN_POOLING and CLS_TOKEN are).")
+        use_fc_norm = bool(top.get("use_fc_norm", True))
+        regularisation = {
+            "dropout": top.get("encoder_dropout", 0.0), "attention_dropout": top.get("attention_dropout", 0.0),
+            "activation_dropout": top.get("activation_dropout", 0.0), "post_mlp_dropout": top.get("post_mlp_drop", 0.0),
+            "dropout_input": top.get("dropout_input", 0.0), "layerdrop": top.get("layerdrop", 0.0),
+            "prenet_layerdrop": top.get("prenet_layerdrop", 0.0), "prenet_dropout": top.get("prenet_dropout", 0.0),
+            "drop_path_rate": top.get("drop_path_rate", 0.1),
+        }
+        pooling = {"add_pooling_layer": True, "use_mean_pooling": mode == "MEAN_POOLING",
+                   "use_pooler_norm": use_fc_norm}
+        spec = cfg.backbone(regularisation, pooling)
+        if "head.weight" not in ckpt.model or "head.bias" not in ckpt.model:
+            raise SpecError(f"{ckpt.path}: the classifier tensors head.weight / head.bias are missing.")
+        num_classes = int(ckpt.model["head.weight"].shape[0])
+        declared = top.get("num_classes", 1000)
+        if int(declared) != num_classes:
+            notes.append(f"cfg.model.num_classes is {declared} but head.weight has {num_classes} rows; the weights win")
+        spec["head"] = {"name": "image_classification", "num_labels": num_classes}
+
+        state, sources = map_backbone(ckpt.model, cfg, prefix="model.")
+        check_complete(state, cfg, str(ckpt.path), prefix="model.")
+        state["encoder.mask_embedding"] = torch.zeros(cfg.dim)
+        consumed = set(sources.values())
+        if use_fc_norm:
+            for kind in ("weight", "bias"):
+                if f"fc_norm.{kind}" not in ckpt.model:
+                    raise SpecError(f"{ckpt.path}: use_fc_norm is true but fc_norm.{kind} is missing.")
+                state[f"encoder.pooler_norm.{kind}"] = ckpt.model[f"fc_norm.{kind}"].float()
+                consumed.add(f"fc_norm.{kind}")
+        state["head.classifier.weight"] = ckpt.model["head.weight"].float()
+        state["head.classifier.bias"] = ckpt.model["head.bias"].float()
+        consumed |= {"head.weight", "head.bias"}
+        notes.append("encoder.mask_embedding set to 0 (fairseq has none)")
+        if float(regularisation["drop_path_rate"]) > 0 and cfg.prenet:
+            notes.append("drop path grows linearly over all blocks in d2v; fairseq spreads the same 0 -> "
+                         "drop_path_rate ramp over the shared blocks and starts the prenet's on it")
+        top.finish()
+        return FairseqImport(spec=spec, task="finetune", state_dict=state, consumed=consumed, notes=notes)
