@@ -96,3 +96,31 @@ def test_oov_transcripts_are_reported_and_clips_too_short_for_a_frame_are_left_o
     assert "train\tu1\ttoo short: length 160 gives no feature frame" in skipped
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "data_warning" for e in events)
+
+
+def test_images_in_other_modes_load_and_broken_images_follow_the_policy(tmp_path, single_thread, capsys):
+    import numpy as np
+    from PIL import Image
+
+    shapes = ROOT / "experiments" / "data" / "vision_demo" / "shapes"
+    root = tmp_path / "shapes"
+    for split in ("train", "valid"):
+        for label in ("circle", "cross", "square", "triangle"):
+            (root / split / label).mkdir(parents=True)
+            for source in sorted((shapes / split / label).glob("*.png"))[:3]:
+                shutil.copy(source, root / split / label / source.name)
+    circle = root / "train" / "circle"
+    rgb = Image.open(next(circle.glob("*.png"))).convert("RGB")
+    rgb.convert("CMYK").save(circle / "cmyk.jpg")
+    Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).save(circle / "gray16.png")
+    rgb.convert("RGBA").save(circle / "rgba.png")
+    rgb.convert("P").save(circle / "palette.png")
+    (circle / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    common = [f"data.train.root={root}", f"data.valid.root={root}", "trainer.max_steps=2", "trainer.eval_every=0",
+              "trainer.eval_before_training=false", "trainer.progress_bar=false", "data.loader.batch_size=16"]
+    spec = str(ROOT / "experiments" / "vision_cls_demo.yaml")
+    assert main(["run", spec, *common, f"trainer.output_dir={tmp_path / 'skip'}"]) == 0
+    skipped = (tmp_path / "skip" / "skipped.tsv").read_text().splitlines()
+    assert len(skipped) == 1 and "broken" in skipped[0] and "cannot be decoded" in skipped[0]
+    assert main(["run", spec, *common, "data.on_bad_example=error", f"trainer.output_dir={tmp_path / 'err'}"]) == 2
+    assert "broken" in capsys.readouterr().err
