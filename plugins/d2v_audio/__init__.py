@@ -38,3 +38,9 @@ def d2v_register(register):
              summary="import/export Hugging Face Data2VecAudioForAudioFrameClassification checkpoints")
     register("hf_converter", "Data2VecAudioForXVector", "d2v_audio.hf:AudioXVectorConverter",
              summary="import/export Hugging Face Data2VecAudioForXVector checkpoints")
+    register("fairseq_converter", "data2vec_audio", "d2v_audio.fairseq:Data2VecAudioImporter",
+             summary="fairseq data2vec 1.0 speech pretraining (.pt) -> backbone + data2vec objective and EMA teacher")
+    register("fairseq_converter", "data2vec_multi_audio", "d2v_audio.fairseq:Data2VecMultiAudioImporter",
+             summary="fairseq data2vec 2.0 speech pretraining (.pt) -> backbone + data2vec2 decoder and EMA teacher")
+    register("fairseq_converter", "wav2vec_ctc", "d2v_audio.fairseq:Wav2VecCtcImporter",
+             summary="fairseq CTC fine-tuned data2vec 1.0/2.0 speech models (.pt) -> backbone + ctc head")

@@ -11,6 +11,10 @@ Built bottom-up from small parts::
 ``x + pos_conv(x)`` -> LayerNorm -> dropout. ``contextualize`` = the post-LN layers, then
 (``add_adapter``) Hugging Face's ``Data2VecAudioAdapter``: strided GLU convs that shorten the
 output for CTC with a smaller label rate.
+
+data2vec 2.0 audio (fairseq ``data2vec_multi``) is the same stack plus learned-scale ALiBi
+attention biases (``alibi``) and no zeroing of padded frames before the positional conv
+(``zero_padded_frames=False``); both are off by default, which keeps Hugging Face parity.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from d2v.alibi import alibi_bias_1d, alibi_slopes
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput
 from d2v.layers import FeedForward, MultiHeadAttention
@@ -152,6 +157,18 @@ class AudioTransformerEncoder(Encoder):
     ``dim``): ``last_hidden_state`` and ``padding_mask`` are then at the adapter's rate and
     ``output_dim`` wide, while ``hidden_states`` and ``layer_targets`` stay the layers' own.
     ``output_dim`` is what heads receive as ``input_dim``.
+
+    data2vec 2.0 audio (fairseq ``data2vec_multi``, ``use_alibi_encoder``):
+
+    * ``alibi`` adds ``scale * slope_h * -|i - j|`` to every layer's attention logits (slopes:
+      :func:`d2v.alibi.alibi_slopes`; positions: ``position_ids`` when given -- the kept
+      positions of a data2vec 2.0 student, fairseq's ``masked_alibi`` -- else ``0..T-1``).
+      ``alibi_scale`` (a parameter, shape ``(layers if alibi_scale_per_layer else 1, heads if
+      alibi_scale_per_head else 1)``, initialised to ``alibi_scale_init``, learned when
+      ``alibi_learned_scale``) is clamped at 0 before use, as fairseq does.
+    * ``zero_padded_frames=False``: padded frames reach the positional conv as they are
+      (fairseq 2.0's ``ModalitySpecificEncoder``); ``True`` zeroes them first (Hugging Face,
+      fairseq 1.0). Valid frames near the padding depend on this through the conv.
     """
 
     def __init__(
@@ -182,6 +199,12 @@ class AudioTransformerEncoder(Encoder):
         adapter_stride: int = 2,
         num_adapter_layers: int = 3,
         output_hidden_size: int | None = None,
+        alibi: bool = False,
+        alibi_scale_init: float = 1.0,
+        alibi_learned_scale: bool = True,
+        alibi_scale_per_head: bool = True,
+        alibi_scale_per_layer: bool = False,
+        zero_padded_frames: bool = True,
     ):
         #: the constructor arguments (what the Hugging Face exporter reads back)
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -198,6 +221,15 @@ class AudioTransformerEncoder(Encoder):
         self.mask_feature_min_masks = mask_feature_min_masks
         self.apply_spec_augment = bool(apply_spec_augment)
         self.output_dim = int(output_hidden_size or dim)
+        self.heads = heads
+        self.zero_padded_frames = bool(zero_padded_frames)
+        self.alibi = bool(alibi)
+        if self.alibi:
+            shape = (layers if alibi_scale_per_layer else 1, heads if alibi_scale_per_head else 1)
+            self.alibi_scale = nn.Parameter(torch.full(shape, float(alibi_scale_init)),
+                                            requires_grad=bool(alibi_learned_scale))
+            # derived from `heads`, so not part of the checkpoint
+            self.register_buffer("alibi_slopes", alibi_slopes(heads), persistent=False)
 
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())
         self.pos_conv = PositionalConv(dim, num_pos_conv_layers, pos_conv_kernel, pos_conv_groups)
@@ -270,11 +302,32 @@ class AudioTransformerEncoder(Encoder):
             x = torch.where(mask.bool()[..., None], self.mask_embedding.to(x.dtype), x)
         elif self.training:
             x = self.spec_augment(x, padding_mask)
-        if padding_mask is not None:
+        if padding_mask is not None and self.zero_padded_frames:
             # padded frames are zero before the positional conv sees them (as Hugging Face)
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x)
         return self.dropout(self.layer_norm(x))
+
+    def _alibi_bias(self, x: Tensor, position_ids: Tensor | None) -> Tensor:
+        """Unscaled ALiBi biases ``(B or 1, H, T, T)`` at the tokens' positions."""
+        if position_ids is None:
+            positions = torch.arange(x.shape[1], device=x.device)[None, :]
+        else:
+            positions = position_ids.to(x.device)
+            if positions.dim() == 1:
+                positions = positions[None, :]
+            if positions.shape[-1] != x.shape[1]:
+                raise SpecError(f"position_ids cover {positions.shape[-1]} tokens but the encoder got {x.shape[1]}.")
+        return alibi_bias_1d(positions, self.alibi_slopes)
+
+    @staticmethod
+    def _biased_mask(bias: Tensor, scale: Tensor, padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """One layer's additive attention mask: ``scale`` ``(H or 1,)`` times the biases, with
+        ``-inf`` at padded keys (SDPA takes a float mask as logits to add)."""
+        mask = bias * scale.to(bias.dtype).view(1, -1, 1, 1)
+        if padding_mask is not None:
+            mask = mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        return mask.to(dtype)
 
     def contextualize(
         self,
@@ -284,20 +337,28 @@ class AudioTransformerEncoder(Encoder):
         output_hidden_states: bool = False,
         output_layer_targets: bool = False,
         target_feature: str = "ffn",
-        position_ids: Tensor | None = None,  # positions come from the conv in embed()
+        position_ids: Tensor | None = None,
     ) -> EncoderOutput:
+        """``position_ids`` ``(B, T)`` or ``(T,)``: where each token of ``x`` sits in the full
+        sequence (only ALiBi reads them; the conv positions come from :meth:`embed`)."""
         if target_feature not in TARGET_FEATURES:
             raise SpecError(f"unknown target_feature '{target_feature}'; expected one of {', '.join(TARGET_FEATURES)}.")
         if padding_mask is not None:
             padding_mask = padding_mask.bool()
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        bias = scales = None
+        if self.alibi:
+            bias, scales = self._alibi_bias(x, position_ids), self.alibi_scale.clamp_min(0)
+            if scales.shape[0] == 1:  # one scale row for all layers: one mask
+                attn_mask, bias = self._biased_mask(bias, scales[0], padding_mask, x.dtype), None
         hidden_states = [x] if output_hidden_states else None
         layer_targets = [] if output_layer_targets else None
         may_drop = self.training and self.layerdrop > 0 and not output_layer_targets
 
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if not (may_drop and torch.rand(()) < self.layerdrop):
-                x, ffn_out = layer(x, attn_mask)
+                mask = attn_mask if bias is None else self._biased_mask(bias, scales[index], padding_mask, x.dtype)
+                x, ffn_out = layer(x, mask)
                 if layer_targets is not None:
                     layer_targets.append(ffn_out if target_feature == "ffn" else x)
             if hidden_states is not None:

@@ -158,6 +158,9 @@ def _backbone_spec(config: dict[str, Any]) -> dict[str, Any]:
             "num_adapter_layers": c["num_adapter_layers"],
             # HF fills output_hidden_size with hidden_size; None means "the encoder width"
             "output_hidden_size": None if output_hidden_size in (None, dim) else output_hidden_size,
+            # data2vec 2.0 audio options Hugging Face's Data2VecAudio does not have: off
+            "alibi": False, "alibi_scale_init": 1.0, "alibi_learned_scale": True, "alibi_scale_per_head": True,
+            "alibi_scale_per_layer": False, "zero_padded_frames": True,
         },
     }
 
@@ -278,6 +281,13 @@ class AudioModelConverter:
             )
         if fe["dim"] != enc["dim"]:
             raise SpecError(f"feature extractor width {fe['dim']} differs from encoder width {enc['dim']}.")
+        if enc.get("alibi", False) or not enc.get("zero_padded_frames", True):
+            raise SpecError(
+                f"{self.architecture} export: this encoder is data2vec 2.0 audio (alibi={enc.get('alibi', False)}, "
+                f"zero_padded_frames={enc.get('zero_padded_frames', True)}); Hugging Face's Data2VecAudio has no ALiBi "
+                "attention biases and always zeroes padded frames, so the exported model would compute something "
+                "else. Keep the d2v checkpoint (d2v convert --to d2v) instead of exporting to Hugging Face."
+            )
         config = dict(HF_DEFAULTS)
         config.update(
             {

@@ -1,0 +1,222 @@
+"""fairseq's speech checkpoints -> d2v models, without fairseq (``fairseq_converter`` components).
+
+``d2v convert model.pt OUT`` (and ``--to hf``, and ``model.init.checkpoint: model.pt``) asks
+every converter whether it ``accepts`` the checkpoint; these three read:
+
+* ``data2vec_audio`` (data2vec 1.0 pretraining): a ``pretrain`` spec with the ``data2vec``
+  objective -- ``final_proj`` is its regression head and ``_ema`` its teacher, so continued
+  pretraining starts from fairseq's teacher (:mod:`d2v_audio.fairseq_v1`);
+* ``data2vec_multi`` with an ``AUDIO`` encoder (data2vec 2.0 pretraining): a ``pretrain`` spec
+  with the ``data2vec2`` objective, decoder and teacher included (:mod:`d2v_audio.fairseq_v2`);
+* ``wav2vec_ctc`` over either (fine-tuned CTC): a ``finetune`` spec with the ``ctc`` head
+  (:mod:`d2v_audio.fairseq_ctc`).
+
+When the objective cannot be expressed in d2v (an exotic target normalisation, no regression
+head in the file) the backbone alone is imported and a note says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from d2v.errors import SpecError
+from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
+from d2v_audio import fairseq_ctc, fairseq_v1, fairseq_v2
+from d2v_audio.fairseq_names import Rename, collect, prefixed, rebased
+
+
+def _ema_collect(table: list[Rename], ema: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], set[str]]:
+    state, used = collect(table, ema, f"{where} (its EMA teacher, model['_ema'])")
+    return state, {f"_ema.{name}" for name in used}
+
+
+# --------------------------------------------------------------------------- data2vec 1.0
+
+
+class Data2VecAudioImporter:
+    """fairseq ``data2vec_audio`` (data2vec 1.0 speech pretraining)."""
+
+    def accepts(self, ckpt: FairseqCheckpoint) -> bool:
+        return ckpt.name == "data2vec_audio"
+
+    def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
+        notes: list[str] = []
+        m = ConfigReader(ckpt.model_cfg, "cfg.model", fairseq_v1.DATA2VEC_AUDIO_FIELDS, notes)
+        spec = fairseq_v1.backbone_spec(m)
+        table = fairseq_v1.backbone_names(spec)
+        state, consumed = collect(table, ckpt.model, f"fairseq data2vec_audio checkpoint '{ckpt.path}'")
+
+        objective, reason = fairseq_v1.objective_spec(m, _max_update(ckpt))
+        head = next((p for p in ("final_proj", "final_proj.0") if f"{p}.weight" in ckpt.model), None)
+        if objective is not None and head is None:
+            objective, reason = None, "the checkpoint has no regression head (final_proj)"
+        if objective is None:
+            notes.append(f"imported the backbone only (no data2vec objective): {reason}")
+        else:
+            head_state, head_used = collect([Rename("regression_head.weight", f"{head}.weight"),
+                                             Rename("regression_head.bias", f"{head}.bias")], ckpt.model, str(ckpt.path))
+            teacher_state, teacher_used = self._teacher(ckpt, table, objective["ema_scope"], state, notes)
+            state.update(head_state)
+            state.update(teacher_state)
+            consumed |= head_used | teacher_used
+            state["num_updates"] = _zero_step()
+            spec["objective"] = objective
+        m.finish()
+        return FairseqImport(spec=spec, task="pretrain", state_dict=state, consumed=consumed, notes=notes)
+
+    @staticmethod
+    def _teacher(ckpt: FairseqCheckpoint, table: list[Rename], scope: str, student: dict[str, Tensor],
+                 notes: list[str]) -> tuple[dict[str, Tensor], set[str]]:
+        """``teacher.model.*``: fairseq's EMA of the encoder (``ema_transformer_only``, the
+        ``_ema`` names are the encoder's own) or of the whole model."""
+        if scope == "encoder":
+            teacher_table = rebased(table, "encoder.", "teacher.model.", "encoder.", "")
+        else:
+            teacher_table = prefixed(table, "teacher.model.")
+        if not ckpt.ema:
+            notes.append("the checkpoint holds no EMA teacher (model['_ema']); the teacher starts as a copy of the "
+                         "student, as fairseq's make_ema_teacher does")
+            source = {r.ours: student[_student_name(r.ours, scope)] for r in teacher_table}
+            used: set[str] = set()
+        else:
+            source, used = _ema_collect(teacher_table, ckpt.ema, f"fairseq checkpoint '{ckpt.path}'")
+        if scope == "encoder":  # the mask embedding belongs to the model in fairseq; the teacher never uses it
+            source["teacher.model.mask_embedding"] = student["encoder.mask_embedding"].clone()
+        return source, used
+
+
+def _student_name(teacher_name: str, scope: str) -> str:
+    rest = teacher_name[len("teacher.model."):]
+    return f"encoder.{rest}" if scope == "encoder" else rest
+
+
+def _max_update(ckpt: FairseqCheckpoint) -> int:
+    """``optimization.max_update``: fairseq's default for ``ema_anneal_end_step``."""
+    value = (ckpt.cfg.get("optimization") or {}).get("max_update", 0)
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+def _zero_step() -> Tensor:
+    """The objective's update counter (``import_fairseq`` then sets it to the checkpoint's
+    ``optimizer_history`` count, so the EMA decay schedule continues where fairseq stopped)."""
+    return torch.zeros((), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- data2vec 2.0
+
+
+class Data2VecMultiAudioImporter:
+    """fairseq ``data2vec_multi`` with an ``AUDIO`` modality encoder (data2vec 2.0 speech)."""
+
+    def accepts(self, ckpt: FairseqCheckpoint) -> bool:
+        return ckpt.name == "data2vec_multi" and fairseq_v2.has_audio(ckpt.model, "")
+
+    def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
+        notes: list[str] = []
+        m = ConfigReader(ckpt.model_cfg, "cfg.model", fairseq_v2.MULTI_FIELDS, notes)
+        arch = fairseq_v2.read_arch(m)
+        spec = fairseq_v2.backbone_spec(arch)
+        table = fairseq_v2.backbone_names(arch)
+        state, consumed = collect(table, ckpt.model, f"fairseq data2vec_multi checkpoint '{ckpt.path}'")
+        state["encoder.mask_embedding"] = fairseq_v2.mask_embedding(arch)
+        consumed |= fairseq_v2.dropped(ckpt.model, "", notes)
+
+        if ckpt.ema:
+            objective, reason = fairseq_v2.objective_spec(m, arch, _max_update(ckpt))
+        else:  # fairseq builds its teacher from the student only at step 0; a saved run has one
+            objective, reason = None, "the checkpoint holds no EMA teacher (model['_ema'])"
+        if objective is None:
+            notes.append(f"imported the backbone only (no data2vec2 objective): {reason}")
+        else:
+            decoder_state, decoder_used = collect(fairseq_v2.decoder_names(arch), ckpt.model, str(ckpt.path))
+            encoder_only = bool(objective["copy_keys"])  # ema_encoder_only: the teacher copies the rest
+            from_ema, from_student = fairseq_v2.teacher_names(table, encoder_only)
+            teacher_state, teacher_used = _ema_collect(from_ema, ckpt.ema, f"fairseq checkpoint '{ckpt.path}'")
+            teacher_state.update({r.ours: state[r.theirs].clone() for r in from_student})
+            teacher_state["teacher.model.mask_embedding"] = state["encoder.mask_embedding"].clone()
+            state.update(decoder_state)
+            state.update(teacher_state)
+            consumed |= decoder_used | teacher_used
+            state["num_updates"] = _zero_step()
+            spec["objective"] = objective
+        m.finish()
+        return FairseqImport(spec=spec, task="pretrain", state_dict=state, consumed=consumed, notes=notes)
+
+
+# --------------------------------------------------------------------------- fine-tuned CTC
+
+
+class Wav2VecCtcImporter:
+    """fairseq ``wav2vec_ctc`` over a data2vec 1.0 (``data2vec_audio``) or 2.0
+    (``data2vec_multi``) speech model."""
+
+    def accepts(self, ckpt: FairseqCheckpoint) -> bool:
+        return ckpt.name == "wav2vec_ctc" and _pretrained_name(ckpt) in ("data2vec_audio", "data2vec_multi")
+
+    def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
+        notes: list[str] = []
+        outer = ConfigReader(ckpt.model_cfg, "cfg.model", fairseq_ctc.CTC_FIELDS, notes)
+        inner_cfg = _pretrained_cfg(ckpt)
+        where = "cfg.model.w2v_args.model"
+        encoder_fields, fe_fields = fairseq_ctc.finetune_settings(outer)
+        if inner_cfg.get("_name") == "data2vec_audio":
+            inner = ConfigReader(inner_cfg, where, fairseq_v1.DATA2VEC_AUDIO_FIELDS, notes)
+            spec = fairseq_v1.backbone_spec(inner)
+            table = fairseq_v1.backbone_names(spec)
+            extra: dict[str, Tensor] = {}
+            dropped: set[str] = set()
+        else:
+            inner = ConfigReader(inner_cfg, where, fairseq_v2.MULTI_FIELDS, notes)
+            arch = fairseq_v2.read_arch(inner, finetune=outer)
+            spec = fairseq_v2.backbone_spec(arch)
+            table = fairseq_v2.backbone_names(arch)
+            extra = {"encoder.mask_embedding": fairseq_v2.mask_embedding(arch)}
+            dropped = fairseq_v2.dropped(ckpt.model, fairseq_ctc.PREFIX, notes)
+            if encoder_fields["apply_spec_augment"] and not outer.get("zero_mask", False):
+                notes.append("fairseq fills the frames it masks while fine-tuning with N(0, mask_noise_std) noise "
+                             "(zero_mask: false); d2v's SpecAugment puts the zero mask embedding there")
+        spec["encoder"].update(encoder_fields)
+        spec["feature_extractor"].update(fe_fields)
+
+        state, consumed = collect(prefixed(table, "", fairseq_ctc.PREFIX), ckpt.model,
+                                  f"fairseq wav2vec_ctc checkpoint '{ckpt.path}'")
+        state.update(extra)
+        consumed |= dropped
+        head = fairseq_ctc.head_weights(ckpt.model, outer)
+        state.update(head)
+        consumed |= {f"{fairseq_ctc.PROJ}.weight", f"{fairseq_ctc.PROJ}.bias"}
+        vocab = fairseq_ctc.vocabulary(head["head.proj.weight"].shape[0], options.get("dict"), notes)
+        spec["head"] = fairseq_ctc.head_spec(outer, ckpt.cfg, vocab)
+        freeze = fairseq_ctc.frozen_prefixes(outer)
+        if freeze:
+            spec["freeze"] = freeze
+        outer.finish()
+        inner.finish()
+        return FairseqImport(spec=spec, task="finetune", state_dict=state, consumed=consumed, notes=notes)
+
+
+def _pretrained_cfg(ckpt: FairseqCheckpoint) -> dict[str, Any]:
+    """The pretrained model's config inside a fine-tuning config (``cfg.model.w2v_args.model``,
+    or a legacy flat ``Namespace``)."""
+    args = ckpt.model_cfg.get("w2v_args")
+    if not isinstance(args, dict):
+        raise SpecError(
+            f"'{ckpt.path}': cfg.model.w2v_args (the pretrained model's config, which fairseq stores when it "
+            f"fine-tunes) is missing, so the encoder's architecture is unknown."
+        )
+    if isinstance(args.get("model"), dict):
+        return args["model"]
+    if args.get("arch"):
+        return {"_name": args["arch"], **args}
+    raise SpecError(f"'{ckpt.path}': cfg.model.w2v_args has no 'model' section.")
+
+
+def _pretrained_name(ckpt: FairseqCheckpoint) -> str:
+    args = ckpt.model_cfg.get("w2v_args")
+    if not isinstance(args, dict):
+        return "data2vec_audio" if any(k.startswith(fairseq_ctc.PREFIX + "encoder.layers.") for k in ckpt.model) else ""
+    model = args.get("model") if isinstance(args.get("model"), dict) else args
+    return str(model.get("_name") or model.get("arch") or "")

@@ -1,0 +1,128 @@
+"""Shared tools of the fairseq speech importers: weight-name tables and config values.
+
+A converter writes out, from the checkpoint's config, the complete list of weights the fairseq
+model has (:class:`Rename`: d2v name <- fairseq name, with an optional slice for fused tensors)
+and :func:`collect` pulls them from the checkpoint. Writing the list out (rather than matching
+whatever names the file holds) is what lets a missing weight be reported by its fairseq name,
+and lets every tensor the table does not mention be reported as not imported.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from d2v.errors import SpecError
+
+#: fairseq activation names (``fairseq.utils.get_activation_fn``) -> d2v's
+ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "relu": "relu",
+               "swish": "silu", "tanh": "tanh"}
+
+
+@dataclass(frozen=True)
+class Rename:
+    """d2v weight ``ours`` comes from fairseq weight ``theirs`` (through ``take``, e.g. one
+    third of a fused ``qkv``)."""
+
+    ours: str
+    theirs: str
+    take: Callable[[Tensor], Tensor] | None = None
+
+
+def linear(ours: str, theirs: str, bias: bool = True) -> list[Rename]:
+    """A module's ``weight`` (and ``bias``) under both prefixes."""
+    names = ("weight", "bias") if bias else ("weight",)
+    return [Rename(f"{ours}.{n}", f"{theirs}.{n}") for n in names]
+
+
+def prefixed(table: Iterable[Rename], ours: str = "", theirs: str = "") -> list[Rename]:
+    """``table`` with both sides' names prefixed (a backbone inside a CTC model, a teacher)."""
+    return [Rename(ours + r.ours, theirs + r.theirs, r.take) for r in table]
+
+
+def rebased(table: Iterable[Rename], ours_from: str, ours_to: str, theirs_from: str, theirs_to: str) -> list[Rename]:
+    """The entries under ``ours_from``/``theirs_from``, moved to ``ours_to``/``theirs_to`` (the
+    encoder's names inside an EMA teacher)."""
+    out = []
+    for r in table:
+        if r.ours.startswith(ours_from) and r.theirs.startswith(theirs_from):
+            out.append(Rename(ours_to + r.ours[len(ours_from):], theirs_to + r.theirs[len(theirs_from):], r.take))
+    return out
+
+
+def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], set[str]]:
+    """d2v state dict and the fairseq names used; a SpecError names every weight the table
+    expects and ``weights`` lacks."""
+    table = list(table)
+    missing = sorted({r.theirs for r in table if r.theirs not in weights})
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise SpecError(
+            f"{where}: the checkpoint lacks {len(missing)} weight(s) its config implies: {shown}. The file is "
+            f"incomplete, or its config does not describe its weights (compare cfg.model with the tensor names)."
+        )
+    state = {}
+    for r in table:
+        tensor = weights[r.theirs]
+        state[r.ours] = (r.take(tensor) if r.take else tensor).detach().clone().float().contiguous()
+    return state, {r.theirs for r in table}
+
+
+def chunk(index: int, parts: int) -> Callable[[Tensor], Tensor]:
+    """Part ``index`` of ``parts`` equal slices along dim 0 (q, k, v of a fused projection)."""
+
+    def take(tensor: Tensor) -> Tensor:
+        return tensor.chunk(parts, dim=0)[index]
+
+    return take
+
+
+def reshaped(*shape: int) -> Callable[[Tensor], Tensor]:
+    def take(tensor: Tensor) -> Tensor:
+        return tensor.reshape(*shape)
+
+    return take
+
+
+# --------------------------------------------------------------------------- config values
+
+
+def conv_layers(spec: str, where: str) -> list[tuple[int, int, int]]:
+    """fairseq's conv stack string, e.g. ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"``, read without
+    ``eval``: only list/tuple literals of integers, ``+`` and ``*`` are accepted."""
+
+    def value(node: ast.AST):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [value(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError(ast.dump(node))
+
+    try:
+        layers = value(ast.parse(str(spec), mode="eval").body)
+        layers = [tuple(int(v) for v in layer) for layer in layers]
+        if not layers or any(len(layer) != 3 for layer in layers):
+            raise ValueError("not a list of (dim, kernel, stride)")
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise SpecError(f"{where} = {spec!r} is not a list of (dim, kernel, stride) triples ({err}).") from None
+    return layers
+
+
+def activation(name: str, where: str) -> str:
+    try:
+        return ACTIVATIONS[str(name)]
+    except KeyError:
+        raise SpecError(f"{where} = {name!r}: d2v knows the fairseq activations {', '.join(ACTIVATIONS)}.") from None
+
+
+def unsupported(where: str, problems: list[str]) -> None:
+    """A SpecError listing the architecture features d2v does not implement."""
+    if problems:
+        raise SpecError(f"{where} uses features d2v's audio components do not implement: " + "; ".join(problems) + ".")

@@ -1,0 +1,153 @@
+"""experiments/pretrain2_audio_ls960.yaml is fairseq's published data2vec 2.0 Base speech recipe
+(examples/data2vec/config/v2/base_audio_only_task.yaml), key by key; the values below are that
+file's (or, where it is silent, the defaults of its dataclasses -- Data2VecMultiConfig,
+D2vModalityConfig, D2vAudioConfig, D2vDecoderConfig -- named in the comments). Also: the demo
+uses the same encoder options, and the spec builds a student whose teacher EMAs ``alibi_scale``."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2v import plugins
+from d2v.config import load_spec, resolve_model_section
+from d2v_audio.encoder import AudioTransformerEncoder
+from d2v_audio.feature_extractor import ConvFeatureExtractor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(ROOT / "experiments" / "pretrain2_audio_ls960.yaml")
+
+
+def with_defaults(component: type, settings: dict) -> dict:
+    """A component's settings over its constructor defaults (what it is built with)."""
+    defaults = {name: p.default for name, p in inspect.signature(component).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **settings}
+
+
+@pytest.fixture(scope="module")
+def backbone(spec):
+    model = resolve_model_section(dict(spec["model"]), plugins.registry())
+    return {"feature_extractor": with_defaults(ConvFeatureExtractor, model["feature_extractor"]),
+            "encoder": with_defaults(AudioTransformerEncoder, model["encoder"])}
+
+
+def test_feature_extractor_is_the_published_one(backbone):
+    fe = backbone["feature_extractor"]
+    assert fe["name"] == "audio.conv"
+    # feature_encoder_spec: [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]
+    assert fe["conv_dim"] == [512] * 7
+    assert fe["conv_kernel"] == [10, 3, 3, 3, 3, 2, 2] and fe["conv_stride"] == [5, 2, 2, 2, 2, 2, 2]
+    assert fe["conv_bias"] is False                     # AudioEncoder: ConvFeatureExtractionModel(conv_bias=False)
+    assert fe["feat_proj_dropout"] == 0.0               # project_features: LayerNorm + Linear, no dropout
+
+
+def test_encoder_is_the_published_one(backbone):
+    enc = backbone["encoder"]
+    assert enc["name"] == "audio.transformer"
+    assert enc["dim"] == 768 and enc["heads"] == 12 and enc["ffn_dim"] == 3072  # embed_dim, num_heads, mlp_ratio 4
+    assert enc["layers"] == 12                                                   # depth 12 + prenet_depth 0
+    assert enc["layer_norm_eps"] == 1e-5                                         # norm_eps: 1e-5
+    assert enc["dropout"] == 0.1                        # encoder_dropout, post_mlp_drop (defaults), prenet_dropout: 0.1
+    assert enc["attention_dropout"] == 0.1              # attention_dropout default
+    assert enc["activation_dropout"] == 0.0             # activation_dropout default
+    assert enc["layerdrop"] == 0.05                     # layerdrop: 0.05, prenet_layerdrop: 0.05
+    # conv_pos_depth: 5, conv_pos_width: 95 (kernel max(3, 95 // 5) = 19), conv_pos_groups: 16
+    assert (enc["num_pos_conv_layers"], enc["pos_conv_kernel"], enc["pos_conv_groups"]) == (5, 19, 16)
+    assert enc["alibi"] is True                         # use_alibi_encoder: true
+    assert enc["alibi_scale_init"] == 1.0               # alibi_scale default 1.0
+    assert enc["alibi_learned_scale"] is True           # learned_alibi_scale: true
+    assert enc["alibi_scale_per_head"] is True          # learned_alibi_scale_per_head: true
+    assert enc["alibi_scale_per_layer"] is False        # learned_alibi_scale_per_layer default
+    assert enc["zero_padded_frames"] is False           # ModalitySpecificEncoder never zeroes padded frames
+    assert enc.get("add_adapter", False) is False
+
+
+def test_objective_is_the_published_one(spec):
+    obj = spec["model"]["objective"]
+    assert obj["name"] == "data2vec2" and obj["clone_batch"] == 8                 # clone_batch: 8
+    assert obj["target"]["top_k"] == 8                                           # average_top_k_layers: 8
+    assert obj["target"]["layer_norm"] == "instance"                             # instance_norm_target_layer: true
+    assert obj["target"]["final_norm"] is None                                   # layer_norm_targets: false
+    assert obj["target"]["loss"] == "l2"                                         # loss_beta: 0
+    assert obj["target"]["loss_scale"] is None                                   # loss_scale: null (1/sqrt(dim))
+    # mask_prob: 0.5, mask_length: 5, mask_prob_adjust: 0.05, inverse_mask: false (precompute_mask_config: {})
+    assert obj["masking"] == {"name": "inverse_block", "dims": 1, "inverse": False, "mask_prob": 0.5,
+                              "mask_length": 5, "mask_prob_adjust": 0.05}
+    # decoder: decoder_dim 384, decoder_kernel 7, decoder_layers 4, decoder_groups 16, input_dropout 0.1;
+    # decoder_residual true and projection_layers 1 are D2vDecoderConfig defaults
+    assert (obj["decoder_type"], obj["decoder_dim"], obj["decoder_kernel"], obj["decoder_layers"],
+            obj["decoder_groups"], obj["decoder_input_dropout"]) == ("1d", 384, 7, 4, 16, 0.1)
+    assert obj["decoder_residual"] is True and obj["decoder_projection_layers"] == 1
+    assert obj["mask_noise_std"] == 0.01                                         # mask_noise_std: 0.01
+    assert obj["encoder_zero_mask"] is True                                      # encoder_zero_mask default
+    assert obj["cls_loss"] == 0.0                                                # cls_loss default
+    assert obj["ema_scope"] == "encoder"                # ema_encoder_only: false, ema_local_encoder: false
+    assert obj["copy_keys"] == []
+    assert (obj["ema_decay"], obj["ema_end_decay"], obj["ema_anneal_end_step"]) == (0.999, 0.99999, 75000)
+    assert obj["target_feature"] == "ffn"                                        # end_of_block_targets default false
+    assert obj["min_target_std"] == 0.1 and obj["min_pred_std"] == 0.01          # min_target_var, min_pred_var defaults
+
+
+def test_optimisation_and_data_are_the_published_ones(spec):
+    optim, schedule, trainer = spec["optim"], spec["schedule"], spec["trainer"]
+    assert optim["name"] == "adam" and optim["lr"] == 7.5e-4                     # optimizer adam, lr [0.00075]
+    assert optim["betas"] == [0.9, 0.98] and optim["eps"] == 1e-6                # adam_betas, adam_eps
+    assert optim["weight_decay"] == 0.01                                         # weight_decay: 0.01
+    assert schedule == {"name": "cosine", "warmup_steps": 8000, "final_lr_scale": 0.0}  # cosine, warmup_updates, min_lr 0
+    assert trainer["max_steps"] == 400000                                        # max_update: 400000
+    assert trainer.get("clip_norm", 0) == 0                                      # no clip_norm in the base recipe
+    assert trainer["mixed_precision"] == "fp16"                                  # common.fp16: true
+    assert trainer["save_every"] == 25000 and trainer["keep_last"] == 1          # save_interval_updates, keep_interval_updates
+    assert trainer["log_every"] == 200                                           # log_interval: 200
+    proc = spec["data"]["processor"]
+    assert proc["sample_rate"] == 16000 and proc["normalize"] is True            # task.normalize: true
+    assert (proc["min_samples"], proc["max_samples"]) == (32000, 320000)         # min/max_sample_size
+    loader = spec["data"]["loader"]
+    assert loader["max_batch_seconds"] * 16000 == 1_000_000                      # dataset.max_tokens per GPU
+    assert loader["num_workers"] == 6                                            # dataset.num_workers: 6
+    assert spec["seed"] == 1                                                     # common.seed default
+
+
+def test_demo_uses_the_same_encoder_options():
+    demo = load_spec(ROOT / "experiments" / "pretrain2_audio_demo.yaml")
+    enc = resolve_model_section(dict(demo["model"]), plugins.registry())["encoder"]
+    assert enc["alibi"] is True and enc["alibi_learned_scale"] is True and enc["alibi_scale_per_head"] is True
+    assert enc["zero_padded_frames"] is False
+
+
+def test_the_recipe_builds_a_student_whose_teacher_averages_alibi_scale(spec):
+    """The recipe's objective at a tiny size: one training step gives alibi_scale a gradient and
+    the EMA teacher moves its copy towards the student's."""
+    from d2v.model import build_model
+
+    model_spec = dict(spec["model"])
+    model_spec["preset"] = "data2vec-audio-tiny"
+    model_spec["encoder"] = {**spec["model"]["encoder"], "layerdrop": 0.0}
+    model_spec["objective"] = {**spec["model"]["objective"], "clone_batch": 2, "decoder_dim": 32,
+                               "decoder_layers": 2, "target": {**spec["model"]["objective"]["target"], "top_k": 2}}
+    torch.manual_seed(0)
+    model = build_model(model_spec, plugins.registry(), "pretrain")
+    assert tuple(model.encoder.alibi_scale.shape) == (1, 4)
+    teacher_scale = dict(model.teacher.model.named_parameters())["alibi_scale"]
+    lengths = torch.tensor([16000, 11000])
+    inputs = torch.randn(2, 16000)
+    padding = torch.arange(16000)[None, :] >= lengths[:, None]
+    out = model({"inputs": inputs.masked_fill(padding, 0.0), "padding_mask": padding})
+    out.loss.backward()
+    assert model.encoder.alibi_scale.grad is not None and model.encoder.alibi_scale.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.encoder.alibi_scale.add_(1.0)
+    model.after_optimizer_step(1)  # the runner's EMA hook
+    decay = model.current_decay()
+    assert 0.99 < decay < 1.0
+    torch.testing.assert_close(teacher_scale, torch.full((1, 4), decay * 1.0 + (1 - decay) * 2.0))
