@@ -216,6 +216,25 @@ def _group_names(names: list[str], depth: int = 2) -> list[str]:
     return [f"{k}.* ({n})" if n > 1 else k for k, n in sorted(groups.items())]
 
 
+#: weights every model built from the same backbone settings has (heads and objectives differ)
+BACKBONE_PREFIXES = ("feature_extractor.", "encoder.")
+
+
+def _settings_hint(checkpoint: str | Path) -> str:
+    """The checkpoint's own backbone settings, when it records them (a d2v checkpoint's spec)."""
+    spec_path = Path(checkpoint) / "spec.yaml"
+    if not spec_path.is_file():
+        return ""
+    import yaml
+
+    try:
+        model = (yaml.safe_load(spec_path.read_text()) or {}).get("model") or {}
+    except yaml.YAMLError:
+        return ""
+    parts = {k: model[k] for k in ("preset", "feature_extractor", "encoder") if k in model}
+    return f" (its spec.yaml: {yaml.safe_dump(parts, default_flow_style=True, width=10**6).strip()})" if parts else ""
+
+
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
@@ -284,6 +303,13 @@ def load_initial_weights(model: nn.Module, checkpoint: str | Path, *, strict: bo
         raise SpecError(f"model.init (strict): checkpoint does not match the model exactly.\n{report.summary()}")
     if not loadable:
         raise SpecError(f"model.init: no tensor of '{checkpoint}' matches the model by name and shape.\n{report.summary()}")
+    backbone_unused = [k for k in report.unused if k.startswith(BACKBONE_PREFIXES)]
+    if backbone_unused and not allow_mismatch:
+        raise SpecError(
+            f"model.init: '{checkpoint}' has backbone weights this model has no place for "
+            f"({', '.join(_group_names(backbone_unused))}): the checkpoint was built with other encoder or feature "
+            f"extractor settings{_settings_hint(checkpoint)}. Use the same settings in this spec, or set "
+            f"model.init.allow_mismatch: true to drop those weights.\n{report.summary()}")
     mostly_wrong = len(report.mismatched) > max(2, 0.1 * (len(report.loaded) + len(report.mismatched)))
     if (mostly_wrong or len(report.loaded) < len(report.new)) and not allow_mismatch:
         raise SpecError(f"model.init: '{checkpoint}' fits the model badly (is it the right checkpoint?); set "
