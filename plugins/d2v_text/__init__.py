@@ -1,5 +1,5 @@
 """d2v's text modality: data2vec-text (as Hugging Face's ``Data2VecTextModel``), its tokenizers,
-processor, datasets and presets. Registered through the ``d2v`` entry point ``text``."""
+processor, datasets, presets and fairseq checkpoint importers (data2vec 1.0 and 2.0 text). Registered through the ``d2v`` entry point ``text``."""
 
 from d2v import hookimpl
 
@@ -7,7 +7,7 @@ from d2v import hookimpl
 @hookimpl
 def d2v_register(register):
     register("feature_extractor", "text.embeddings", "d2v_text.feature_extractor:TextEmbeddings",
-             summary="word + RoBERTa position (padding-aware) + token type embeddings, LayerNorm, dropout")
+             summary="word + RoBERTa position (padding-aware) + optional token type embeddings, LayerNorm, dropout")
     register("encoder", "text.transformer", "d2v_text.encoder:TextTransformerEncoder",
              summary="post-LN Transformer (SDPA, padding mask), optional pooler; decoder mode: causal mask, "
                      "cross-attention, key/value cache")
@@ -31,6 +31,14 @@ def d2v_register(register):
              summary="import/export Hugging Face Data2VecTextForTokenClassification checkpoints")
     register("hf_converter", "Data2VecTextForQuestionAnswering", "d2v_text.hf:TextQuestionAnsweringConverter",
              summary="import/export Hugging Face Data2VecTextForQuestionAnswering checkpoints")
+    register("fairseq_converter", "data2vec_text", "d2v_text.fairseq:Data2VecTextImporter",
+             summary="fairseq data2vec 1.0 text (data2vec_text) and RoBERTa-layout GLUE fine-tunings -> text backbone, "
+                     "masked_lm or text_classification head")
+    register("fairseq_converter", "data2vec_multi_text", "d2v_text.fairseq:Data2VecMultiTextImporter",
+             summary="fairseq data2vec 2.0 text checkpoints (data2vec_multi, TEXT) -> pretraining model with Decoder1d "
+                     "and EMA teacher")
+    register("fairseq_converter", "data2vec_text_classification", "d2v_text.fairseq:Data2VecTextClassificationImporter",
+             summary="fairseq data2vec 2.0 GLUE fine-tunings (data2vec_text_classification) -> text_classification")
     register("processor", "text", "d2v_text.processor:TextProcessor",
              summary="RoBERTa-style tokenization (byte-level BPE or sentencepiece), truncation/QA windows, "
                      "label alignment, BERT masking, padded batches")

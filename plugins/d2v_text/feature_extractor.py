@@ -1,10 +1,15 @@
 """data2vec-text's input embeddings: token ids -> vectors (Hugging Face ``Data2VecTextEmbeddings``,
 fairseq's RoBERTa ``TransformerEncoder`` embedding with ``layernorm_embedding``).
 
-``word + position + token type``, then LayerNorm and dropout. Positions are RoBERTa's: they
-count only real tokens and start at ``padding_idx + 1``, and a padding token sits at position
-``padding_idx`` (whose embedding row is zero at init), so a sequence gets the same positions
-whether it is padded on the left, on the right or not at all.
+``word + position + token type``, then LayerNorm and dropout. Positions are RoBERTa's (fairseq's
+learned ``PositionalEmbedding``): they count only real tokens and start at ``padding_idx + 1``,
+and a padding token sits at position ``padding_idx`` (whose embedding row is zero at init), so a
+sequence gets the same positions whether it is padded on the left, on the right or not at all.
+
+``type_vocab_size: 0`` leaves the token-type table out, as fairseq's data2vec text models
+(1.0 ``TransformerEncoder`` and 2.0 ``TextLocalEncoder``) have none; Hugging Face's
+``Data2VecText`` always has one, so the exporter writes it as a single row of zeros (what
+Hugging Face's own conversion of the fairseq checkpoints did).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class TextEmbeddings(FeatureExtractor):
 
     The ``padding_mask`` is handed on unchanged: while decoding with a cache it covers the past
     tokens too (like Hugging Face's ``attention_mask``), which the encoder needs for its keys.
-    ``batch_keys``: ``token_type_ids`` (default zeros), ``position_ids`` (default: from the ids as
+    ``batch_keys``: ``token_type_ids`` (default zeros; must be zeros without a token-type table), ``position_ids`` (default: from the ids as
     above) and ``past_key_values`` (a cache whose ``get_seq_length()`` offsets the positions).
     """
 
@@ -51,9 +56,12 @@ class TextEmbeddings(FeatureExtractor):
         #: the constructor arguments (what the Hugging Face exporter reads back)
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        for key in ("dim", "vocab_size", "max_position_embeddings", "type_vocab_size"):
+        for key in ("dim", "vocab_size", "max_position_embeddings"):
             if int(hparams[key]) < 1:
                 raise SpecError(f"text.embeddings: {key} must be >= 1, got {hparams[key]}.")
+        if int(type_vocab_size) < 0:
+            raise SpecError(f"text.embeddings: type_vocab_size must be >= 0 (0 = no token types, as fairseq), "
+                            f"got {type_vocab_size}.")
         if not 0 <= padding_idx < min(vocab_size, max_position_embeddings):
             raise SpecError(f"text.embeddings: padding_idx {padding_idx} must be a token id below vocab_size "
                             f"({vocab_size}) and max_position_embeddings ({max_position_embeddings}).")
@@ -64,11 +72,12 @@ class TextEmbeddings(FeatureExtractor):
         self.max_position_embeddings = int(max_position_embeddings)
         self.word_embeddings = nn.Embedding(vocab_size, dim, padding_idx=padding_idx)
         self.position_embeddings = nn.Embedding(max_position_embeddings, dim, padding_idx=padding_idx)
-        self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, dim) if type_vocab_size else None
         self.layer_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         for embedding in (self.word_embeddings, self.position_embeddings, self.token_type_embeddings):
-            nn.init.normal_(embedding.weight, std=initializer_range)
+            if embedding is not None:
+                nn.init.normal_(embedding.weight, std=initializer_range)
         with torch.no_grad():  # HF zeroes the padding rows after its normal init
             self.word_embeddings.weight[padding_idx].zero_()
             self.position_embeddings.weight[padding_idx].zero_()
@@ -97,10 +106,14 @@ class TextEmbeddings(FeatureExtractor):
             raise SpecError(f"text.embeddings: position {too_far} is beyond max_position_embeddings "
                             f"{self.max_position_embeddings} (at most {self.max_position_embeddings - self.padding_idx - 1} "
                             f"tokens); truncate the inputs (processor max_length) or use a model with more positions.")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(inputs)
-        x = (self.word_embeddings(inputs) + self.token_type_embeddings(token_type_ids)
-             + self.position_embeddings(position_ids))
+        x = self.word_embeddings(inputs)
+        if self.token_type_embeddings is not None:  # HF's order: words + types, then positions
+            x = x + self.token_type_embeddings(torch.zeros_like(inputs) if token_type_ids is None else token_type_ids)
+        elif token_type_ids is not None and bool(token_type_ids.ne(0).any()):
+            raise SpecError("text.embeddings: the batch has non-zero token_type_ids but the model has no token-type "
+                            "embedding (type_vocab_size: 0, as fairseq's data2vec); drop token_type_ids or set "
+                            "type_vocab_size >= 1.")
+        x = x + self.position_embeddings(position_ids)
         x = self.dropout(self.layer_norm(x))
         if padding_mask is not None:
             padding_mask = padding_mask.bool()

@@ -256,6 +256,10 @@ class TextModelConverter:
             if theirs is None:
                 raise SpecError(f"{self.architecture} export: no Hugging Face name for d2v weight '{name}'.")
             state[theirs] = tensor.detach().clone().contiguous()
+        if model.feature_extractor.token_type_embeddings is None:
+            # type_vocab_size 0 (fairseq's data2vec): HF always has the table; one zero row adds nothing
+            name = (BACKBONE_PREFIX if self.prefixed else "") + "embeddings.token_type_embeddings.weight"
+            state[name] = model.feature_extractor.word_embeddings.weight.new_zeros(1, config["hidden_size"])
         return config, state
 
     def _hf_config(self, feature_extractor: nn.Module, encoder: nn.Module, head: nn.Module | None) -> dict[str, Any]:
@@ -279,7 +283,7 @@ class TextModelConverter:
             "hidden_dropout_prob": enc["dropout"],
             "attention_probs_dropout_prob": enc["attention_dropout"],
             "max_position_embeddings": fe["max_position_embeddings"],
-            "type_vocab_size": fe["type_vocab_size"],
+            "type_vocab_size": max(1, int(fe["type_vocab_size"])),
             "initializer_range": enc["initializer_range"],
             "layer_norm_eps": enc["layer_norm_eps"],
             "pad_token_id": fe["padding_idx"],
