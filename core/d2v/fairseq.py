@@ -140,6 +140,21 @@ def _config_of(state: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _split_ema(weights: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The model's tensors, and fairseq's EMA teacher: ``model["_ema"]`` (2.0, audio 1.0) or a
+    submodule's ``model["<module>._ema"]`` (text 1.0 keeps it under ``encoder._ema``), whose
+    names get the submodule prefix (``encoder.<name>``)."""
+    tensors: dict[str, Tensor] = {}
+    ema: dict[str, Tensor] = {}
+    for key, value in weights.items():
+        if isinstance(value, Tensor):
+            tensors[key] = value
+        elif key == "_ema" or key.endswith("._ema"):
+            prefix = key[: -len("_ema")]
+            ema.update({prefix + k: v for k, v in dict(value or {}).items() if isinstance(v, Tensor)})
+    return tensors, ema
+
+
 def read_fairseq_checkpoint(path: str | Path) -> FairseqCheckpoint:
     path = Path(path)
     if not path.is_file():
@@ -158,10 +173,7 @@ def read_fairseq_checkpoint(path: str | Path) -> FairseqCheckpoint:
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise SpecError(f"'{path}' is a PyTorch file but not a fairseq checkpoint: expected a dict with 'model' "
                         f"(the weights) and 'cfg' (the configuration).")
-    weights = dict(state["model"])
-    ema = weights.pop("_ema", None) or {}
-    tensors = {k: v for k, v in weights.items() if isinstance(v, Tensor)}
-    ema = {k: v for k, v in dict(ema).items() if isinstance(v, Tensor)}
+    tensors, ema = _split_ema(dict(state["model"]))
     history = plain(state.get("optimizer_history")) or []
     last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], dict) else {}
     updates = last.get("num_updates")

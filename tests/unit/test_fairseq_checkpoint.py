@@ -112,3 +112,11 @@ def test_config_reader_defaults_missing_keys_and_reports_unknown_ones():
     assert any("cfg.model.layerdrop is missing" in n for n in notes)
     assert any("ignored: rebuild_batches" in n for n in notes)
     assert pickle.loads(pickle.dumps(notes)) == notes
+
+
+def test_a_submodules_ema_is_read_with_its_prefix(tmp_path):
+    """fairseq's data2vec_text keeps its teacher under ``encoder._ema``."""
+    state = {"encoder.w": torch.zeros(2), "encoder._ema": {"w": torch.ones(2)}}
+    torch.save({"cfg": {"model": {"_name": "data2vec_text"}}, "model": state}, tmp_path / "t.pt")
+    ckpt = read_fairseq_checkpoint(tmp_path / "t.pt")
+    assert set(ckpt.model) == {"encoder.w"} and torch.equal(ckpt.ema["encoder.w"], torch.ones(2))
