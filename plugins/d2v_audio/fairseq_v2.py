@@ -30,36 +30,17 @@ import torch
 from torch import Tensor
 
 from d2v.fairseq import ConfigReader
+from d2v.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, UnsupportedObjective, objective
 from d2v_audio.fairseq_names import Rename, chunk, conv_layers, linear, reshaped, unsupported
-from d2v_audio.fairseq_v1 import target_spec
 
 AUDIO = "modality_encoders.AUDIO."
 
 #: ``Data2VecMultiConfig`` fields (examples/data2vec/models/data2vec2.py)
-MULTI_FIELDS = (
-    "loss_beta", "loss_scale", "depth", "start_drop_path_rate", "end_drop_path_rate", "num_heads", "norm_eps",
-    "norm_affine", "encoder_dropout", "post_mlp_drop", "attention_dropout", "activation_dropout", "dropout_input",
-    "layerdrop", "embed_dim", "mlp_ratio", "layer_norm_first", "average_top_k_layers", "end_of_block_targets",
-    "clone_batch", "layer_norm_target_layer", "batch_norm_target_layer", "instance_norm_target_layer",
-    "instance_norm_targets", "layer_norm_targets", "ema_decay", "ema_same_dtype", "log_norms", "ema_end_decay",
-    "ema_anneal_end_step", "ema_encoder_only", "max_update", "modalities", "shared_decoder", "min_target_var",
-    "min_pred_var", "supported_modality", "mae_init", "seed", "skip_ema", "cls_loss", "recon_loss", "d2v_loss",
-    "decoder_group",
-)
 #: ``D2vModalityConfig`` + ``D2vAudioConfig`` fields (modalities/base.py, modalities/audio.py)
-AUDIO_FIELDS = (
-    "type", "prenet_depth", "prenet_layerdrop", "prenet_dropout", "start_drop_path_rate", "end_drop_path_rate",
-    "num_extra_tokens", "init_extra_token_zero", "mask_noise_std", "mask_prob_min", "mask_prob", "inverse_mask",
-    "mask_prob_adjust", "keep_masked_pct", "mask_length", "add_masks", "remove_masks", "mask_dropout",
-    "encoder_zero_mask", "mask_channel_prob", "mask_channel_length", "ema_local_encoder", "local_grad_mult",
-    "use_alibi_encoder", "alibi_scale", "learned_alibi", "alibi_max_pos", "learned_alibi_scale",
-    "learned_alibi_scale_per_head", "learned_alibi_scale_per_layer", "num_alibi_heads", "model_depth", "decoder",
+AUDIO_FIELDS = MODALITY_FIELDS + (
     "extractor_mode", "feature_encoder_spec", "conv_pos_width", "conv_pos_groups", "conv_pos_depth", "conv_pos_pre_ln",
 )
 #: ``D2vDecoderConfig`` fields (modalities/modules.py)
-DECODER_FIELDS = ("decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers", "input_dropout",
-                  "add_positions_masked", "add_positions_all", "decoder_residual", "projection_layers",
-                  "projection_ratio")
 DEFAULT_CONV = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
 
 
@@ -289,62 +270,18 @@ def decoder_names(arch: AudioArch) -> list[Rename]:
 
 
 def objective_spec(m: ConfigReader, arch: AudioArch, max_update: int = 0) -> tuple[dict[str, Any] | None, str | None]:
-    """The ``data2vec2`` objective of the config (or ``None`` and the reason); ``max_update``
-    (``cfg.optimization``) is fairseq's default EMA anneal length."""
-    audio, d = arch.audio, arch.decoder
-    target, reason = target_spec(m, exotic_norms=("batch_norm_target_layer",))
-    if target is None:
-        return None, reason
-    if m.get("shared_decoder", None) is not None:
-        return None, "it uses a shared_decoder across modalities (d2v's data2vec2 has one decoder)"
+    """The ``data2vec2`` objective of the config, or ``None`` and the reason (the backbone
+    still imports); ``max_update`` (``cfg.optimization``) is fairseq's default EMA anneal length."""
     if float(m.get("recon_loss", 0.0)) or float(m.get("cls_loss", 0.0)):
         return None, "it adds a recon_loss/cls_loss that needs parts audio models do not have"
-    if d.get("add_positions_masked", False) or d.get("add_positions_all", False):
-        return None, "its decoder adds fixed positions, which audio has none of"
-    projection_layers = int(d.get("projection_layers", 1))
-    if projection_layers > 1 and float(d.get("projection_ratio", 2.0)) != 2.0:
-        return None, f"its decoder projection widens by {d.get('projection_ratio', 2.0)} (d2v: 2)"
-    notes = m.notes
-    for key, default in (("mask_prob_min", None), ("mask_dropout", 0.0), ("add_masks", False), ("keep_masked_pct", 0.0),
-                         ("mask_channel_prob", 0.0)):
-        if audio.get(key, default) not in (default, 0, 0.0, None, False):
-            notes.append(f"{audio.where}.{key}={audio.get(key, default)!r} is not reproduced by d2v's data2vec2 masking")
-    if float(m.get("d2v_loss", 1.0)) != 1.0:
-        notes.append(f"cfg.model.d2v_loss={m.get('d2v_loss', 1.0)} (a loss weight) is not reproduced")
-    if int(target["top_k"]) > arch.depth:  # fairseq's targets come from the shared blocks only
-        notes.append(f"average_top_k_layers={target['top_k']} > depth={arch.depth}: fairseq averages the {arch.depth} "
-                     f"shared blocks (not the prenet), so top_k is {arch.depth}")
-        target["top_k"] = arch.depth
-    encoder_only = bool(m.get("ema_encoder_only", True))
     copy_keys: list[str] = []
-    if encoder_only:  # the teacher reuses the student's positional conv, prenet and ALiBi scale
+    if bool(m.get("ema_encoder_only", True)):  # the teacher reuses the student's positional conv, prenet and ALiBi scale
         copy_keys = ["pos_conv", "layer_norm", "alibi_scale"] + [f"layers.{i}" for i in range(arch.prenet)]
-    return {
-        "name": "data2vec2",
-        "clone_batch": int(m.get("clone_batch", 1)),
-        "target": target,
-        "masking": {"name": "inverse_block", "dims": 1, "inverse": bool(audio.get("inverse_mask", False)),
-                    "mask_prob": float(audio.get("mask_prob", 0.7)), "mask_length": int(audio.get("mask_length", 5)),
-                    "mask_prob_adjust": float(audio.get("mask_prob_adjust", 0.0))},
-        "decoder_type": "1d",
-        "decoder_dim": int(d.get("decoder_dim", 384)),
-        "decoder_kernel": int(d.get("decoder_kernel", 5)),
-        "decoder_layers": int(d.get("decoder_layers", 5)),
-        "decoder_groups": int(d.get("decoder_groups", 16)),
-        "decoder_residual": bool(d.get("decoder_residual", True)),
-        "decoder_projection_layers": projection_layers,
-        "decoder_input_dropout": float(d.get("input_dropout", 0.1)),
-        "mask_noise_std": float(audio.get("mask_noise_std", 0.01)),
-        "encoder_zero_mask": bool(audio.get("encoder_zero_mask", True)),
-        "ema_scope": "encoder",
-        "copy_keys": copy_keys,
-        "ema_decay": float(m.get("ema_decay", 0.999)),
-        "ema_end_decay": float(m.get("ema_end_decay", 0.9999)),
-        "ema_anneal_end_step": int(m.get("ema_anneal_end_step", max_update) or 0),
-        "target_feature": "end" if m.get("end_of_block_targets", False) else "ffn",
-        "min_target_std": float(m.get("min_target_var", 0.1)),
-        "min_pred_std": float(m.get("min_pred_var", 0.01)),
-    }, None
+    try:
+        return objective(m, arch.audio, arch.decoder, depth=arch.depth, max_update=max_update,
+                         ema_scope="encoder", copy_keys=copy_keys), None
+    except UnsupportedObjective as err:
+        return None, str(err)
 
 
 def teacher_names(table: list[Rename], encoder_only: bool) -> tuple[list[Rename], list[Rename]]:

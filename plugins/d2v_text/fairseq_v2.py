@@ -29,35 +29,16 @@ from torch import Tensor
 
 from d2v.errors import SpecError
 from d2v.fairseq import ConfigReader
+from d2v.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, objective
 from d2v_text.fairseq_v1 import LAYER_NORM_EPS, shapes
 
 M = "modality_encoders.TEXT."
 LOCAL = M + "local_encoder."
 
-# fairseq's dataclass fields (data2vec2.py Data2VecMultiConfig, modalities/base.py, text.py, modules.py)
-MULTI_FIELDS = (
-    "loss_beta", "loss_scale", "depth", "start_drop_path_rate", "end_drop_path_rate", "num_heads", "norm_eps",
-    "norm_affine", "encoder_dropout", "post_mlp_drop", "attention_dropout", "activation_dropout", "dropout_input",
-    "layerdrop", "embed_dim", "mlp_ratio", "layer_norm_first", "average_top_k_layers", "end_of_block_targets",
-    "clone_batch", "layer_norm_target_layer", "batch_norm_target_layer", "instance_norm_target_layer",
-    "instance_norm_targets", "layer_norm_targets", "ema_decay", "ema_same_dtype", "log_norms", "ema_end_decay",
-    "ema_anneal_end_step", "ema_encoder_only", "max_update", "modalities", "shared_decoder", "min_target_var",
-    "min_pred_var", "supported_modality", "mae_init", "seed", "skip_ema", "cls_loss", "recon_loss", "d2v_loss",
-    "decoder_group",
-)
-TEXT_FIELDS = (
-    "type", "prenet_depth", "prenet_layerdrop", "prenet_dropout", "start_drop_path_rate", "end_drop_path_rate",
-    "num_extra_tokens", "init_extra_token_zero", "mask_noise_std", "mask_prob_min", "mask_prob", "inverse_mask",
-    "mask_prob_adjust", "keep_masked_pct", "mask_length", "add_masks", "remove_masks", "mask_dropout",
-    "encoder_zero_mask", "mask_channel_prob", "mask_channel_length", "ema_local_encoder", "local_grad_mult",
-    "use_alibi_encoder", "alibi_scale", "learned_alibi", "alibi_max_pos", "learned_alibi_scale",
-    "learned_alibi_scale_per_head", "learned_alibi_scale_per_layer", "num_alibi_heads", "model_depth", "decoder",
+# D2vTextConfig's own fields (modalities/text.py); the shared ones are in d2v.fairseq_multi
+TEXT_FIELDS = MODALITY_FIELDS + (
     "max_source_positions", "learned_pos", "dropout", "no_scale_embedding", "layernorm_embedding",
     "no_token_positional_embeddings",
-)
-DECODER_FIELDS = (
-    "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers", "input_dropout", "add_positions_masked",
-    "add_positions_all", "decoder_residual", "projection_layers", "projection_ratio",
 )
 BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 SIMPLE = {"norm1": "attention_norm", "attn.proj": "self_attention.out_proj", "norm2": "ffn_norm",
@@ -210,62 +191,10 @@ def decoder_tensors(weights: dict[str, Tensor], arch: TextV2Arch, where: str) ->
 
 
 def objective_spec(arch: TextV2Arch, max_update: int) -> dict[str, Any]:
-    """The ``data2vec2`` objective node of a ``data2vec_multi`` text config."""
-    model, text, decoder = arch.model, arch.text, arch.decoder
-    if model.get("batch_norm_target_layer", False):
-        raise SpecError("cfg.model.batch_norm_target_layer: true is not supported by the data2vec target.")
-    projection_layers = int(decoder.get("projection_layers", 1))
-    ratio = float(decoder.get("projection_ratio", 2.0))
-    if projection_layers > 1 and ratio != 2.0:
-        raise SpecError(f"cfg.model.modalities.text.decoder.projection_ratio {ratio}: d2v's decoder widens its "
-                        f"projection by 2 (the released value).")
-    if decoder.get("add_positions_masked", False) or decoder.get("add_positions_all", False):
-        raise SpecError("cfg.model.modalities.text.decoder.add_positions_*: true needs a fixed positional encoder, "
-                        "which the text encoder has not (fairseq itself would fail).")
-    layer_norm = "instance" if model.get("instance_norm_target_layer", False) else (
-        "layer" if model.get("layer_norm_target_layer", False) else None)
-    final_norm = "layer" if model.get("layer_norm_targets", False) else (
-        "instance" if model.get("instance_norm_targets", False) else None)
-    beta = float(model.get("loss_beta", 0.0))
-    scale = model.get("loss_scale", None)
-    target = {"name": "data2vec", "top_k": min(int(model.get("average_top_k_layers", 8)), arch.depth),
-              "layer_norm": layer_norm, "final_norm": final_norm, "loss": "l2" if beta == 0 else "smooth_l1",
-              "loss_scale": None if scale is None else float(scale)}
-    if beta:
-        target["beta"] = beta
-    mask_length = int(text.get("mask_length", 5))
-    mask_prob = float(text.get("mask_prob", 0.7))
-    if mask_length == 1:
-        masking = {"name": "random", "mask_prob": mask_prob}
-    else:
-        masking = {"name": "inverse_block", "dims": 1, "inverse": bool(text.get("inverse_mask", False)),
-                   "mask_prob": mask_prob, "mask_length": mask_length,
-                   "mask_prob_adjust": float(text.get("mask_prob_adjust", 0.0))}
-    return {
-        "name": "data2vec2",
-        "clone_batch": int(model.get("clone_batch", 1)),
-        "target": target,
-        "masking": masking,
-        "decoder_type": "1d",
-        "decoder_dim": int(decoder.get("decoder_dim", 384)),
-        "decoder_kernel": int(decoder.get("decoder_kernel", 5)),
-        "decoder_layers": int(decoder.get("decoder_layers", 5)),
-        "decoder_groups": int(decoder.get("decoder_groups", 16)),
-        "decoder_residual": bool(decoder.get("decoder_residual", True)),
-        "decoder_projection_layers": projection_layers,
-        "decoder_input_dropout": float(decoder.get("input_dropout", 0.1)),
-        "mask_noise_std": float(text.get("mask_noise_std", 0.01)),
-        "encoder_zero_mask": bool(text.get("encoder_zero_mask", True)),
-        "cls_loss": 0.0,
-        "ema_scope": "encoder",
-        "copy_keys": [],
-        "ema_decay": float(model.get("ema_decay", 0.999)),
-        "ema_end_decay": float(model.get("ema_end_decay", 0.9999)),
-        "ema_anneal_end_step": int(model.get("ema_anneal_end_step", max_update) or max_update),
-        "target_feature": "end" if model.get("end_of_block_targets", False) else "ffn",
-        "min_target_std": float(model.get("min_target_var", 0.1)),
-        "min_pred_std": float(model.get("min_pred_var", 0.01)),
-    }
+    """The ``data2vec2`` objective node of a ``data2vec_multi`` text config (the teacher shares
+    the student's embeddings: only the blocks are averaged)."""
+    return objective(arch.model, arch.text, arch.decoder, depth=arch.depth, max_update=max_update,
+                     cls_loss=0.0, ema_scope="encoder", copy_keys=[])
 
 
 def teacher_tensors(ema: dict[str, Tensor], arch: TextV2Arch, student: dict[str, Tensor],

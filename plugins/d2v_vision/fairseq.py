@@ -35,35 +35,16 @@ from torch import Tensor
 
 from d2v.errors import SpecError
 from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
+from d2v.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, objective
 
 M = "modality_encoders.IMAGE."
 POSITION_NAMES = ("fixed_positional_encoder.positions", "positional_encoder.positions", "positional_encoder.pos_embed")
 DROPPED = ("encoder_mask",)
 
-# fairseq's dataclass fields (examples/data2vec/models/data2vec2.py, modalities/base.py, images.py, modules.py)
-MULTI_FIELDS = (
-    "loss_beta", "loss_scale", "depth", "start_drop_path_rate", "end_drop_path_rate", "num_heads", "norm_eps",
-    "norm_affine", "encoder_dropout", "post_mlp_drop", "attention_dropout", "activation_dropout", "dropout_input",
-    "layerdrop", "embed_dim", "mlp_ratio", "layer_norm_first", "average_top_k_layers", "end_of_block_targets",
-    "clone_batch", "layer_norm_target_layer", "batch_norm_target_layer", "instance_norm_target_layer",
-    "instance_norm_targets", "layer_norm_targets", "ema_decay", "ema_same_dtype", "log_norms", "ema_end_decay",
-    "ema_anneal_end_step", "ema_encoder_only", "max_update", "modalities", "shared_decoder", "min_target_var",
-    "min_pred_var", "supported_modality", "mae_init", "seed", "skip_ema", "cls_loss", "recon_loss", "d2v_loss",
-    "decoder_group",
-)
-IMAGE_FIELDS = (
-    "type", "prenet_depth", "prenet_layerdrop", "prenet_dropout", "start_drop_path_rate", "end_drop_path_rate",
-    "num_extra_tokens", "init_extra_token_zero", "mask_noise_std", "mask_prob_min", "mask_prob", "inverse_mask",
-    "mask_prob_adjust", "keep_masked_pct", "mask_length", "add_masks", "remove_masks", "mask_dropout",
-    "encoder_zero_mask", "mask_channel_prob", "mask_channel_length", "ema_local_encoder", "local_grad_mult",
-    "use_alibi_encoder", "alibi_scale", "learned_alibi", "alibi_max_pos", "learned_alibi_scale",
-    "learned_alibi_scale_per_head", "learned_alibi_scale_per_layer", "num_alibi_heads", "model_depth", "decoder",
+# D2vImageConfig's own fields (modalities/images.py); the shared ones are in d2v.fairseq_multi
+IMAGE_FIELDS = MODALITY_FIELDS + (
     "input_size", "in_chans", "patch_size", "embed_dim", "alibi_dims", "alibi_distance", "fixed_positions",
     "transformer_decoder", "enc_dec_transformer",
-)
-DECODER_FIELDS = (
-    "decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers", "input_dropout", "add_positions_masked",
-    "add_positions_all", "decoder_residual", "projection_layers", "projection_ratio",
 )
 CLASSIFIER_FIELDS = (
     "model_path", "no_pretrained_weights", "linear_classifier", "num_classes", "mixup", "cutmix", "label_smoothing",
@@ -289,54 +270,13 @@ class Data2VecMultiImageImporter:
 
     @staticmethod
     def objective(cfg: ImageConfig, ckpt: FairseqCheckpoint) -> dict[str, Any]:
-        model, image, decoder = cfg.model, cfg.image, cfg.decoder
-        max_update = (ckpt.cfg.get("optimization") or {}).get("max_update", 0)
-        layer_norm = "instance" if model.get("instance_norm_target_layer", False) else (
-            "layer" if model.get("layer_norm_target_layer", False) else None)
-        final_norm = "layer" if model.get("layer_norm_targets", False) else (
-            "instance" if model.get("instance_norm_targets", False) else None)
-        if model.get("batch_norm_target_layer", False):
-            raise SpecError("cfg.model.batch_norm_target_layer: true is not supported by the data2vec target.")
-        beta = float(model.get("loss_beta", 0.0))
-        target = {"name": "data2vec", "top_k": min(int(model.get("average_top_k_layers", 8)), cfg.depth),
-                  "layer_norm": layer_norm, "final_norm": final_norm, "loss": "l2" if beta == 0 else "smooth_l1",
-                  "loss_scale": model.get("loss_scale", None)}
-        if beta:
-            target["beta"] = beta
-        mask_length = int(image.get("mask_length", 5))
-        mask_prob = float(image.get("mask_prob", 0.7))
-        if mask_length > 1:
-            masking = {"name": "inverse_block", "dims": 2, "inverse": bool(image.get("inverse_mask", False)),
-                       "mask_prob": mask_prob, "mask_length": mask_length,
-                       "mask_prob_adjust": float(image.get("mask_prob_adjust", 0.0))}
-        else:
-            masking = {"name": "random", "mask_prob": mask_prob}
-        whole = not model.get("ema_encoder_only", True) and image.get("ema_local_encoder", False)
-        ema_scope = "all" if whole else "encoder"
-        return {
-            "name": "data2vec2",
-            "clone_batch": int(model.get("clone_batch", 1)),
-            "target": target,
-            "masking": masking,
-            "decoder_type": "2d",
-            "decoder_dim": int(decoder.get("decoder_dim", 384)),
-            "decoder_kernel": int(decoder.get("decoder_kernel", 5)),
-            "decoder_layers": int(decoder.get("decoder_layers", 5)),
-            "decoder_groups": int(decoder.get("decoder_groups", 16)),
-            "decoder_residual": bool(decoder.get("decoder_residual", True)),
-            "decoder_projection_layers": 1,
-            "decoder_input_dropout": float(decoder.get("input_dropout", 0.1)),
-            "mask_noise_std": float(image.get("mask_noise_std", 0.01)),
-            "encoder_zero_mask": False,
-            "cls_loss": float(model.get("cls_loss", 0.0)),
-            "ema_scope": ema_scope,
-            "ema_decay": float(model.get("ema_decay", 0.999)),
-            "ema_end_decay": float(model.get("ema_end_decay", 0.9999)),
-            "ema_anneal_end_step": int(model.get("ema_anneal_end_step", int(max_update or 0))),
-            "target_feature": "end" if model.get("end_of_block_targets", False) else "ffn",
-            "min_target_std": float(model.get("min_target_var", 0.1)),
-            "min_pred_std": float(model.get("min_pred_var", 0.01)),
-        }
+        """The ``data2vec2`` objective: 2-D block masks, ``Decoder2d`` (one projection), the CLS
+        loss, and a teacher over the patch embedding too when fairseq EMAs the local encoder."""
+        max_update = int((ckpt.cfg.get("optimization") or {}).get("max_update", 0) or 0)
+        whole = not cfg.model.get("ema_encoder_only", True) and cfg.image.get("ema_local_encoder", False)
+        return objective(cfg.model, cfg.image, cfg.decoder, depth=cfg.depth, max_update=max_update,
+                         decoder_type="2d", mask_dims=2, decoder_projection_layers=1, encoder_zero_mask=False,
+                         ema_scope="all" if whole else "encoder")
 
     @staticmethod
     def teacher(ckpt: FairseqCheckpoint, cfg: ImageConfig, student: dict[str, Tensor], scope: str,

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fairseq_reference import defaults
+
 M = "modality_encoders.IMAGE."
 
 
@@ -35,42 +37,21 @@ def fairseq_multi_image_cfg(**overrides: Any) -> dict[str, Any]:
     """
     image = overrides.pop("image", {})
     decoder = overrides.pop("decoder", {})
-    model = {
-        "_name": "data2vec_multi",
-        "loss_beta": 0.0, "loss_scale": None,
-        "depth": 2, "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "num_heads": 4, "norm_eps": 1e-6,
-        "norm_affine": True, "encoder_dropout": 0.0, "post_mlp_drop": 0.0, "attention_dropout": 0.0,
-        "activation_dropout": 0.0, "dropout_input": 0.0, "layerdrop": 0.0, "embed_dim": 32, "mlp_ratio": 4.0,
-        "layer_norm_first": False, "average_top_k_layers": 2, "end_of_block_targets": False, "clone_batch": 4,
-        "layer_norm_target_layer": False, "batch_norm_target_layer": False, "instance_norm_target_layer": True,
-        "instance_norm_targets": False, "layer_norm_targets": True, "ema_decay": 0.9998, "ema_same_dtype": True,
-        "log_norms": True, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100000, "ema_encoder_only": False,
-        "max_update": "${optimization.max_update}", "shared_decoder": None, "min_target_var": 0.0,
-        "min_pred_var": 0.0, "supported_modality": "IMAGE", "mae_init": False, "seed": "${common.seed}",
-        "skip_ema": False, "cls_loss": 0.01, "recon_loss": 0.0, "d2v_loss": 1.0, "decoder_group": False,
-        "modalities": {
-            "_name": None,
-            "image": {
-                "type": "IMAGE", "prenet_depth": 1, "prenet_layerdrop": 0.0, "prenet_dropout": 0.0,
-                "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "num_extra_tokens": 1,
-                "init_extra_token_zero": False, "mask_noise_std": 0.01, "mask_prob_min": None, "mask_prob": 0.8,
-                "inverse_mask": True, "mask_prob_adjust": 0.07, "keep_masked_pct": 0.0, "mask_length": 3,
-                "add_masks": False, "remove_masks": False, "mask_dropout": 0.0, "encoder_zero_mask": True,
-                "mask_channel_prob": 0.0, "mask_channel_length": 64, "ema_local_encoder": True, "local_grad_mult": 1.0,
-                "use_alibi_encoder": False, "alibi_scale": 1.0, "learned_alibi": False, "alibi_max_pos": None,
-                "learned_alibi_scale": False, "learned_alibi_scale_per_head": False,
-                "learned_alibi_scale_per_layer": False, "num_alibi_heads": "${model.num_heads}",
-                "model_depth": "${model.depth}",
-                "decoder": {"decoder_dim": 32, "decoder_groups": 16, "decoder_kernel": 3, "decoder_layers": 2,
-                            "input_dropout": 0.0, "add_positions_masked": False, "add_positions_all": False,
-                            "decoder_residual": True, "projection_layers": 1, "projection_ratio": 2.0, **decoder},
-                "input_size": 16, "in_chans": 3, "patch_size": 4, "embed_dim": 32, "alibi_dims": 2,
-                "alibi_distance": "manhattan", "fixed_positions": True, "transformer_decoder": False,
-                "enc_dec_transformer": False, **image,
-            },
-        },
-        **overrides,
-    }
+    model = defaults.multi_model(dict(
+        depth=2, num_heads=4, encoder_dropout=0.0, post_mlp_drop=0.0, attention_dropout=0.0,
+        embed_dim=32, average_top_k_layers=2, clone_batch=4, instance_norm_target_layer=True,
+        layer_norm_targets=True, ema_decay=0.9998, ema_end_decay=0.99999,
+        ema_anneal_end_step=100000, ema_encoder_only=False, min_target_var=0.0, min_pred_var=0.0,
+        supported_modality='IMAGE', cls_loss=0.01,
+        modalities={"_name": None, "image": defaults.modality("IMAGE", dict(
+            prenet_depth=1, num_extra_tokens=1, init_extra_token_zero=False, mask_prob=0.8,
+            inverse_mask=True, mask_prob_adjust=0.07, mask_length=3, ema_local_encoder=True,
+            decoder=defaults.decoder(dict(decoder_dim=32, decoder_kernel=3, decoder_layers=2, input_dropout=0.0) | decoder),
+            # D2vImageConfig's own fields
+            input_size=16, in_chans=3, patch_size=4, embed_dim=32, alibi_dims=2,
+            alibi_distance='manhattan', fixed_positions=True, transformer_decoder=False,
+            enc_dec_transformer=False) | image)},
+    ) | overrides)
     return {
         "_name": None,
         "common": {"fp16": True, "seed": 1, "log_interval": 200},

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fairseq_reference import defaults
+
 M = "modality_encoders.TEXT."
 PAD = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
 
@@ -35,41 +37,18 @@ def fairseq_multi_text_cfg(**overrides: Any) -> dict[str, Any]:
     """
     text = overrides.pop("text", {})
     decoder = overrides.pop("decoder", {})
-    model = {
-        "_name": "data2vec_multi",
-        "loss_beta": 0.0, "loss_scale": 1.0,
-        "depth": 2, "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "num_heads": 4, "norm_eps": 1e-5,
-        "norm_affine": True, "encoder_dropout": 0.1, "post_mlp_drop": 0.1, "attention_dropout": 0.1,
-        "activation_dropout": 0.0, "dropout_input": 0.0, "layerdrop": 0.0, "embed_dim": 32, "mlp_ratio": 4.0,
-        "layer_norm_first": False, "average_top_k_layers": 2, "end_of_block_targets": False, "clone_batch": 8,
-        "layer_norm_target_layer": False, "batch_norm_target_layer": False, "instance_norm_target_layer": True,
-        "instance_norm_targets": False, "layer_norm_targets": False, "ema_decay": 0.9999, "ema_same_dtype": True,
-        "log_norms": True, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100000, "ema_encoder_only": True,
-        "max_update": "${optimization.max_update}", "shared_decoder": None, "min_target_var": 0.1,
-        "min_pred_var": 0.01, "supported_modality": "TEXT", "mae_init": False, "seed": "${common.seed}",
-        "skip_ema": False, "cls_loss": 0.0, "recon_loss": 0.0, "d2v_loss": 1.0, "decoder_group": False,
-        "modalities": {
-            "_name": None,
-            "text": {
-                "type": "TEXT", "prenet_depth": 0, "prenet_layerdrop": 0.0, "prenet_dropout": 0.0,
-                "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0, "num_extra_tokens": 0,
-                "init_extra_token_zero": True, "mask_noise_std": 0.01, "mask_prob_min": None, "mask_prob": 0.48,
-                "inverse_mask": False, "mask_prob_adjust": 0.0, "keep_masked_pct": 0.0, "mask_length": 1,
-                "add_masks": False, "remove_masks": False, "mask_dropout": 0.0, "encoder_zero_mask": True,
-                "mask_channel_prob": 0.0, "mask_channel_length": 64, "ema_local_encoder": False,
-                "local_grad_mult": 1.0, "use_alibi_encoder": False, "alibi_scale": 1.0, "learned_alibi": False,
-                "alibi_max_pos": None, "learned_alibi_scale": False, "learned_alibi_scale_per_head": False,
-                "learned_alibi_scale_per_layer": False, "num_alibi_heads": "${model.num_heads}",
-                "model_depth": "${model.depth}",
-                "decoder": {"decoder_dim": 24, "decoder_groups": 1, "decoder_kernel": 9, "decoder_layers": 3,
-                            "input_dropout": 0.1, "add_positions_masked": False, "add_positions_all": False,
-                            "decoder_residual": False, "projection_layers": 2, "projection_ratio": 2.0, **decoder},
-                "max_source_positions": 28, "learned_pos": True, "dropout": 0.1, "no_scale_embedding": True,
-                "layernorm_embedding": True, "no_token_positional_embeddings": False, **text,
-            },
-        },
-        **overrides,
-    }
+    model = defaults.multi_model(dict(
+        loss_scale=1.0, depth=2, num_heads=4, norm_eps=1e-05, embed_dim=32, average_top_k_layers=2,
+        clone_batch=8, instance_norm_target_layer=True, ema_decay=0.9999, ema_end_decay=0.99999,
+        ema_anneal_end_step=100000, supported_modality='TEXT',
+        modalities={"_name": None, "text": defaults.modality("TEXT", dict(
+            prenet_depth=0, mask_prob=0.48, mask_length=1,
+            decoder=defaults.decoder(dict(decoder_dim=24, decoder_groups=1, decoder_kernel=9, decoder_layers=3,
+            decoder_residual=False, projection_layers=2) | decoder),
+            # D2vTextConfig's own fields
+            max_source_positions=28, learned_pos=True, dropout=0.1, no_scale_embedding=True,
+            layernorm_embedding=True, no_token_positional_embeddings=False) | text)},
+    ) | overrides)
     return {
         "_name": None,
         "common": {"fp16": True, "seed": 1, "log_interval": 200},
