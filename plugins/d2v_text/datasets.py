@@ -88,8 +88,11 @@ class TextLines(_Examples):
     consecutive ``max_length`` blocks by the processor (``long_text: split``), not here.
     """
 
-    def __init__(self, path: str | list, *, paragraphs: bool = False, max_examples: int | None = None):
+    def __init__(self, path: str | list, *, paragraphs: bool = False, max_examples: int | None = None,
+                 on_bad_example: str = "error"):
         where = "text_lines"
+        #: ``(id, reason)`` of lines that are not valid UTF-8 (``on_bad_example: skip``)
+        self.skipped: list[tuple[str, str]] = []
         max_examples = _check_max_examples(max_examples, where)
         files: list[Path] = []
         for item in [path] if isinstance(path, str) else list(path):
@@ -103,10 +106,7 @@ class TextLines(_Examples):
                 files.append(_existing_file(p, where, "Point path at a UTF-8 text file (one document per line)"))
         examples = []
         for f in files:
-            try:
-                lines = f.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as err:
-                raise SpecError(f"{where}: '{f}' is not UTF-8 text: {err}.") from None
+            lines = self._decoded_lines(f, where, on_bad_example)
             for n, doc in self._documents(lines, paragraphs):
                 examples.append({"id": f"{f.stem}:{n}", "task": "text", "text": doc, "dataset": f"{where} '{f}'"})
                 if max_examples is not None and len(examples) >= max_examples:
@@ -114,6 +114,21 @@ class TextLines(_Examples):
         if not examples:
             raise SpecError(f"{where}: no text found in {', '.join(map(str, files))}.")
         self._keep(examples, max_examples)
+
+    def _decoded_lines(self, file: Path, where: str, on_bad_example: str) -> list[str]:
+        """The file's lines; a line that is not UTF-8 stops the build naming it, or (skip) is
+        left out as an empty line (line numbers, hence ids, stay those of the file)."""
+        lines = []
+        for n, raw in enumerate(file.read_bytes().splitlines(), start=1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                reason = f"line {n} is not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 4]!r})"
+                if on_bad_example != "skip":
+                    raise SpecError(f"{where}: '{file}' {reason}; fix the encoding or set data.on_bad_example: skip.") from None
+                self.skipped.append((f"{file.stem}:{n}", reason))
+                lines.append("")
+        return lines
 
     @staticmethod
     def _documents(lines: list[str], paragraphs: bool):

@@ -124,3 +124,20 @@ def test_images_in_other_modes_load_and_broken_images_follow_the_policy(tmp_path
     assert len(skipped) == 1 and "broken" in skipped[0] and "cannot be decoded" in skipped[0]
     assert main(["run", spec, *common, "data.on_bad_example=error", f"trainer.output_dir={tmp_path / 'err'}"]) == 2
     assert "broken" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_text_lines_that_are_not_utf8_follow_the_policy(tmp_path, policy):
+    from d2v.errors import SpecError
+    from d2v_text.datasets import TextLines
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("the first line\n".encode() + b"caf\xe9 in latin-1\n" + "the third line\n".encode())
+    if policy == "error":
+        with pytest.raises(SpecError, match=r"line 2 is not valid UTF-8 .*data.on_bad_example: skip"):
+            TextLines(str(corpus), on_bad_example=policy)
+        return
+    data = TextLines(str(corpus), on_bad_example=policy)
+    assert [ex["text"] for ex in data.examples] == ["the first line", "the third line"]
+    assert [ex["id"] for ex in data.examples] == ["corpus:1", "corpus:3"]
+    assert data.skipped == [("corpus:2", "line 2 is not valid UTF-8 (byte 3: b'\\xe9 in')")]
