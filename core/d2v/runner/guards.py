@@ -66,11 +66,13 @@ class BadUpdates:
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row >= self.max_in_a_row:
-            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            advice = (f"the last good checkpoint is {last_good}: resume from it with a lower optim.lr or "
+                      f"trainer.clip_norm > 0" if last_good else
+                      "no checkpoint is known to be good (one an update then trained on); start again with a lower "
+                      "optim.lr or trainer.clip_norm > 0")
             raise TrainingCollapse(
-                f"{self.in_a_row} updates in a row were skipped after step {step} ({reason}); {where}. "
-                f"Resume from it with a lower optim.lr or trainer.clip_norm > 0 (trainer.max_bad_steps "
-                f"sets how many skipped updates in a row are tolerated)."
+                f"{self.in_a_row} updates in a row were skipped after step {step} ({reason}); {advice} "
+                f"(trainer.max_bad_steps sets how many skipped updates in a row are tolerated)."
             )
 
     def ok(self) -> None:

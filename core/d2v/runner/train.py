@@ -322,7 +322,8 @@ class Run:
                 if moved:
                     self.print(f"checkpoints saved after the last good update were renamed: "
                                f"{', '.join(p.name for p in moved)}")
-            where = f"The last good checkpoint is {good}." if good else "No checkpoint was written yet."
+            where = (f"The last good checkpoint is {good}." if good else
+                     "No checkpoint is known to be good (any written since are kept as checkpoints/suspect-*).")
             raise TrainingCollapse(f"{exc}\n{where}") from None
         finally:
             bar.close()
