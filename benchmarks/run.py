@@ -1,0 +1,220 @@
+"""d2v vs Hugging Face ``transformers``, side by side: fine-tuning step and inference speed, peak
+memory and achieved FLOP/s, for every modality.
+
+    python benchmarks/run.py                          # base size, CPU, every case, fp32 and bf16
+    python benchmarks/run.py --device cuda --write-docs
+    python benchmarks/run.py --size tiny --cases text_cls_8x256 --dtypes fp32 --repeats 3
+
+Both implementations hold the same weights (the Hugging Face model is loaded through
+``d2v.from_pretrained``) and get the same batch; timings are interleaved (HF, d2v, HF, d2v, ...)
+so machine noise hits both, and the median is reported. A fine-tuning step is forward + loss +
+backward + ``torch.optim.AdamW`` step (the same optimizer for both). Peak memory is measured
+per case in a fresh process after the model and optimizer exist (Linux ``VmHWM`` reset through
+``/proc/self/clear_refs``; ``max_memory_allocated`` on CUDA). One JSON line per case goes to
+stdout; ``--write-docs`` writes the table to ``docs/performance.md``. Ratios are d2v / HF:
+above 1 is faster for speed, below 1 is smaller for memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import CASES, build  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(model, inputs: dict, labels, mode: str, dtype: str, device: str) -> Callable[[], None]:
+    """One fine-tuning step or one inference forward, as a closure."""
+    cast = DTYPES[dtype]
+    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=cast)) if cast is not None else nullcontext
+    if mode == "train":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step() -> None:
+            model.train()
+            with autocast():
+                loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        def step() -> None:
+            model.eval()
+            with torch.no_grad(), autocast():
+                model(**inputs)
+    return step
+
+
+def timed(step: Callable[[], None], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def matmul_peak(device: str, dtype: str) -> float:
+    """This machine's FLOP/s on a large square matmul (the ceiling for the FLOP fraction)."""
+    n = 2048 if device == "cpu" else 8192
+    cast = DTYPES[dtype] or torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=cast), torch.randn(n, n, device=device, dtype=cast)
+    torch.mm(a, b)
+    times = [timed(lambda: torch.mm(a, b), device) for _ in range(5)]
+    return 2 * n**3 / min(times)
+
+
+def step_flops(step: Callable[[], None]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------- memory (own process)
+
+
+def _read_status(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1]) / 1024  # kB -> MB
+    return float("nan")
+
+
+def probe_memory(case: str, impl: str, mode: str, dtype: str, size: str, device: str) -> float:
+    """Peak MB of one step, with model, optimizer state and warm-up already resident."""
+    hf, ours, inputs, labels, _ = build(case, size, device)
+    model = hf if impl == "hf" else ours
+    hf = ours = None  # only the measured model stays resident
+    step = make_step(model, inputs, labels, mode, dtype, device)
+    step()  # optimizer state, caches
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    step()
+    return _read_status("VmHWM")
+
+
+def memory_in_subprocess(case: str, impl: str, mode: str, dtype: str, size: str, device: str) -> float:
+    cmd = [sys.executable, __file__, "--probe-memory", case, impl, mode, dtype, "--size", size, "--device", device]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        print(result.stderr[-2000:], file=sys.stderr)
+        return float("nan")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: dict[str, float]) -> dict[str, Any]:
+    hf, ours, inputs, labels, samples = build(case, args.size, args.device)
+    steps = {"hf": make_step(hf, inputs, labels, mode, dtype, args.device),
+             "d2v": make_step(ours, inputs, labels, mode, dtype, args.device)}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {"hf": [], "d2v": []}
+    for _ in range(args.repeats):
+        for impl, step in steps.items():
+            times[impl].append(timed(step, args.device))
+    speed = {impl: samples / statistics.median(t) for impl, t in times.items()}
+    flops = step_flops(steps["d2v"])
+    row: dict[str, Any] = {
+        "case": case, "mode": mode, "dtype": dtype, "device": args.device, "size": args.size,
+        "hf_samples_per_s": round(speed["hf"], 3), "d2v_samples_per_s": round(speed["d2v"], 3),
+        "speed_ratio": round(speed["d2v"] / speed["hf"], 3),
+        "d2v_flops_fraction": round(flops * speed["d2v"] / samples / peaks[dtype], 4),
+    }
+    if args.memory:
+        hf_mb = memory_in_subprocess(case, "hf", mode, dtype, args.size, args.device)
+        d2v_mb = memory_in_subprocess(case, "d2v", mode, dtype, args.size, args.device)
+        row.update(hf_peak_mb=round(hf_mb, 1), d2v_peak_mb=round(d2v_mb, 1), memory_ratio=round(d2v_mb / hf_mb, 3))
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
+    lines = [
+        "# Performance: d2v vs Hugging Face transformers",
+        "",
+        f"Measured with `python benchmarks/run.py --device {args.device} --size {args.size} --write-docs` on "
+        f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}. Same weights, same padded "
+        "batch, interleaved timings (median of "
+        f"{args.repeats}). Speed ratio = d2v samples/s / HF samples/s (> 1: d2v faster); memory ratio = d2v peak / "
+        "HF peak, one fresh process per measurement (< 1: d2v smaller); FLOP fraction = d2v's achieved FLOP/s "
+        "over this machine's large-matmul FLOP/s in that dtype.",
+        "",
+        "| case | step | dtype | HF samples/s | d2v samples/s | speed ratio | HF peak MB | d2v peak MB | memory ratio | d2v FLOP fraction |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {CASES[r['case']].description} | {'fine-tune' if r['mode'] == 'train' else 'inference'} | "
+                     f"{r['dtype']} | {r['hf_samples_per_s']:.2f} | {r['d2v_samples_per_s']:.2f} | "
+                     f"**{r['speed_ratio']:.2f}** | {r.get('hf_peak_mb', float('nan')):.0f} | "
+                     f"{r.get('d2v_peak_mb', float('nan')):.0f} | {r.get('memory_ratio', float('nan')):.2f} | "
+                     f"{r['d2v_flops_fraction']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", choices=("base", "tiny"), default="base")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--modes", nargs="*", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--write-docs", action="store_true", help="write the table to docs/performance.md")
+    parser.add_argument("--markdown-out", default=None, help="write the table to this file instead")
+    parser.add_argument("--probe-memory", nargs=4, metavar=("CASE", "IMPL", "MODE", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.probe_memory:
+        print(probe_memory(*args.probe_memory, args.size, args.device))
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda: no GPU is available here")
+    peaks = {dtype: matmul_peak(args.device, dtype) for dtype in args.dtypes}
+    rows = []
+    for case in args.cases:
+        for mode in args.modes:
+            for dtype in args.dtypes:
+                row = run_case(case, mode, dtype, args, peaks)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    table = markdown(rows, args)
+    target = args.markdown_out or (ROOT / "docs" / "performance.md" if args.write_docs else None)
+    if target:
+        Path(target).write_text(table)
+        print(f"wrote {target}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
