@@ -584,10 +584,25 @@ class Run:
         return metrics
 
 
+def _close_process_group(accelerator: Accelerator, *, in_step: bool) -> None:
+    """Tear the process group down before the interpreter exits: left to exit handlers, gloo's
+    threads can abort a finished FSDP worker ("terminate called without an active exception").
+    ``in_step``: every process got here normally, so they can meet at a barrier first."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if in_step:
+            accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def run(spec: Spec, *, resume: bool | str = False) -> dict[str, float]:
     """Run a spec (train, pretrain or evaluate) and return the final evaluation metrics."""
     runner = Run(spec, resume=resume)
+    try:
+        metrics = runner.evaluate() if runner.task == "evaluate" else runner.train()
+    except BaseException:
+        _close_process_group(runner.accelerator, in_step=False)
+        raise
+    _close_process_group(runner.accelerator, in_step=True)
     if runner.task == "evaluate":
-        return runner.evaluate()
-    metrics = runner.train()
+        return metrics
     return {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)} or metrics
