@@ -27,6 +27,29 @@ def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def patch_geometry(image_size: int | Sequence[int], patch_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(image size, patch grid)`` as ``(height, width)`` pairs, checked: a positive patch size
+    that divides both sides."""
+    size = as_pair(image_size, "image_size")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise SpecError(f"patch_size must be a positive integer, got {patch_size!r}.")
+    if size[0] % patch_size or size[1] % patch_size:
+        raise SpecError(f"image_size {size} is not a multiple of patch_size {patch_size}.")
+    return size, (size[0] // patch_size, size[1] // patch_size)
+
+
+def input_grid(inputs: Tensor, num_channels: int, patch_size: int, component: str) -> tuple[int, int]:
+    """The patch grid of a batch of images ``(B, C, H, W)``, or a SpecError saying what is wrong."""
+    if inputs.ndim != 4 or inputs.shape[1] != num_channels:
+        raise SpecError(f"{component} expects images (batch, {num_channels}, height, width), "
+                        f"got shape {tuple(inputs.shape)}.")
+    height, width = inputs.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise SpecError(f"image size {height}x{width} is not a multiple of patch_size {patch_size}; "
+                        "resize or crop the images (processor 'image': size/crop_size).")
+    return height // patch_size, width // patch_size
+
+
 class PatchEmbedding(FeatureExtractor):
     """Images ``(B, C, H, W)`` -> ``(B, 1 + H/p * W/p, dim)``: CLS, then the patches row-major.
 
@@ -51,30 +74,17 @@ class PatchEmbedding(FeatureExtractor):
     ):
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.image_size = as_pair(image_size, "image_size")
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise SpecError(f"patch_size must be a positive integer, got {patch_size!r}.")
-        if self.image_size[0] % patch_size or self.image_size[1] % patch_size:
-            raise SpecError(f"image_size {self.image_size} is not a multiple of patch_size {patch_size}.")
+        self.image_size, self.grid_size = patch_geometry(image_size, patch_size)
         self.hparams = {**hparams, "image_size": list(self.image_size)}
         self.dim = dim
         self.patch_size = patch_size
         self.num_channels = num_channels
-        self.grid_size = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
         self.projection = nn.Conv2d(num_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         trunc_normal_(self.cls_token, std=initializer_range)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FeatureExtractorOutput:
-        if inputs.ndim != 4 or inputs.shape[1] != self.num_channels:
-            raise SpecError(
-                f"vision.patches expects images (batch, {self.num_channels}, height, width), got shape {tuple(inputs.shape)}."
-            )
-        height, width = inputs.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise SpecError(f"image size {height}x{width} is not a multiple of patch_size {self.patch_size}; "
-                            "resize or crop the images (processor 'image': size/crop_size).")
+        grid = input_grid(inputs, self.num_channels, self.patch_size, "vision.patches")
         patches = self.projection(inputs.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        grid = (height // self.patch_size, width // self.patch_size)
         return FeatureExtractorOutput(features=torch.cat([cls, patches], dim=1), encoder_context={"grid_size": grid})

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
-from d2v_vision.patches import as_pair
+from d2v_vision.patches import input_grid, patch_geometry
 from d2v_vision.sincos import sincos_2d
 
 
@@ -44,18 +44,13 @@ class ViTPatchEmbedding(FeatureExtractor):
         init_extra_token_zero: bool = False,
     ):
         super().__init__()
-        self.image_size = as_pair(image_size, "image_size")
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise SpecError(f"patch_size must be a positive integer, got {patch_size!r}.")
-        if self.image_size[0] % patch_size or self.image_size[1] % patch_size:
-            raise SpecError(f"image_size {self.image_size} is not a multiple of patch_size {patch_size}.")
+        self.image_size, self.grid_size = patch_geometry(image_size, patch_size)
         if num_extra_tokens < 0:
             raise SpecError(f"num_extra_tokens must be >= 0, got {num_extra_tokens}.")
         self.dim = dim
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.num_extra_tokens = int(num_extra_tokens)
-        self.grid_size = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
         width = patch_dim or dim
         self.projection = nn.Conv2d(num_channels, width, kernel_size=patch_size, stride=patch_size)
         nn.init.xavier_uniform_(self.projection.weight.data.view(width, -1))  # fairseq: as a Linear
@@ -76,19 +71,11 @@ class ViTPatchEmbedding(FeatureExtractor):
         return sincos_2d(self.dim, grid)[None].to(self.positions)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FeatureExtractorOutput:
-        if inputs.ndim != 4 or inputs.shape[1] != self.num_channels:
-            raise SpecError(
-                f"vision.vit expects images (batch, {self.num_channels}, height, width), "
-                f"got shape {tuple(inputs.shape)}."
-            )
-        height, width = inputs.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise SpecError(f"image size {height}x{width} is not a multiple of patch_size {self.patch_size}; "
-                            "resize or crop the images (processor 'image': size/crop_size).")
+        grid = input_grid(inputs, self.num_channels, self.patch_size, "vision.vit")
         x = self.projection(inputs.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
         if self.patch_projection is not None:
             x = self.patch_projection(x)
-        x = x + self.positions_for((height // self.patch_size, width // self.patch_size)).to(x.dtype)
+        x = x + self.positions_for(grid).to(x.dtype)
         if self.extra_tokens is not None:
             x = torch.cat([self.extra_tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         return FeatureExtractorOutput(features=x)
