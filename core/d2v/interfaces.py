@@ -205,7 +205,7 @@ class Head(nn.Module, abc.ABC):
     And by the runner: ``inspect_examples(examples) -> list[str]``: called once per split with
     the dataset's light examples (no audio or pixels loaded) before training; each returned line
     is printed and logged as a data warning (CTC reports transcript characters its vocabulary
-    lacks).
+    lacks). A dataset with ``light_example(i)`` hands over examples without their files.
     """
 
     needs_hidden_states: bool = False

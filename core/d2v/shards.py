@@ -151,13 +151,21 @@ class ShardedDataset:
         self._open[number] = samples
         return samples
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _sample(self, index: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """``(shard number, the example's fields, the raw sample)``."""
         if not 0 <= index < self.size:
             raise IndexError(index)
         number = int(np.searchsorted(self.ends, index, side="right"))
-        inner = index - (int(self.ends[number - 1]) if number else 0)
-        sample = self._shard(number)[inner]
-        example = json.loads(sample.pop(".json").read() if hasattr(sample.get(".json"), "read") else sample.pop(".json"))
+        sample = self._shard(number)[index - (int(self.ends[number - 1]) if number else 0)]
+        fields = sample.pop(".json")
+        return number, json.loads(fields.read() if hasattr(fields, "read") else fields), sample
+
+    def light_example(self, index: int) -> dict[str, Any]:
+        """The example's fields without its file (what a look over the whole corpus needs)."""
+        return self._sample(index)[1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        number, example, sample = self._sample(index)
         payload = [ext for ext in sample if ext.startswith(".")]
         if payload:
             data = sample[payload[0]]

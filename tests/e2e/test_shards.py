@@ -48,6 +48,8 @@ def test_every_modality_round_trips_through_shards(tmp_path, spec, split, single
     shards = ShardedDataset(str(tmp_path / "s"))
     assert len(shards) == len(source) and len(list((tmp_path / "s").glob("*.tar"))) == -(-len(source) // 7)
     assert getattr(source, "lengths", None) == getattr(shards, "lengths", None)
+    light = shards.light_example(0)  # the fields alone, as the runner's look over the corpus reads them
+    assert "path" not in light and light["id"] == source[0]["id"]
     count = min(9, len(source))
     for a, b in zip(_processed(EXPERIMENTS / spec, source, count), _processed(EXPERIMENTS / spec, shards, count)):
         assert _same(a, b)
