@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_reference import defaults
+from fairseq_reference.blocks import alt_block, block_state, layer_norm as _layer_norm, linear as _linear
 
 M = "modality_encoders.AUDIO."
 
@@ -128,22 +129,6 @@ def _pos_prefix(audio: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- weights
 
 
-def _block_state(prefix: str, dim: int, hidden: int, gen: torch.Generator) -> dict[str, Tensor]:
-    """One ``AltBlock``: LayerNorms ``norm1``/``norm2``, ``AltAttention`` (fused ``qkv`` with bias,
-    ``proj``), timm ``Mlp`` (``fc1``, ``fc2``)."""
-    def rand(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen) * 0.2
-
-    return {
-        f"{prefix}norm1.weight": 1 + rand(dim), f"{prefix}norm1.bias": rand(dim),
-        f"{prefix}attn.qkv.weight": rand(3 * dim, dim), f"{prefix}attn.qkv.bias": rand(3 * dim),
-        f"{prefix}attn.proj.weight": rand(dim, dim), f"{prefix}attn.proj.bias": rand(dim),
-        f"{prefix}norm2.weight": 1 + rand(dim), f"{prefix}norm2.bias": rand(dim),
-        f"{prefix}mlp.fc1.weight": rand(hidden, dim), f"{prefix}mlp.fc1.bias": rand(hidden),
-        f"{prefix}mlp.fc2.weight": rand(dim, hidden), f"{prefix}mlp.fc2.bias": rand(dim),
-    }
-
-
 def fairseq_multi_audio_state(cfg: dict[str, Any], seed: int = 0) -> dict[str, Tensor]:
     """Random weights under fairseq's exact names and shapes (``Data2VecMultiModel.state_dict()``
     minus ``_ema``, decoder included); ``alibi_scale`` is drawn around 1 with one entry below 0
@@ -184,7 +169,7 @@ def fairseq_multi_audio_state(cfg: dict[str, Any], seed: int = 0) -> dict[str, T
         state[f"{M}context_encoder.norm.weight"] = 1 + rand(dim)
         state[f"{M}context_encoder.norm.bias"] = rand(dim)
     for i in range(int(audio["prenet_depth"])):
-        state.update(_block_state(f"{M}context_encoder.blocks.{i}.", dim, hidden, gen))
+        state.update(block_state(f"{M}context_encoder.blocks.{i}.", dim, hidden, gen))
 
     if audio["use_alibi_encoder"]:
         depth = int(audio["prenet_depth"]) + int(_resolve(cfg, audio["model_depth"]))
@@ -217,7 +202,7 @@ def fairseq_multi_audio_state(cfg: dict[str, Any], seed: int = 0) -> dict[str, T
             state[f"{M}decoder.proj.{2 * (n_proj - 1)}.bias"] = rand(dim, scale=0.1)
 
     for i in range(int(m["depth"])):
-        state.update(_block_state(f"blocks.{i}.", dim, hidden, gen))
+        state.update(block_state(f"blocks.{i}.", dim, hidden, gen))
     if m["layer_norm_first"]:
         state["norm.weight"] = 1 + rand(dim)
         state["norm.bias"] = rand(dim)
@@ -225,14 +210,6 @@ def fairseq_multi_audio_state(cfg: dict[str, Any], seed: int = 0) -> dict[str, T
 
 
 # --------------------------------------------------------------------------- forward pieces
-
-
-def _layer_norm(x: Tensor, state: dict[str, Tensor], name: str, eps: float) -> Tensor:
-    return F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps)
-
-
-def _linear(x: Tensor, state: dict[str, Tensor], name: str) -> Tensor:
-    return F.linear(x, state[f"{name}.weight"], state.get(f"{name}.bias"))
 
 
 def _conv_features(state: dict[str, Tensor], cfg: dict[str, Any], source: Tensor) -> Tensor:
@@ -302,33 +279,6 @@ def alibi_reference(time_steps: int, heads: int) -> Tensor:
     return slopes[:, None, None] * distance[None].float()
 
 
-def alt_block(x: Tensor, state: dict[str, Tensor], prefix: str, heads: int, eps: float, layer_norm_first: bool,
-              padding_mask: Tensor | None, alibi_bias: Tensor | None) -> Tensor:
-    """``AltBlock.forward`` in eval mode (dropouts and drop-path are identities)."""
-
-    def attention(h: Tensor) -> Tensor:  # AltAttention: fused qkv, scores in fp32, bias, -inf at padded keys
-        b, n, c = h.shape
-        qkv = _linear(h, state, f"{prefix}attn.qkv").reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
-        if alibi_bias is not None:
-            scores = scores.clone()
-            scores[:, : alibi_bias.shape[1]] += alibi_bias
-        if padding_mask is not None and bool(padding_mask.any()):
-            scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
-        return _linear(out, state, f"{prefix}attn.proj")
-
-    def mlp(h: Tensor) -> Tensor:  # timm Mlp: fc1 -> GELU (exact) -> fc2
-        return _linear(F.gelu(_linear(h, state, f"{prefix}mlp.fc1")), state, f"{prefix}mlp.fc2")
-
-    if layer_norm_first:
-        x = x + attention(_layer_norm(x, state, f"{prefix}norm1", eps))
-        return x + mlp(_layer_norm(x, state, f"{prefix}norm2", eps))
-    x = _layer_norm(x + attention(x), state, f"{prefix}norm1", eps)
-    return _layer_norm(x + mlp(x), state, f"{prefix}norm2", eps)
-
-
 # --------------------------------------------------------------------------- the forward
 
 
@@ -375,9 +325,11 @@ def fairseq_multi_audio_features(state: dict[str, Tensor], cfg: dict[str, Any], 
     if not ln_first:
         x = _layer_norm(x, state, f"{M}context_encoder.norm", eps)
     for i in range(prenet):
-        x = alt_block(x, state, f"{M}context_encoder.blocks.{i}.", heads, eps, ln_first, pad, block_bias(i))
+        x = alt_block(x, state, f"{M}context_encoder.blocks.{i}.", heads, eps, layer_norm_first=ln_first,
+                      padding_mask=pad, alibi_bias=block_bias(i))[0]
     for i in range(int(m["depth"])):
-        x = alt_block(x, state, f"blocks.{i}.", heads, eps, ln_first, pad, block_bias(prenet + i))
+        x = alt_block(x, state, f"blocks.{i}.", heads, eps, layer_norm_first=ln_first, padding_mask=pad,
+                      alibi_bias=block_bias(prenet + i))[0]
     if ln_first:
         x = _layer_norm(x, state, "norm", eps)
     return x

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_reference import defaults
+from fairseq_reference.blocks import alt_block, block_state, layer_norm as _layer_norm, linear as _linear
 
 M = "modality_encoders.IMAGE."
 
@@ -88,20 +89,6 @@ def sincos_positions(dim: int, side: int) -> np.ndarray:
     return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
 
 
-def _block_state(prefix: str, dim: int, hidden: int, gen: torch.Generator) -> dict[str, Tensor]:
-    def rand(*shape: int, scale: float = 0.2) -> Tensor:
-        return torch.randn(*shape, generator=gen) * scale
-
-    return {
-        f"{prefix}norm1.weight": 1 + rand(dim), f"{prefix}norm1.bias": rand(dim),
-        f"{prefix}attn.qkv.weight": rand(3 * dim, dim), f"{prefix}attn.qkv.bias": rand(3 * dim),
-        f"{prefix}attn.proj.weight": rand(dim, dim), f"{prefix}attn.proj.bias": rand(dim),
-        f"{prefix}norm2.weight": 1 + rand(dim), f"{prefix}norm2.bias": rand(dim),
-        f"{prefix}mlp.fc1.weight": rand(hidden, dim), f"{prefix}mlp.fc1.bias": rand(hidden),
-        f"{prefix}mlp.fc2.weight": rand(dim, hidden), f"{prefix}mlp.fc2.bias": rand(dim),
-    }
-
-
 def fairseq_multi_image_state(cfg: dict[str, Any], seed: int = 0, *, decoder: bool = True) -> dict[str, Tensor]:
     """Random weights under fairseq's exact names and shapes (``Data2VecMultiModel.state_dict()``
     minus ``_ema``), with the sin-cos positions fairseq computes; ``decoder=False`` leaves the
@@ -128,7 +115,7 @@ def fairseq_multi_image_state(cfg: dict[str, Any], seed: int = 0, *, decoder: bo
         state[f"{M}context_encoder.norm.weight"] = 1 + torch.randn(dim, generator=gen) * 0.2
         state[f"{M}context_encoder.norm.bias"] = torch.randn(dim, generator=gen) * 0.2
     for i in range(int(image["prenet_depth"])):
-        state.update(_block_state(f"{M}context_encoder.blocks.{i}.", dim, hidden, gen))
+        state.update(block_state(f"{M}context_encoder.blocks.{i}.", dim, hidden, gen))
     if decoder:
         dec = image["decoder"]
         ddim, k, groups = int(dec["decoder_dim"]), int(dec["decoder_kernel"]), int(dec["decoder_groups"])
@@ -139,7 +126,7 @@ def fairseq_multi_image_state(cfg: dict[str, Any], seed: int = 0, *, decoder: bo
         state[f"{M}decoder.proj.weight"] = torch.randn(dim, ddim, generator=gen) * 0.2
         state[f"{M}decoder.proj.bias"] = torch.randn(dim, generator=gen) * 0.1
     for i in range(int(m["depth"])):
-        state.update(_block_state(f"blocks.{i}.", dim, hidden, gen))
+        state.update(block_state(f"blocks.{i}.", dim, hidden, gen))
     if m["layer_norm_first"]:
         state["norm.weight"] = 1 + torch.randn(dim, generator=gen) * 0.2
         state["norm.bias"] = torch.randn(dim, generator=gen) * 0.2
@@ -177,38 +164,6 @@ def fairseq_classifier_state(pretrain_cfg: dict[str, Any], num_classes: int, see
 # --------------------------------------------------------------------------- forward passes
 
 
-def _layer_norm(x: Tensor, state: dict[str, Tensor], name: str, eps: float) -> Tensor:
-    return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], eps)
-
-
-def _linear(x: Tensor, state: dict[str, Tensor], name: str) -> Tensor:
-    return x @ state[name + ".weight"].t() + state[name + ".bias"]
-
-
-def alt_block(x: Tensor, state: dict[str, Tensor], prefix: str, heads: int, eps: float,
-              layer_norm_first: bool) -> tuple[Tensor, Tensor]:
-    """``AltBlock.forward`` in eval mode (no dropout, no drop path): output and ``ffn_targets``."""
-
-    def attention(h: Tensor) -> Tensor:
-        b, n, c = h.shape
-        qkv = _linear(h, state, prefix + "attn.qkv").reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
-        attn = attn.softmax(dim=-1, dtype=torch.float32)
-        return _linear((attn @ v).transpose(1, 2).reshape(b, n, c), state, prefix + "attn.proj")
-
-    def mlp(h: Tensor) -> Tensor:  # timm Mlp: fc1 -> GELU (exact) -> fc2
-        return _linear(F.gelu(_linear(h, state, prefix + "mlp.fc1")), state, prefix + "mlp.fc2")
-
-    if layer_norm_first:
-        x = x + attention(_layer_norm(x, state, prefix + "norm1", eps))
-        t = mlp(_layer_norm(x, state, prefix + "norm2", eps))
-        return x + t, t
-    x = _layer_norm(x + attention(x), state, prefix + "norm1", eps)
-    t = mlp(x)
-    return _layer_norm(x + t, state, prefix + "norm2", eps), t
-
-
 def extract_features(state: dict[str, Tensor], cfg: dict[str, Any], images: Tensor,
                      remove_extra_tokens: bool = True, norm_eps: float | None = None) -> dict[str, Any]:
     """``Data2VecMultiModel.extract_features(images, mode="IMAGE", mask=False)`` in eval mode:
@@ -234,10 +189,10 @@ def extract_features(state: dict[str, Tensor], cfg: dict[str, Any], images: Tens
     if not first:
         x = _layer_norm(x, state, M + "context_encoder.norm", eps)
     for i in range(int(image["prenet_depth"])):
-        x, _ = alt_block(x, state, f"{M}context_encoder.blocks.{i}.", heads, eps, first)
+        x, _ = alt_block(x, state, f"{M}context_encoder.blocks.{i}.", heads, eps, layer_norm_first=first)
     layer_results = []
     for i in range(int(m["depth"])):
-        x, t = alt_block(x, state, f"blocks.{i}.", heads, eps, first)
+        x, t = alt_block(x, state, f"blocks.{i}.", heads, eps, layer_norm_first=first)
         layer_results.append(t)
     if first:
         x = _layer_norm(x, state, "norm", eps)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_reference import defaults
+from fairseq_reference.blocks import alt_block, block_state, layer_norm as _layer_norm, linear as _linear
 
 M = "modality_encoders.TEXT."
 PAD = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
@@ -68,22 +69,6 @@ def _m(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _text(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg["model"]["modalities"]["text"]
-
-
-def block_state(prefix: str, dim: int, hidden: int, gen: torch.Generator) -> dict[str, Tensor]:
-    """One ``AltBlock`` under fairseq's names (fused ``attn.qkv``, timm ``mlp.fc1/fc2``)."""
-
-    def rand(*shape: int, scale: float = 0.2) -> Tensor:
-        return torch.randn(*shape, generator=gen) * scale
-
-    return {
-        f"{prefix}norm1.weight": 1 + rand(dim), f"{prefix}norm1.bias": rand(dim),
-        f"{prefix}attn.qkv.weight": rand(3 * dim, dim), f"{prefix}attn.qkv.bias": rand(3 * dim),
-        f"{prefix}attn.proj.weight": rand(dim, dim), f"{prefix}attn.proj.bias": rand(dim),
-        f"{prefix}norm2.weight": 1 + rand(dim), f"{prefix}norm2.bias": rand(dim),
-        f"{prefix}mlp.fc1.weight": rand(hidden, dim), f"{prefix}mlp.fc1.bias": rand(hidden),
-        f"{prefix}mlp.fc2.weight": rand(dim, hidden), f"{prefix}mlp.fc2.bias": rand(dim),
-    }
 
 
 def fairseq_multi_text_state(cfg: dict[str, Any], seed: int = 0, *, vocab: int = 50,
@@ -161,14 +146,6 @@ def fairseq_text_classifier_state(pretrain_cfg: dict[str, Any], num_classes: int
 # --------------------------------------------------------------------------- forward passes
 
 
-def _layer_norm(x: Tensor, state: dict[str, Tensor], name: str, eps: float) -> Tensor:
-    return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], eps)
-
-
-def _linear(x: Tensor, state: dict[str, Tensor], name: str) -> Tensor:
-    return x @ state[name + ".weight"].t() + state[name + ".bias"]
-
-
 def make_positions(tokens: Tensor, padding_idx: int = PAD) -> Tensor:
     """fairseq ``utils.make_positions``: ``padding_idx + 1, + 2, ...`` over non-pad tokens,
     ``padding_idx`` at padding."""
@@ -185,22 +162,6 @@ def local_encoder(state: dict[str, Tensor], tokens: Tensor, prefix: str = "") ->
     return _layer_norm(x, state, p + "layernorm_embedding", 1e-5)
 
 
-def alt_block(x: Tensor, state: dict[str, Tensor], prefix: str, heads: int, eps: float,
-              padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Post-LN ``AltBlock.forward`` in eval mode: output and ``ffn_targets`` (the MLP output)."""
-    b, n, c = x.shape
-    qkv = _linear(x, state, prefix + "attn.qkv").reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
-    if padding_mask is not None and padding_mask.any():
-        attn = attn.masked_fill(padding_mask[:, None, None, :].bool(), float("-inf"))
-    attn = attn.softmax(dim=-1, dtype=torch.float32)
-    a = _linear((attn @ v).transpose(1, 2).reshape(b, n, c), state, prefix + "attn.proj")
-    r = _layer_norm(x + a, state, prefix + "norm1", eps)
-    t = _linear(F.gelu(_linear(r, state, prefix + "mlp.fc1")), state, prefix + "mlp.fc2")
-    return _layer_norm(r + t, state, prefix + "norm2", eps), t
-
-
 def extract_features(state: dict[str, Tensor], cfg: dict[str, Any], tokens: Tensor,
                      padding_mask: Tensor | None = None, prefix: str = "",
                      blocks: str = "blocks.") -> dict[str, Any]:
@@ -211,7 +172,8 @@ def extract_features(state: dict[str, Tensor], cfg: dict[str, Any], tokens: Tens
     x = local_encoder(state, tokens, prefix)
     layer_results = []
     for i in range(int(m["depth"])):
-        x, t = alt_block(x, state, f"{prefix}{blocks}{i}.", int(m["num_heads"]), float(m["norm_eps"]), padding_mask)
+        x, t = alt_block(x, state, f"{prefix}{blocks}{i}.", int(m["num_heads"]), float(m["norm_eps"]),
+                         padding_mask=padding_mask)
         layer_results.append(t)
     return {"x": x, "padding_mask": padding_mask, "layer_results": layer_results}
 
