@@ -47,8 +47,8 @@ def make_step(model, inputs: dict, labels, mode: str, dtype: str, device: str) -
     """One fine-tuning step or one inference forward, as a closure."""
     cast = DTYPES[dtype]
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=cast)) if cast is not None else nullcontext
-    if mode == "train":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if mode == "train":  # fused: what transformers' Trainer and d2v's optim both use by default
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
         def step() -> None:
             model.train()
@@ -101,9 +101,11 @@ def _read_status(field: str) -> float:
     return float("nan")
 
 
-def probe_memory(case: str, impl: str, mode: str, dtype: str, size: str, device: str) -> float:
+def probe_memory(case: str, impl: str, mode: str, dtype: str, size: str, device: str,
+                 options: argparse.Namespace) -> float:
     """Peak MB of one step, with model, optimizer state and warm-up already resident."""
     hf, ours, inputs, labels, _ = build(case, size, device)
+    hf, ours = prepare(hf, ours, options)
     model = hf if impl == "hf" else ours
     hf = ours = None  # only the measured model stays resident
     step = make_step(model, inputs, labels, mode, dtype, device)
@@ -119,8 +121,10 @@ def probe_memory(case: str, impl: str, mode: str, dtype: str, size: str, device:
     return _read_status("VmHWM")
 
 
-def memory_in_subprocess(case: str, impl: str, mode: str, dtype: str, size: str, device: str) -> float:
-    cmd = [sys.executable, __file__, "--probe-memory", case, impl, mode, dtype, "--size", size, "--device", device]
+def memory_in_subprocess(case: str, impl: str, mode: str, dtype: str, size: str, device: str,
+                         options: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--probe-memory", case, impl, mode, dtype, "--size", size, "--device", device,
+           "--compile", options.compile] + (["--gradient-checkpointing"] if options.gradient_checkpointing else [])
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         print(result.stderr[-2000:], file=sys.stderr)
@@ -131,8 +135,24 @@ def memory_in_subprocess(case: str, impl: str, mode: str, dtype: str, size: str,
 # --------------------------------------------------------------------------- one case
 
 
+def prepare(hf, ours, options: argparse.Namespace):
+    """Apply ``--compile`` (d2v: ``trainer.compile``'s per-block compile; HF: ``torch.compile`` of
+    the model, its usual way) and ``--gradient-checkpointing`` (d2v: ``trainer.gradient_checkpointing``;
+    HF: ``gradient_checkpointing_enable()``)."""
+    from d2v.runner.layer_options import apply_layer_options
+
+    apply_layer_options(ours, compile=options.compile in ("d2v", "both"),
+                        gradient_checkpointing=options.gradient_checkpointing)
+    if options.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.compile == "both":
+        hf = torch.compile(hf)
+    return hf, ours
+
+
 def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: dict[str, float]) -> dict[str, Any]:
     hf, ours, inputs, labels, samples = build(case, args.size, args.device)
+    hf, ours = prepare(hf, ours, args)
     steps = {"hf": make_step(hf, inputs, labels, mode, dtype, args.device),
              "d2v": make_step(ours, inputs, labels, mode, dtype, args.device)}
     for _ in range(args.warmup):
@@ -146,13 +166,14 @@ def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: 
     flops = step_flops(steps["d2v"])
     row: dict[str, Any] = {
         "case": case, "mode": mode, "dtype": dtype, "device": args.device, "size": args.size,
+        "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
         "hf_samples_per_s": round(speed["hf"], 3), "d2v_samples_per_s": round(speed["d2v"], 3),
         "speed_ratio": round(speed["d2v"] / speed["hf"], 3),
         "d2v_flops_fraction": round(flops * speed["d2v"] / samples / peaks[dtype], 4),
     }
     if args.memory:
-        hf_mb = memory_in_subprocess(case, "hf", mode, dtype, args.size, args.device)
-        d2v_mb = memory_in_subprocess(case, "d2v", mode, dtype, args.size, args.device)
+        hf_mb = memory_in_subprocess(case, "hf", mode, dtype, args.size, args.device, args)
+        d2v_mb = memory_in_subprocess(case, "d2v", mode, dtype, args.size, args.device, args)
         row.update(hf_peak_mb=round(hf_mb, 1), d2v_peak_mb=round(d2v_mb, 1), memory_ratio=round(d2v_mb / hf_mb, 3))
     return row
 
@@ -191,13 +212,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--compile", choices=("none", "d2v", "both"), default="none",
+                        help="torch.compile: d2v's per-block trainer.compile, or that and torch.compile(HF model)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="activation checkpointing on both sides (memory for speed)")
     parser.add_argument("--write-docs", action="store_true", help="write the table to docs/performance.md")
     parser.add_argument("--markdown-out", default=None, help="write the table to this file instead")
     parser.add_argument("--probe-memory", nargs=4, metavar=("CASE", "IMPL", "MODE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.probe_memory:
-        print(probe_memory(*args.probe_memory, args.size, args.device))
+        print(probe_memory(*args.probe_memory, args.size, args.device, args))
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU is available here")

@@ -41,5 +41,5 @@ def train_on_waves(model: torch.nn.Module, steps: int = 30, transform: Callable[
         opt.step()
         opt.zero_grad()
         model.after_optimizer_step(step)
-        losses.append(out.logs["loss"])
+        losses.append(float(out.logs["loss"]))
     return losses, out

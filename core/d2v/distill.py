@@ -68,13 +68,14 @@ class PretrainOutput(_Output):
 
     loss: the scalar to backpropagate (per masked token, see the module docstring).
     sample_size: how many positions were regressed (masked tokens, all clones).
-    logs: floats worth logging: ``loss``, ``target_std``, ``pred_std``, ``ema_decay``,
-        ``masked_frac``, and objective-specific extras.
+    logs: numbers worth logging: ``loss``, ``target_std``, ``pred_std``, ``ema_decay``,
+        ``masked_frac``, and objective-specific extras; floats or 0-d tensors (left on the
+        device so the step needs no host sync; the runner reads them once per logging window).
     """
 
     loss: Tensor
     sample_size: int = 0
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -127,7 +128,8 @@ def check_collapse(
     """Raise :class:`TrainingCollapse` when, past update ``after``, the targets or predictions
     have (nearly) constant channels -- the failure mode of self-distillation."""
     if step <= after:
-        return
+        return  # before ``after`` the statistics stay on the device (no host sync)
+    target_std, pred_std = float(target_std), float(pred_std)
     problems = []
     if target_std < min_target_std:
         problems.append(f"target std {target_std:.4g} < min_target_std {min_target_std} (the teacher's targets lost their variance)")
@@ -284,7 +286,7 @@ class EMASelfDistillation(nn.Module):
         """The output with the common logs first (``masked_frac`` over ``positions``), after the
         collapse guard, which only training runs (evaluation must report, never raise)."""
         logs = {
-            "loss": float(loss.detach()),
+            "loss": loss.detach(),
             "target_std": stats.get("target_std", float("nan")),
             "pred_std": stats.get("pred_std", float("nan")),
             "ema_decay": self.current_decay(),

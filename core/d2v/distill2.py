@@ -360,7 +360,7 @@ class Data2Vec2(EMASelfDistillation):
             cls_target = (full_targets * valid).sum(1) / valid.sum(1).clamp(min=1.0)
             cls_value, _ = self.target.loss(hidden[:, E - 1], cls_target.repeat_interleave(M, 0))
             loss = loss + self.cls_loss * cls_value
-            logs["cls_loss"] = float(cls_value.detach())
+            logs["cls_loss"] = cls_value.detach()
 
         n_valid = B * T if grid_pad is None else int((~grid_pad).sum())
         return self._pretrain_output(loss, stats, sample_size, n_valid * M, logs)

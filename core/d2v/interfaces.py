@@ -122,10 +122,16 @@ class Encoder(nn.Module, abc.ABC):
     * ``"ffn"``: the FFN output before the last residual connection (and before the
       post-LN layer norm) -- data2vec's target for speech, text and data2vec 2.0;
     * ``"end"``: the block's output (after the residual) -- data2vec 1.0 vision.
+
+    The Transformer blocks live in ``self.layers`` (an ``nn.ModuleList``) and are called through
+    :func:`d2v.layers.run_layer`: that is what ``trainer.gradient_checkpointing`` (recompute a
+    block's activations in backward) and ``trainer.compile`` (``torch.compile`` each block) act on.
     """
 
     dim: int
     num_layers: int
+    #: recompute each block's activations in the backward pass (set by ``trainer.gradient_checkpointing``)
+    gradient_checkpointing: bool = False
     #: extra batch entries passed to ``forward`` as keyword arguments when present (text
     #: decoders: ``encoder_hidden_states``, ``encoder_attention_mask``, ``past_key_values``,
     #: ``use_cache``); ``forward`` hands them to :meth:`contextualize`.

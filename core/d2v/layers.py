@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from d2v.errors import SpecError
 
@@ -100,3 +102,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
+
+
+def run_layer(encoder: nn.Module, block: nn.Module, /, *args: Any, **kwargs: Any) -> Any:
+    """Call one Transformer block of ``encoder``; with ``encoder.gradient_checkpointing`` on
+    (``trainer.gradient_checkpointing``) and gradients being recorded, keep only its inputs and
+    recompute its activations in the backward pass: roughly one block's activations in memory
+    instead of all of them, for about a third more compute. Dropout masks are replayed exactly."""
+    if getattr(encoder, "gradient_checkpointing", False) and encoder.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from d2v.alibi import alibi_bias_1d, alibi_slopes
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import FeedForward, MultiHeadAttention
+from d2v.layers import FeedForward, MultiHeadAttention, run_layer
 from d2v.masking import compute_span_mask
 
 TARGET_FEATURES = ("ffn", "end")
@@ -358,7 +358,7 @@ class AudioTransformerEncoder(Encoder):
         for index, layer in enumerate(self.layers):
             if not (may_drop and torch.rand(()) < self.layerdrop):
                 mask = attn_mask if bias is None else self._biased_mask(bias, scales[index], padding_mask, x.dtype)
-                x, ffn_out = layer(x, mask)
+                x, ffn_out = run_layer(self, layer, x, mask)
                 if layer_targets is not None:
                     layer_targets.append(ffn_out if target_feature == "ffn" else x)
             if hidden_states is not None:

@@ -71,10 +71,13 @@ def normalize(x: Tensor, kind: str | None, padding_mask: Tensor | None = None, e
     raise SpecError(f"unknown normalisation {kind!r}; choose one of 'instance', 'layer' or null.")
 
 
-def channel_std(y: Tensor, *, sync: bool = True) -> float:
+def channel_std(y: Tensor, *, sync: bool = True) -> Tensor:
     """data2vec's collapse statistic (fairseq ``compute_var``): the standard deviation of each
     channel over all rows of ``y`` ``(N, D)``, averaged over channels. Summed over processes
-    when ``torch.distributed`` runs with more than one process and ``sync`` is set."""
+    when ``torch.distributed`` runs with more than one process and ``sync`` is set.
+
+    A 0-d tensor on ``y``'s device: reading it is a host sync, which the runner does once per
+    logging window rather than in every step."""
     y = y.detach().float().reshape(-1, y.shape[-1])
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         stats = torch.cat([y.new_tensor([float(y.shape[0])]), y.sum(dim=0), (y * y).sum(dim=0)])
@@ -83,9 +86,9 @@ def channel_std(y: Tensor, *, sync: bool = True) -> float:
         var = ss / (n - 1) - s * s / (n * (n - 1))
     else:
         if y.shape[0] < 2:
-            return float("nan")
+            return y.new_tensor(float("nan"))
         var = y.var(dim=0)
-    return float(torch.sqrt(var.clamp(min=0) + 1e-6).mean())
+    return torch.sqrt(var.clamp(min=0) + 1e-6).mean()
 
 
 class Data2VecTarget(Target):
@@ -202,7 +205,7 @@ class Data2VecTarget(Target):
             return F.mse_loss(prediction, target, reduction="none")
         return F.smooth_l1_loss(prediction, target, reduction="none", beta=self.beta)
 
-    def loss(self, prediction: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, prediction: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``(loss, stats)`` for ``prediction`` vs ``target`` ``(N, D)``.
 
         ``reduction="sum"``: ``sum_n scale * sum_d l(n, d)``; ``reduction="mean"``:

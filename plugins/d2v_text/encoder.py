@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import FeedForward, MultiHeadAttention
+from d2v.layers import FeedForward, MultiHeadAttention, run_layer
 from d2v_text.cache import KeyValueCache
 
 TARGET_FEATURES = ("ffn", "end")
@@ -198,8 +198,8 @@ class TextTransformerEncoder(Encoder):
         hidden_states = [x] if output_hidden_states else None
         layer_targets = [] if output_layer_targets else None
         for index, layer in enumerate(self.layers):
-            x, ffn_out = layer(x, attn_mask, memory=encoder_hidden_states, memory_mask=memory_mask,
-                               cache=cache, layer=index)
+            x, ffn_out = run_layer(self, layer, x, attn_mask, memory=encoder_hidden_states, memory_mask=memory_mask,
+                                   cache=cache, layer=index)
             if layer_targets is not None:
                 layer_targets.append(ffn_out if target_feature == "ffn" else x)
             if hidden_states is not None:

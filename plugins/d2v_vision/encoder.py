@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import make_activation
+from d2v.layers import make_activation, run_layer
 from d2v_vision.patches import as_pair
 from d2v_vision.relative_position import RelativePositionBias
 
@@ -249,7 +249,7 @@ class VisionTransformerEncoder(Encoder):
         hidden_states = [x] if output_hidden_states else None
         layer_targets = [] if output_layer_targets else None
         for layer in self.layers:
-            x, ffn = layer(x, bias, grid, position_ids)
+            x, ffn = run_layer(self, layer, x, bias, grid, position_ids)
             if hidden_states is not None:
                 hidden_states.append(x)
             if layer_targets is not None:

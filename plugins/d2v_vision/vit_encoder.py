@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import make_activation
+from d2v.layers import make_activation, run_layer
 
 TARGET_FEATURES = ("ffn", "end")
 
@@ -190,7 +190,7 @@ class ViTEncoder(Encoder):
                 x = self.dropout_input(x)
             rate = self.prenet_layerdrop if i < self.prenet_layers else self.layerdrop
             if not (may_drop and rate > 0 and torch.rand(()) < rate):
-                x, ffn = layer(x, bias)
+                x, ffn = run_layer(self, layer, x, bias)
                 if layer_targets is not None:
                     layer_targets.append(ffn if target_feature == "ffn" else x)
             if hidden_states is not None:

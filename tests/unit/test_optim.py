@@ -1,8 +1,13 @@
 """Optimizers: which parameters decay, and layer-wise learning-rate decay."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
+from d2v import optim
+from d2v.errors import SpecError
 from d2v.model import TaskModel
 from d2v.optim import adam, adamw
 from d2v.schedules import constant
@@ -63,3 +68,25 @@ def test_constant_schedule_warms_up_then_holds():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_optimizers_are_fused_by_default_and_step_like_the_foreach_version():
+    """``fused: auto`` picks torch's fused AdamW kernel; its updates equal the for-each version's."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    results = []
+    for name, fused in (("adamw", "auto"), ("adamw", False), ("adam", "auto"), ("adam", False)):
+        model = copy.deepcopy(reference)
+        build = optim.adamw if name == "adamw" else optim.adam
+        opt = build(model, lr=1e-2, fused=fused)
+        assert bool(opt.defaults["fused"]) is (fused == "auto")
+        for step in range(5):
+            torch.manual_seed(step)
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[2], results[3], atol=1e-6, rtol=1e-6)
+    with pytest.raises(SpecError, match="optim.fused"):
+        optim.adamw(reference, fused="yes")

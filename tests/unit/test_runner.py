@@ -114,17 +114,32 @@ class _FakeOptimizer:
 @pytest.mark.parametrize("norm, scaler, scaler_skips, bad_loss, stepped, skipped", [
     (1.0, False, False, None, 1, False),            # a normal update
     (float("nan"), False, False, None, 0, True),   # non-finite gradient: no optimizer step at all
-    (1.0, False, False, "loss nan", 0, True),      # non-finite loss
+    (1.0, False, False, float("nan"), 0, True),    # non-finite loss
     (float("inf"), True, True, None, 1, True),     # fp16: the scaler must see the step (to lower its scale)
     (1.0, True, True, None, 1, True),              # ... and a step it skipped counts as skipped
 ])
 def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, scaler_skips, bad_loss, stepped, skipped):
     from types import SimpleNamespace
 
+    from collections import defaultdict
+
+    from d2v.runner.pending import PendingUpdate
+
     fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler), trainer=SimpleNamespace(clip_norm=0.0))
     optimizer = _FakeOptimizer(scaler_skips)
-    window = {"grad_norm": 0.0}
-    reason = train_module.Run._apply_update(fake, optimizer, [], bad_loss, window)
+    window = defaultdict(float)
+    pending = PendingUpdate()  # two micro-batches: a finite one, then the one under test
+    pending.add(torch.tensor(2.0), {"target_std": torch.tensor(0.5)}, 3, lambda: "the batch of a")
+    pending.add(torch.tensor(bad_loss if bad_loss is not None else 4.0), {"target_std": torch.tensor(0.7)}, 5,
+                lambda: "the batch of b")
+    reason = train_module.Run._apply_update(fake, optimizer, [], pending, window)
     assert optimizer.steps == stepped
     assert (reason is not None) == skipped
     assert window["grad_norm"] == (0.0 if skipped else norm)
+    if bad_loss is not None:
+        assert reason == "loss nan on the batch of b"
+    # finite micro-batches are counted in the logging window whatever happens to the update
+    finite = 1 if bad_loss is not None else 2
+    assert window["micro_batches"] == finite and window["examples"] == (3 if finite == 1 else 8)
+    assert float(window["target_std"]) == pytest.approx(0.5 if finite == 1 else 1.2)
+    assert not pending.items

@@ -170,7 +170,7 @@ def test_std_stats_as_fairseq_compute_var():
     y = torch.tensor([[0.0, 0.0], [2.0, 4.0]])
     # unbiased variance per channel over 2 rows: 2 and 8
     expected = (math.sqrt(2 + 1e-6) + math.sqrt(8 + 1e-6)) / 2
-    assert channel_std(y) == pytest.approx(expected, rel=1e-6)
+    assert float(channel_std(y)) == pytest.approx(expected, rel=1e-6)
     _, stats = Data2VecTarget().loss(torch.zeros(2, 2), y)
     assert stats["target_std"] == pytest.approx(expected, rel=1e-6)
     assert stats["pred_std"] == pytest.approx(1e-3, rel=1e-3)  # sqrt(0 + 1e-6)
@@ -182,7 +182,7 @@ def _sync_worker(rank: int, world: int, port: int, rows: torch.Tensor, out: dict
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         mine = rows[rank::world]
-        out[rank] = (channel_std(mine, sync=True), channel_std(mine, sync=False))
+        out[rank] = (float(channel_std(mine, sync=True)), float(channel_std(mine, sync=False)))
     finally:
         dist.destroy_process_group()
 
@@ -200,6 +200,6 @@ def test_std_is_all_reduced_across_processes():
     out = manager.dict()
     mp.spawn(_sync_worker, args=(2, port, rows, out), nprocs=2, join=True)
     # both processes see the statistic of all 9 rows, not of their own share
-    assert out[0][0] == pytest.approx(channel_std(rows), rel=1e-5)
-    assert out[1][0] == pytest.approx(channel_std(rows), rel=1e-5)
+    assert out[0][0] == pytest.approx(float(channel_std(rows)), rel=1e-5)
+    assert out[1][0] == pytest.approx(float(channel_std(rows)), rel=1e-5)
     assert out[0][1] != pytest.approx(out[0][0], rel=1e-3)

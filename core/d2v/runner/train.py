@@ -33,6 +33,8 @@ from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quaranti
                                    trim_metrics, write_text_atomic)
 from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals,
                                stop_with_launcher)
+from d2v.runner.layer_options import apply_layer_options
+from d2v.runner.pending import PendingUpdate
 
 
 def add_counts(totals: dict[str, Any], counts: dict[str, Any]) -> None:
@@ -68,6 +70,21 @@ def resolve_precision(setting: str, cpu: bool) -> str:
     return "no"
 
 
+def check_trackers(names: list) -> None:
+    """Accelerate silently drops a tracker whose package is not installed (no event files, no
+    warning) and stops with a traceback on an unknown name: say which, and what to do."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    installed = {str(t) for t in get_available_trackers()}
+    for name in map(str, [names] if isinstance(names, str) else names or []):
+        if name != "all" and name not in LOGGER_TYPE_TO_CLASS:
+            raise SpecError(f"trainer.trackers: unknown tracker '{name}'; Accelerate offers: all, "
+                            f"{', '.join(LOGGER_TYPE_TO_CLASS)}.")
+        if name != "all" and name not in installed:
+            raise SpecError(f"trainer.trackers: '{name}' is not installed, so nothing would be logged to it; "
+                            f"pip install {name} (or remove it from trainer.trackers).")
+
+
 class MetricsLog:
     """Appends one JSON object per event to ``metrics.jsonl`` (main process only)."""
 
@@ -76,9 +93,9 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
+        if self.enabled:  # "time" (Unix seconds) lets `d2v runs` report wall time
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
 
 class Run:
@@ -92,6 +109,7 @@ class Run:
         self.trainer = TrainerConfig(**(spec.get("trainer") or {}))
         self.loader_cfg = LoaderConfig(**((spec.get("data") or {}).get("loader") or {}))
         self.output_dir = Path(self.trainer.output_dir)
+        check_trackers(self.trainer.trackers)
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.trainer.mixed_precision, self.trainer.cpu),
             gradient_accumulation_steps=self.trainer.grad_accum,
@@ -148,6 +166,9 @@ class Run:
             report = load_initial_weights(self.model, init["checkpoint"], strict=bool(init.get("strict", False)),
                                           allow_mismatch=bool(init.get("allow_mismatch", False)))
             self.print(report.summary())
+        for line in apply_layer_options(self.model, gradient_checkpointing=self.trainer.gradient_checkpointing,
+                                        compile=self.trainer.compile):
+            self.print(line)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
         self._inspect_examples()
 
@@ -204,6 +225,7 @@ class Run:
         if self.resume_from is None:
             if self.is_main:
                 write_text_atomic(self.output_dir / "spec.yaml", dump_spec(self.spec))
+            self.log.write({"event": "start", "step": 0, "spec": getattr(self.spec, "source", None)})
         else:
             spec_lrs = list(getattr(getattr(scheduler, "scheduler", scheduler), "base_lrs", []) or [])
             checkpoint = self._load_newest_intact(self.resume_from)
@@ -231,7 +253,7 @@ class Run:
         # the newest checkpoint saved, and the newest one an update then trained on successfully
         # (finite weights can still be unusable: only the second kind is "good")
         self._last_saved = self._verified = checkpoint if self.resume_from is not None else None
-        bad_loss: str | None = None  # why the update being accumulated must be skipped
+        pending = PendingUpdate()  # the update being accumulated: losses and logs still on the device
 
         def trainer_state() -> dict[str, int]:
             return {"step": step, "epoch": epoch, "batches_in_epoch": done_in_epoch}
@@ -254,28 +276,21 @@ class Run:
                             if batch:
                                 out = model(batch)
                                 loss = out.loss
+                                pending.add(loss, getattr(out, "logs", None),
+                                            len(batch.get("ids", ())) or int(batch["inputs"].shape[0]),
+                                            lambda ids=batch.get("ids", ()): self._batch_names({"ids": ids}))
                             else:  # every example was left out: a zero loss keeps processes in step
-                                out, loss = None, sum(p.sum() for p in trainable) * 0.0
-                            loss_value = float(loss.detach())
-                            if not math.isfinite(loss_value):
-                                bad_loss = bad_loss or f"loss {loss_value} on {self._batch_names(batch)}"
+                                loss = sum(p.sum() for p in trainable) * 0.0
+                                pending.add(loss, None, 0, lambda: "an empty batch", counted=False)
                             # backward even on a bad loss: every process must join the gradient all-reduce
                             acc.backward(loss)
                             skip_reason = None
                             if acc.sync_gradients:
-                                skip_reason = self._apply_update(optimizer, trainable, bad_loss, window)
+                                skip_reason = self._apply_update(optimizer, trainable, pending, window)
                                 if skip_reason is None:
                                     scheduler.step()
                                 optimizer.zero_grad(set_to_none=True)
-                                bad_loss = None
                         done_in_epoch += 1
-                        if math.isfinite(loss_value) and out is not None:
-                            window["loss"] += loss_value
-                            window["micro_batches"] += 1
-                            window["examples"] += len(batch.get("ids", ())) or int(batch["inputs"].shape[0])
-                            for key, value in (getattr(out, "logs", None) or {}).items():
-                                if key != "loss":  # the loss is already counted above
-                                    window[key] += float(value)
                         if not acc.sync_gradients:
                             continue
                         if skip_reason is not None:
@@ -296,8 +311,7 @@ class Run:
                             record = self._train_record(window, step, epoch, scheduler, time.perf_counter() - window_start)
                             bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
                             self.log.write(record)
-                            if cfg.trackers:
-                                acc.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+                            self._track(record)
                             window, window_start = defaultdict(float), time.perf_counter()
                         if skip_reason is None:
                             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and "valid" in self.datasets:
@@ -364,20 +378,23 @@ class Run:
 
     # ------------------------------------------------------------------ guarded steps
 
-    def _apply_update(self, optimizer, trainable, bad_loss: str | None, window: dict[str, float]) -> str | None:
-        """Clip and step, unless the loss or the gradient norm is not finite; returns why the
+    def _apply_update(self, optimizer, trainable, pending: PendingUpdate, window: dict[str, Any]) -> str | None:
+        """Clip and step, unless a loss or the gradient norm is not finite; returns why the
         update was skipped (``None`` when it was applied). Every process reaches the same
-        decision: the gradient norm is computed after the all-reduce, and the loss flag is summed."""
+        decision: the gradient norm is computed after the all-reduce, and the count of bad
+        losses is summed. The losses, the norm and that count reach the host in one read."""
         acc, cfg = self.accelerator, self.trainer
         max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(trainable, max_norm))
-        reason = bad_loss
+        grad_norm = acc.clip_grad_norm_(trainable, max_norm)
+        bad_everywhere = None
         if acc.num_processes > 1:
-            flag = acc.reduce(torch.tensor([1.0 if bad_loss else 0.0], device=acc.device), reduction="sum")
-            if float(flag) > 0 and reason is None:
-                reason = "a non-finite loss on another process"
-        if reason is None and not math.isfinite(grad_norm):
-            reason = f"gradient norm {grad_norm}"
+            bad_everywhere = acc.reduce(pending.non_finite_count(acc.device).reshape(1), reduction="sum")
+        settled, bad_count = pending.settle(grad_norm, window, bad_everywhere)
+        reason = settled.bad_loss
+        if reason is None and bad_count > 0:
+            reason = "a non-finite loss on another process"
+        if reason is None and not math.isfinite(settled.grad_norm):
+            reason = f"gradient norm {settled.grad_norm}"
         if reason is not None and acc.scaler is None:
             return reason
         optimizer.step()  # with fp16 the grad scaler skips a non-finite step itself and lowers its scale
@@ -385,7 +402,7 @@ class Run:
             return reason or "fp16 overflow (the grad scaler lowered its loss scale)"
         if reason is not None:
             return reason
-        window["grad_norm"] += grad_norm
+        window["grad_norm"] += settled.grad_norm
         return None
 
     def _stop_requested(self, signals: StopSignals) -> bool:
@@ -459,6 +476,13 @@ class Run:
             write_text_atomic(changed, text)
             self.print(f"note: the spec differs from {original}; the resumed spec is saved as {changed}")
 
+    def _track(self, record: dict[str, Any]) -> None:
+        """Send a ``metrics.jsonl`` record's numbers to the Accelerate trackers (TensorBoard
+        etc.) as ``<split>/<name>`` at its step, so both logs hold the same values."""
+        if self.trainer.trackers and record.get("step") is not None:
+            self.accelerator.log({f"{record['split']}/{k}": v for k, v in record.items()
+                                  if k not in ("split", "step") and isinstance(v, (int, float))}, step=record["step"])
+
     def _train_record(self, window: dict[str, float], step: int, epoch: int, scheduler, seconds: float) -> dict[str, Any]:
         totals = torch.tensor([window["loss"], window["micro_batches"], window["examples"]],
                               device=self.accelerator.device, dtype=torch.float64)
@@ -473,8 +497,8 @@ class Run:
                 record[count] = int(window[count])
         skip = {"loss", "micro_batches", "examples", "grad_norm", "steps", "skipped_updates", "skipped_examples"}
         for key, value in window.items():
-            if key not in skip:
-                record[key] = value / max(1.0, window["micro_batches"])
+            if key not in skip:  # objective logs may be device tensors: read once per window
+                record[key] = float(value) / max(1.0, window["micro_batches"])
         return record
 
     def save_final(self, model) -> Path:
@@ -556,6 +580,7 @@ class Run:
             metrics.update(head.summarize(dict(all_counts)))
         record = {"split": split, "step": step, **metrics}
         self.log.write(record)
+        self._track(record)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         self.print(f"[{split}{'' if step is None else f' @ step {step}'}] {shown}")
         if keep_predictions:
