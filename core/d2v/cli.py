@@ -151,8 +151,9 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     p.add_argument("--dict", default=None, help="fairseq dictionary (e.g. dict.ltr.txt) for the output "
                                                "labels of a fine-tuned fairseq checkpoint")
     p.set_defaults(fn=_cmd_convert)
-    from d2v import run_reports_cli
+    from d2v import ngram_lm, run_reports_cli
 
+    ngram_lm.add_parser(sub)
     run_reports_cli.add_parser(sub)
     _plugin_commands(sub)
     return parser

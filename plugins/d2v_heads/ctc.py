@@ -9,6 +9,10 @@ divided by its target length, then averaged) and ``ctc_zero_infinity``.
 Spec usage::
 
     head: {name: ctc, vocab: librispeech, final_dropout: 0.1, decoder: greedy}
+    head: {name: ctc, decoder: {name: lm_beam, lm: lm.arpa, alpha: 0.5, beta: 2.0, beam_size: 50}}
+
+Decoders (``greedy``, ``beam``, the LM-fused ``lm_beam``) and their options are described in
+:mod:`d2v_heads.ctc_decoders`.
 
 Metrics: ``summarize`` reports ``wer`` and ``cer`` in **percent** (100 * errors / reference
 units), computed on whitespace-normalised, case-matched text (see :mod:`d2v.metrics`).
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
 from d2v.metrics import char_errors, error_rate, word_errors
+from d2v_heads.ctc_decoders import DecoderOptions, LexiconBeamDecoder, decoder_options
 from d2v_heads.ctc_vocab import BOS, EOS, CharVocab
 
 
@@ -184,8 +189,10 @@ class CTCHead(Head):
     * ``final_dropout``: dropout on the encoder output (HF ``config.final_dropout``).
     * ``ctc_loss_reduction``: ``"sum"`` or ``"mean"`` (HF semantics, see the module doc).
     * ``ctc_zero_infinity``: zero infinite losses (inputs too short for their targets).
-    * ``decoder``: ``"greedy"`` (best path) or ``"beam"`` (prefix beam search, no LM).
-    * ``beam_size``: beam width for ``decoder="beam"``.
+    * ``decoder``: ``"greedy"`` (best path), ``"beam"`` (prefix beam search, no LM), or a
+      mapping ``{name: greedy|beam|lm_beam, beam_size, lm, alpha, beta, lexicon, ...}``
+      (:class:`~d2v_heads.ctc_decoders.DecoderOptions`; ``lm_beam`` fuses a KenLM n-gram LM).
+    * ``beam_size``: beam width when the decoder mapping does not give one.
 
     ``batch`` keys read: ``"labels"`` (``LongTensor (B, U)`` padded with -100) or ``"text"``
     (list of transcripts, encoded with the vocabulary); labels win when both are given.
@@ -202,14 +209,12 @@ class CTCHead(Head):
         final_dropout: float = 0.1,
         ctc_loss_reduction: str = "sum",
         ctc_zero_infinity: bool = False,
-        decoder: str = "greedy",
+        decoder: str | dict = "greedy",
         beam_size: int = 8,
     ) -> None:
         super().__init__()
         if ctc_loss_reduction not in ("sum", "mean"):
             raise ValueError(f"ctc_loss_reduction must be 'sum' or 'mean', not {ctc_loss_reduction!r}")
-        if decoder not in ("greedy", "beam"):
-            raise ValueError(f"decoder must be 'greedy' or 'beam', not {decoder!r}")
         if int(beam_size) < 1:
             raise ValueError(f"beam_size must be >= 1, not {beam_size}")
         self.vocab = CharVocab.resolve(vocab)
@@ -218,8 +223,8 @@ class CTCHead(Head):
         self.final_dropout = float(final_dropout)
         self.ctc_loss_reduction = ctc_loss_reduction
         self.ctc_zero_infinity = bool(ctc_zero_infinity)
-        self.decoder = decoder
         self.beam_size = int(beam_size)
+        self.decoder = decoder
 
         self.dropout = nn.Dropout(self.final_dropout)
         self.proj = nn.Linear(self.input_dim, self.vocab_size)
@@ -235,6 +240,17 @@ class CTCHead(Head):
     @property
     def blank_id(self) -> int:
         return self.vocab.blank_id
+
+    @property
+    def decoder(self) -> str:
+        """The decoder's name; assign a name or an options mapping to switch decoders."""
+        return self.decoding.name
+
+    @decoder.setter
+    def decoder(self, value: str | dict[str, Any] | DecoderOptions) -> None:
+        #: the checked decoder options (see :mod:`d2v_heads.ctc_decoders`)
+        self.decoding = decoder_options(value, beam_size=self.beam_size)
+        self._lm_decoder = LexiconBeamDecoder(self.decoding, self.vocab) if self.decoding.name == "lm_beam" else None
 
     def hf_config(self) -> dict[str, Any]:
         """The ``Data2VecAudioConfig`` fields this head determines."""
@@ -356,10 +372,12 @@ class CTCHead(Head):
     # ----------------------------------------------------------------- decoding / eval
     def decode_ids(self, logits: Tensor, lengths: Tensor | Sequence[int] | None = None) -> list[list[int]]:
         """Label ids per utterance with the configured decoder."""
-        if self.decoder == "beam":
-            log_probs = torch.log_softmax(logits.detach(), dim=-1, dtype=torch.float32)
-            return ctc_beam_ids(log_probs, lengths, beam_size=self.beam_size, blank=self.blank_id)
-        return ctc_greedy_ids(logits.detach(), lengths, blank=self.blank_id)
+        if self.decoding.name == "greedy":
+            return ctc_greedy_ids(logits.detach(), lengths, blank=self.blank_id)
+        log_probs = torch.log_softmax(logits.detach(), dim=-1, dtype=torch.float32)
+        if self._lm_decoder is not None:
+            return self._lm_decoder.decode_ids(log_probs, _lengths_list(lengths, *log_probs.shape[:2]))
+        return ctc_beam_ids(log_probs, lengths, beam_size=self.decoding.beam_size, blank=self.blank_id)
 
     def predict(self, output: HeadOutput, batch: dict[str, Any] | None = None) -> list[str]:
         """Decoded transcript per utterance (only its valid frames are decoded)."""
