@@ -1,4 +1,4 @@
-"""Command line: ``d2v run|check|list|registry|convert|shards`` (plus plugins' commands, hook
+"""Command line: ``d2v run|check|list|registry|convert|shards|predict|export|lm|plot|runs`` (plus plugins' commands, hook
 ``d2v_cli_commands``) and ``d2v-run`` (= ``d2v run``).
 
 Bad input (spec, data, checkpoint, plugin) prints one clear message and exits with 2;
@@ -151,8 +151,10 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     p.add_argument("--dict", default=None, help="fairseq dictionary (e.g. dict.ltr.txt) for the output "
                                                "labels of a fine-tuned fairseq checkpoint")
     p.set_defaults(fn=_cmd_convert)
-    from d2v import ngram_lm, run_reports_cli
+    from d2v import export_cli, ngram_lm, predict, run_reports_cli
 
+    predict.add_parser(sub)
+    export_cli.add_parser(sub)
     ngram_lm.add_parser(sub)
     run_reports_cli.add_parser(sub)
     _plugin_commands(sub)

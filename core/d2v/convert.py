@@ -31,7 +31,8 @@ def _fresh(destination: Path) -> None:
 def hf_to_d2v(source: Path, destination: Path) -> str:
     pretrained = from_pretrained(source)
     arch = pretrained.architecture
-    model_spec = get_converter(arch).hf_config_to_spec(pretrained.config)
+    # with the directory, so the spec keeps what side files hold (a CTC head's vocab.json)
+    model_spec = get_converter(arch).hf_config_to_spec({**pretrained.config, "_name_or_path": str(source)})
     _fresh(destination)
     state = {k: v.detach().contiguous().clone() for k, v in pretrained.model.state_dict().items()}
     save_file(state, str(destination / "model.safetensors"), metadata={"format": "pt"})
@@ -69,8 +70,10 @@ def fairseq_to_hf(source: Path, destination: Path, options: dict) -> str:
     return _export_hf(model, source, destination, result.extra_files) + notes
 
 
-def load_d2v_checkpoint(source: Path) -> TaskModel:
-    spec_path, weights = source / "spec.yaml", source / "model.safetensors"
+def load_d2v_checkpoint(source: Path, spec_path: Path | None = None) -> TaskModel:
+    """The model of a d2v checkpoint directory; ``spec_path``: the run's ``spec.yaml`` when
+    ``source`` is a step checkpoint (``checkpoints/step-*``), which holds only weights."""
+    spec_path, weights = spec_path or source / "spec.yaml", source / "model.safetensors"
     if not (spec_path.exists() and weights.exists()):
         raise SpecError(f"'{source}' is not a d2v checkpoint: expected spec.yaml and model.safetensors "
                         f"(a run's final/ directory).")

@@ -18,6 +18,8 @@ A converter is any object with::
                                                        # order (default: see default_hf_outputs)
     hf_batch(model, batch: dict) -> dict               # optional: the HF class's call defaults
                                                        # (e.g. a decoder caches unless labels are given)
+    processor_spec(config: dict) -> dict               # optional: the ``data.processor`` node for the
+                                                       # checkpoint's inputs (``d2v predict``)
 
 ``config`` always carries ``_name_or_path`` (the checkpoint directory) so a converter can find
 side files such as ``vocab.json``.

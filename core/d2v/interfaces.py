@@ -22,6 +22,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from d2v.errors import SpecError
+
 
 class _Output:
     """Dataclass mixin: attribute and ``out["key"]`` access, like HF's ``ModelOutput``."""
@@ -53,6 +55,21 @@ class FeatureExtractorOutput(_Output):
     padding_mask: Tensor | None = None
     extract_features: Tensor | None = None
     encoder_context: dict[str, Any] | None = None
+
+
+@dataclass
+class ExampleInputs:
+    """A padded example batch a feature extractor takes, under Hugging Face's input names: what
+    ONNX export traces the model with and checks the exported graph on.
+
+    tensors: the model input first (``input_values``, ``input_ids``, ``pixel_values``), then
+        ``attention_mask`` (int64, 1 = real, 0 = padding) where the modality pads.
+    dynamic_axes: per tensor, the axes whose size may change (axis -> name, e.g.
+        ``{0: "batch", 1: "samples"}``); other axes are fixed in the exported graph.
+    """
+
+    tensors: dict[str, Tensor]
+    dynamic_axes: dict[str, dict[int, str]]
 
 
 @dataclass
@@ -88,6 +105,24 @@ class HeadOutput(_Output):
     extras: dict[str, Tensor] | None = None
 
 
+@dataclass
+class ResultFile:
+    """A prediction that is a file rather than a JSON value (a segmentation mask as PNG).
+
+    ``data``: the file's bytes; ``suffix``: its extension (``".png"``); ``value``: the same
+    result in memory for Python callers (e.g. the class-id array). ``d2v predict`` writes
+    ``data`` beside its JSON lines and puts the file's path in their place.
+    """
+
+    data: bytes
+    suffix: str
+    value: Any = None
+
+    def save(self, path: str | Any) -> None:
+        with open(path, "wb") as handle:
+            handle.write(self.data)
+
+
 class FeatureExtractor(nn.Module, abc.ABC):
     """Raw modality input -> a sequence of vectors (conv encoder, embeddings, patches).
 
@@ -109,6 +144,14 @@ class FeatureExtractor(nn.Module, abc.ABC):
         ``inputs``: a padded batch of raw inputs (waveforms ``(B, S)``, token ids ``(B, S)``,
         images ``(B, C, H, W)``); ``padding_mask``: ``(B, S)`` bool, True at padding.
         """
+
+    def example_inputs(self, batch_size: int = 2, length: int | None = None, *, seed: int = 0) -> ExampleInputs:
+        """A random padded batch of ``batch_size`` examples, the first ``length`` long (the
+        modality's unit: samples, tokens; ``None``: a small default; ignored where the input size
+        is fixed) and the others shorter where the modality pads. Optional: ``d2v export --onnx``
+        needs it to trace the model."""
+        raise SpecError(f"{type(self).__name__} does not provide example_inputs(batch_size, length), which ONNX "
+                        f"export needs to trace the model; its plugin must implement it (see docs/writing-a-plugin.md).")
 
 
 class Encoder(nn.Module, abc.ABC):
@@ -212,9 +255,21 @@ class Head(nn.Module, abc.ABC):
     the dataset's light examples (no audio or pixels loaded) before training; each returned line
     is printed and logged as a data warning (CTC reports transcript characters its vocabulary
     lacks). A dataset with ``light_example(i)`` hands over examples without their files.
+
+    And by :mod:`d2v.pipeline` (``d2v predict``), all optional:
+
+    * ``tasks``: the pipeline task names the head serves, the default first (e.g.
+      ``("image-classification",)``); a head without them serves one task named after it;
+    * :meth:`describe`: rich per-example results (top-k labels with scores, spans, masks);
+    * ``predict_step(model, batch, *, task, top_k, decode, **options) -> list[dict]``: the
+      whole inference for a batch when one forward pass is not enough (text generation);
+    * ``pair_tasks`` + ``score_pair(first, second) -> dict``: tasks whose inputs are pairs of
+      examples, scored from their two :meth:`describe` results (speaker verification).
     """
 
     needs_hidden_states: bool = False
+    tasks: tuple[str, ...] = ()
+    pair_tasks: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def forward(self, encoder_output: EncoderOutput, batch: dict[str, Any]) -> HeadOutput:
@@ -238,6 +293,14 @@ class Head(nn.Module, abc.ABC):
     def references(self, batch: dict[str, Any]) -> list[Any]:
         """The ground truth per example, written next to predictions by ``task: evaluate``."""
         return [None] * len(batch.get("ids", []))
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5,
+                 decode: Any = None) -> list[dict[str, Any]]:
+        """One JSON-ready dict per example for ``d2v predict`` (default: ``{"prediction": ...}``
+        from :meth:`predict`). ``top_k``: how many candidates to list where a head ranks them;
+        ``decode``: the processor's ``decode(token_ids) -> str`` when it has one, for heads that
+        predict tokens. A value that is a file (a segmentation mask) is a :class:`ResultFile`."""
+        return [{"prediction": value} for value in self.predict(output, batch)]
 
 
 class Target(nn.Module, abc.ABC):

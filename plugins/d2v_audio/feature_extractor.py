@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
+from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
 from d2v.layers import make_activation
 
 class ConvBlock(nn.Module):
@@ -82,6 +82,31 @@ class ConvFeatureExtractor(FeatureExtractor):
         for kernel, stride in zip(self.conv_kernel, self.conv_stride):
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
         return lengths
+
+    def receptive_field(self) -> int:
+        """Samples one frame sees: the shortest input that yields a frame."""
+        field, hop = 1, 1
+        for kernel, stride in zip(self.conv_kernel, self.conv_stride):
+            field, hop = field + (kernel - 1) * hop, hop * stride
+        return field
+
+    def example_inputs(self, batch_size: int = 2, length: int | None = None, *, seed: int = 0) -> ExampleInputs:
+        """Random waveforms, the first ``length`` samples long (default 16000), the others shorter
+        and zero-padded (as the processor pads), with Hugging Face's ``attention_mask``."""
+        length = int(length or 16000)
+        shortest = 2 * self.receptive_field()
+        if length < shortest:
+            raise SpecError(f"audio.conv: example inputs need at least {shortest} samples, got {length}.")
+        generator = torch.Generator().manual_seed(seed)
+        waveforms = torch.randn(batch_size, length, generator=generator)
+        attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+        for row in range(1, batch_size):
+            real = max(shortest, length - row * length // (2 * batch_size))
+            waveforms[row, real:] = 0.0
+            attention_mask[row, real:] = 0
+        axes = {0: "batch", 1: "samples"}
+        return ExampleInputs({"input_values": waveforms, "attention_mask": attention_mask},
+                             {"input_values": axes, "attention_mask": axes})
 
     def frame_padding_mask(self, padding_mask: Tensor, num_frames: int) -> Tensor:
         """The sample-rate ``padding_mask`` ``(B, S)`` brought to frame rate ``(B, num_frames)``.

@@ -212,6 +212,14 @@ class AudioModelConverter:
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         return _backbone_spec(config)
 
+    def processor_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The ``data.processor`` for this checkpoint (``d2v predict``): the rate and normalisation
+        of its ``preprocessor_config.json`` (``Wav2Vec2FeatureExtractor``), else 16 kHz, normalised."""
+        side = Path(config.get("_name_or_path") or ".") / "preprocessor_config.json"
+        settings = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        return {"name": "audio", "sample_rate": int(settings.get("sampling_rate", 16000)),
+                "normalize": bool(settings.get("do_normalize", True))}
+
     def head_config(self, head: nn.Module | None) -> dict[str, Any]:
         return {}
 

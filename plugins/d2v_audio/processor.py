@@ -129,24 +129,55 @@ class AudioProcessor:
             return False
         return True
 
+    # ------------------------------------------------------------------ user inputs
+    #: what ``d2v predict`` picks from a directory (anything libsndfile decodes)
+    file_suffixes = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au")
+
+    def examples_from(self, item: Any, *, task: str = "", fields: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One example for ``d2v predict`` / :func:`d2v.pipeline` (with ``fields`` added): a file (path), an array of
+        samples at ``sample_rate`` (``(samples,)`` or ``(samples, channels)``, as soundfile
+        returns), or ``{"array": ..., "sampling_rate": ...}`` (Hugging Face's form). Files are
+        only probed here; :meth:`read` decodes, mixes channels down and resamples any rate to
+        ``sample_rate``. ``length`` (samples at ``sample_rate``) sizes the batches."""
+        if isinstance(item, dict) and "array" in item:
+            array, rate = np.asarray(item["array"], dtype=np.float32), int(item.get("sampling_rate", self.sample_rate))
+        elif isinstance(item, np.ndarray) or torch.is_tensor(item):
+            array, rate = np.asarray(item, dtype=np.float32), self.sample_rate
+        else:
+            path = str(item)
+            try:
+                info = sf.info(path)
+            except (RuntimeError, OSError, ValueError, TypeError) as err:
+                raise SpecError(f"cannot read audio file '{path}': {err}") from None
+            length = int(info.frames) * self.sample_rate // max(int(info.samplerate), 1)
+            return [{**(fields or {}), "path": path, "length": length, "dataset": "the inputs"}]
+        return [{**(fields or {}), "array": array, "sampling_rate": rate, "length": array.shape[0] * self.sample_rate // rate}]
+
     # ------------------------------------------------------------------ loading
-    def read(self, example: dict[str, Any]) -> torch.Tensor:
-        """The example's audio as a float32 mono waveform at ``sample_rate`` (no crop, no
-        normalisation)."""
+    def _decode(self, example: dict[str, Any]) -> tuple[np.ndarray, int]:
+        """``(frames, channels)`` float32 samples and their rate, from the file or the array."""
+        if "array" in example:
+            data = np.asarray(example["array"], dtype=np.float32)
+            return (data[:, None] if data.ndim == 1 else data), int(example["sampling_rate"])
         path = example["path"]
         where = example.get("dataset") or "the dataset"
         try:
-            data, rate = sf.read(path, dtype="float32", always_2d=True)
+            return sf.read(path, dtype="float32", always_2d=True)
         except (RuntimeError, OSError, ValueError, TypeError) as err:
             raise SpecError(
                 f"cannot read audio file '{path}' (example '{example.get('id', '?')}' of {where}): "
                 f"{err}. Check that the file exists and is a valid audio file (FLAC, WAV, OGG, ...), "
                 f"or remove it from the dataset."
             ) from None
+
+    def read(self, example: dict[str, Any]) -> torch.Tensor:
+        """The example's audio as a float32 mono waveform at ``sample_rate`` (no crop, no
+        normalisation)."""
+        data, rate = self._decode(example)
         if data.shape[0] == 0:
             raise SpecError(
-                f"audio file '{path}' (example '{example.get('id', '?')}' of {where}) has no samples. "
-                f"Remove it from the dataset."
+                f"audio file '{example.get('path', '<array>')}' (example '{example.get('id', '?')}' of "
+                f"{example.get('dataset') or 'the dataset'}) has no samples. Remove it from the dataset."
             )
         mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float64).astype(np.float32)
         waveform = torch.from_numpy(np.ascontiguousarray(mono))

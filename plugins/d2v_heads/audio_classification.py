@@ -26,6 +26,7 @@ from d2v.interfaces import EncoderOutput, Head, HeadOutput
 from d2v_heads.classification_metrics import classification_summary, confusion_counts
 from d2v_heads.label_names import resolve_label_names
 from d2v_heads.layer_sum import head_input, make_layer_weights
+from d2v_heads.top_k import classification_results
 
 
 @hookimpl
@@ -51,6 +52,8 @@ class AudioClassificationHead(Head):
     ``num_labels`` or ``label_names``, ``classifier_proj_size`` (HF's default 256),
     ``use_weighted_layer_sum``.
     """
+
+    tasks = ("audio-classification",)
 
     def __init__(
         self,
@@ -96,6 +99,10 @@ class AudioClassificationHead(Head):
     # ------------------------------------------------------------------ evaluation
     def predict(self, output: HeadOutput, batch: dict[str, Any] | None = None) -> list[str]:
         return [self.label_names[i] for i in output.logits.argmax(-1).tolist()]
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per utterance: the best label, its softmax probability and the ``top_k`` labels."""
+        return classification_results(output.logits.float().softmax(-1), self.label_names, top_k)
 
     def references(self, batch: dict[str, Any]) -> list[Any]:
         labels = batch.get("labels")

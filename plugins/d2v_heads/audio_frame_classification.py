@@ -66,6 +66,8 @@ class AudioFrameClassificationHead(Head):
     segments :meth:`predict` writes; 0.02 = data2vec's 50 Hz).
     """
 
+    tasks = ("audio-frame-classification",)
+
     def __init__(
         self,
         *,
@@ -109,6 +111,8 @@ class AudioFrameClassificationHead(Head):
         labels = self.labels_for(logits, batch or {})
         loss = None if labels is None else self.frame_loss(logits, labels)
         extras = {} if labels is None else {"labels": labels}
+        if encoder_output.padding_mask is not None:  # which frames are real, for describe
+            extras["padding_mask"] = encoder_output.padding_mask
         return HeadOutput(logits=logits, loss=loss, extras=extras)
 
     def labels_for(self, logits: Tensor, batch: dict[str, Any]) -> Tensor | None:
@@ -152,6 +156,28 @@ class AudioFrameClassificationHead(Head):
             edges = torch.nonzero(padded.diff()).flatten().tolist()
             for start, end in zip(edges[::2], edges[1::2]):
                 out.append(f"{name} {start * self.frame_seconds:.2f}-{end * self.frame_seconds:.2f}")
+        return out
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per utterance (its real frames only): ``segments`` ``[{"label", "start", "end",
+        "score"}]`` in seconds, ``score`` the label's mean probability over the segment
+        (sigmoid for ``bce``, softmax for ``cross_entropy``), ordered by start."""
+        logits = output.logits.detach().float()
+        probs = torch.sigmoid(logits) if self.loss_name == "bce" else logits.softmax(-1)
+        active = self.active(logits)
+        padding = (output.extras or {}).get("padding_mask")
+        out = []
+        for b in range(logits.shape[0]):
+            frames = logits.shape[1] if padding is None else int((~padding[b].bool()).sum())
+            segments = []
+            for k, name in enumerate(self.label_names):
+                on = active[b, :frames, k].to(torch.int8).cpu()
+                edges = torch.nonzero(torch.cat([on.new_zeros(1), on, on.new_zeros(1)]).diff()).flatten().tolist()
+                for start, end in zip(edges[::2], edges[1::2]):
+                    segments.append({"label": name, "start": round(start * self.frame_seconds, 4),
+                                     "end": round(end * self.frame_seconds, 4),
+                                     "score": float(probs[b, start:end, k].mean())})
+            out.append({"segments": sorted(segments, key=lambda s: (s["start"], s["label"]))})
         return out
 
     def references(self, batch: dict[str, Any]) -> list[Any]:

@@ -46,6 +46,8 @@ class CausalLMHead(LanguageModelHead):
     """Parameters (keyword-only): ``input_dim`` and ``vocab_size`` (injected), ``layer_norm_eps``,
     ``activation``, ``tie_word_embeddings``."""
 
+    tasks = ("text-generation", "next-token")
+
     def __init__(
         self,
         *,
@@ -94,6 +96,48 @@ class CausalLMHead(LanguageModelHead):
         probs = output.logits.detach()[rows, last].float().softmax(-1)
         score, token = probs.max(-1)
         return [{"next_token_id": int(t), "score": float(s)} for t, s in zip(token.tolist(), score.tolist())]
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per example: the ``top_k`` next tokens after its last real token ``{"score",
+        "token_id", "token"}`` (``token`` needs ``decode``)."""
+        last = last_token_index(batch.get("padding_mask"), output.logits.shape[:2], output.logits.device)
+        rows = torch.arange(output.logits.shape[0], device=output.logits.device)
+        probs = output.logits.detach()[rows, last].float().softmax(-1)
+        out = []
+        for row in probs:
+            scores, ids = row.topk(min(int(top_k), self.vocab_size))
+            tokens = [{"score": s, "token_id": t, **({"token": decode([t])} if decode else {})}
+                      for s, t in zip(scores.tolist(), ids.tolist())]
+            out.append({"next_tokens": tokens})
+        return out
+
+    def predict_step(self, model: nn.Module, batch: dict[str, Any], *, task: str, top_k: int = 5,
+                     decode: Any = None, max_new_tokens: int = 20, strategy: str = "greedy",
+                     temperature: float = 1.0, top_p: float | None = None, seed: int | None = None) -> list[dict]:
+        """``text-generation``: continue each prompt with :func:`generate` (greedy, or sampling
+        from the ``top_k`` / ``top_p`` pool with ``seed``) until ``</s>`` or ``max_new_tokens``:
+        ``{"generated_text": prompt + continuation, "new_tokens": [...ids]}``. ``next-token``:
+        one forward pass and :meth:`describe`."""
+        if task != "text-generation":
+            return self.describe(model(batch).head_output, batch, top_k=top_k, decode=decode)
+        inputs, padding = batch["inputs"], batch.get("padding_mask")
+        attention = None if padding is None else ~padding.bool()
+        generator = None if seed is None else torch.Generator(device=inputs.device).manual_seed(int(seed))
+        sequences = generate(model, inputs, attention, max_new_tokens=int(max_new_tokens), strategy=strategy,
+                             top_k=top_k if strategy == "sample" else None, top_p=top_p, temperature=temperature,
+                             eos_token_id=batch.get("eos_token_id"), generator=generator)
+        out = []
+        for b in range(inputs.shape[0]):
+            prompt = inputs[b] if padding is None else inputs[b][~padding[b].bool()]
+            new = sequences[b, inputs.shape[1]:].tolist()
+            eos = batch.get("eos_token_id")
+            if eos is not None and eos in new:
+                new = new[: new.index(eos) + 1]
+            result: dict[str, Any] = {"new_tokens": new}
+            if decode is not None:
+                result = {"generated_text": decode(prompt.tolist() + new), **result}
+            out.append(result)
+        return out
 
     # ------------------------------------------------------------------ metrics
     def eval_counts(self, output: HeadOutput, batch: dict[str, Any]) -> dict[str, float]:

@@ -201,6 +201,9 @@ class CTCHead(Head):
     detached, before reduction).
     """
 
+    #: the ``d2v predict`` / ``d2v.pipeline`` task (Hugging Face's pipeline name)
+    tasks = ("automatic-speech-recognition",)
+
     def __init__(
         self,
         *,
@@ -383,6 +386,10 @@ class CTCHead(Head):
         """Decoded transcript per utterance (only its valid frames are decoded)."""
         lengths = (output.extras or {}).get("output_lengths")
         return [self.vocab.decode(ids) for ids in self.decode_ids(output.logits, lengths)]
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """``d2v predict``: the transcript per utterance, decoded with the head's ``decoder``."""
+        return [{"text": text} for text in self.predict(output, batch)]
 
     def references(self, batch: dict[str, Any]) -> list[str]:
         """``batch["text"]`` normalised as the vocabulary sees it (whitespace collapsed, case

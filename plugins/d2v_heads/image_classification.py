@@ -27,6 +27,7 @@ from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
 from d2v_heads.label_names import resolve_label_names
 from d2v_heads.classification_metrics import classification_summary, confusion_counts
+from d2v_heads.top_k import classification_results
 
 
 @hookimpl
@@ -39,6 +40,8 @@ def d2v_register(register):
 class ImageClassificationHead(Head):
     """Parameters: ``input_dim`` (injected), ``num_labels`` or ``label_names`` (class names, in id
     order), ``initializer_range`` (the classifier's init std; BEiT scales it down, 0.02 is HF's)."""
+
+    tasks = ("image-classification",)
 
     def __init__(self, *, input_dim: int, num_labels: int | None = None, label_names: list[str] | None = None,
                  initializer_range: float = 0.02):
@@ -76,6 +79,14 @@ class ImageClassificationHead(Head):
     def predict(self, output: HeadOutput, batch: dict[str, Any] | None = None) -> list[Any]:
         ids = output.logits.detach().argmax(-1).tolist()
         return [self.label_names[i] if self.label_names else i for i in ids]
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per image: the best label, its softmax probability and the ``top_k`` labels (with one
+        output, a regression: ``{"score": value}``)."""
+        logits = output.logits.detach().float()
+        if self.num_labels == 1:
+            return [{"score": value} for value in logits.squeeze(-1).tolist()]
+        return classification_results(logits.softmax(-1), self.label_names, top_k)
 
     def references(self, batch: dict[str, Any]) -> list[Any]:
         labels = batch.get("labels")

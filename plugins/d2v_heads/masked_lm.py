@@ -38,6 +38,8 @@ class MaskedLMHead(LanguageModelHead):
     ``activation``, ``tie_word_embeddings``, ``top_k`` (fill-mask candidates per position),
     ``mask_token_id`` (used when the batch does not carry one)."""
 
+    tasks = ("fill-mask",)
+
     def __init__(
         self,
         *,
@@ -92,6 +94,32 @@ class MaskedLMHead(LanguageModelHead):
                 scores, ids = probs[b, p].topk(k)
                 entries.append({"position": p, "token_ids": ids.tolist(), "scores": scores.tolist()})
             out.append(entries)
+        return out
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Fill-mask as Hugging Face's pipeline: per example, one list per ``<mask>`` (left to
+        right) of the ``top_k`` candidates ``{"score", "token_id", "token", "sequence"}``, where
+        ``sequence`` is the text with that mask filled (``token``/``sequence`` need ``decode``)."""
+        inputs: Tensor = batch["inputs"]
+        padding = batch.get("padding_mask")
+        mask_id = self._mask_id(batch)
+        probs = output.logits.detach().float().softmax(-1)
+        out = []
+        for b in range(inputs.shape[0]):
+            real = inputs[b] if padding is None else inputs[b][~padding[b].bool()]
+            masks = []
+            for position in (inputs[b] == mask_id).nonzero().flatten().tolist():
+                scores, ids = probs[b, position].topk(min(int(top_k), self.vocab_size))
+                candidates = []
+                for score, token in zip(scores.tolist(), ids.tolist()):
+                    candidate: dict[str, Any] = {"score": score, "token_id": token}
+                    if decode is not None:
+                        filled = real.clone()
+                        filled[position] = token
+                        candidate.update(token=decode([token]), sequence=decode(filled.tolist()))
+                    candidates.append(candidate)
+                masks.append(candidates)
+            out.append({"masks": masks})
         return out
 
     def references(self, batch: dict[str, Any]) -> list[Any]:

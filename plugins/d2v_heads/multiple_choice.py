@@ -38,6 +38,8 @@ class MultipleChoiceHead(Head):
     """Parameters (keyword-only): ``input_dim`` (injected), ``hidden_dropout_prob`` (HF's dropout
     before the classifier, 0.1)."""
 
+    tasks = ("multiple-choice",)
+
     def __init__(self, *, input_dim: int, hidden_dropout_prob: float = 0.1, initializer_range: float = 0.02) -> None:
         super().__init__()
         self.hidden_dropout_prob = float(hidden_dropout_prob)
@@ -84,6 +86,14 @@ class MultipleChoiceHead(Head):
     def predict(self, output: HeadOutput, batch: dict[str, Any] | None = None) -> list[int]:
         """The index of the best choice per example."""
         return output.logits.argmax(-1).tolist()
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per example: the best ``choice`` (index), its softmax probability and every choice's."""
+        out = []
+        for row in output.logits.detach().float().softmax(-1).cpu():
+            best = int(row.argmax())
+            out.append({"choice": best, "score": float(row[best]), "scores": row.tolist()})
+        return out
 
     def references(self, batch: dict[str, Any]) -> list[Any]:
         labels = batch.get("labels")

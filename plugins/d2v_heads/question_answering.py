@@ -66,11 +66,12 @@ def best_answer(
     ``offsets[i]`` is ``(char_start, char_end)`` for context tokens and ``None`` otherwise; logits
     past the end of ``offsets`` (padding) are dropped before the n best are chosen, so the answer
     does not depend on how much a batch was padded. Returns ``{"text", "score",
-    "null_score"}`` (``score`` ``None`` when no valid span exists).
+    "null_score", "span"}`` (``score`` ``None`` when no valid span exists; ``span``: the best span's
+    ``(window, start token, end token, start char, end char)``).
     """
-    best_text, best_score = "", None
+    best_text, best_score, best_span = "", None, None
     null_score = None
-    for start_logits, end_logits, offsets in windows:
+    for window, (start_logits, end_logits, offsets) in enumerate(windows):
         start_logits, end_logits = list(start_logits)[: len(offsets)], list(end_logits)[: len(offsets)]
         if start_logits:
             window_null = start_logits[0] + end_logits[0]
@@ -87,18 +88,21 @@ def best_answer(
                 if best_score is None or score > best_score:
                     best_score = score
                     best_text = context[offsets[s][0]: offsets[e][1]]
+                    best_span = (window, s, e, offsets[s][0], offsets[e][1])
     text = best_text
     if version_2_with_negative and (
         best_score is None or (null_score is not None and null_score - best_score > null_score_diff_threshold)
     ):
         text = ""
-    return {"text": text, "score": best_score, "null_score": null_score}
+    return {"text": text, "score": best_score, "null_score": null_score, "span": best_span}
 
 
 class QuestionAnsweringHead(Head):
     """Parameters (keyword-only): ``input_dim`` (injected), ``n_best_size`` (20),
     ``max_answer_length`` (30 tokens), ``version_2_with_negative`` (SQuAD v2.0 no-answer),
     ``null_score_diff_threshold`` (0.0)."""
+
+    tasks = ("question-answering",)
 
     def __init__(
         self,
@@ -161,6 +165,29 @@ class QuestionAnsweringHead(Head):
                                        version_2_with_negative=self.version_2_with_negative,
                                        null_score_diff_threshold=self.null_score_diff_threshold)["text"])
         return answers
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per question: the ``answer`` text, its character ``start``/``end`` in the context and
+        its ``score``, ``p(start) * p(end)`` with softmaxes over the context tokens of its window
+        (Hugging Face's QA pipeline score). A SQuAD v2.0 "no answer" is ``{"answer": ""}``."""
+        logits = output.logits.detach().float().cpu()
+        out = []
+        for _, rows in self._groups(batch, logits.shape[0]):
+            windows = [(logits[r, :, 0].tolist(), logits[r, :, 1].tolist(), batch["offsets"][r]) for r in rows]
+            best = best_answer(windows, batch["contexts"][rows[0]], n_best_size=self.n_best_size,
+                               max_answer_length=self.max_answer_length,
+                               version_2_with_negative=self.version_2_with_negative,
+                               null_score_diff_threshold=self.null_score_diff_threshold)
+            if best["span"] is None or (best["text"] == "" and self.version_2_with_negative):
+                out.append({"answer": ""})
+                continue
+            window, first, last, start, end = best["span"]
+            row, offsets = rows[window], batch["offsets"][rows[window]]
+            context = torch.tensor([o is not None for o in offsets] + [False] * (logits.shape[1] - len(offsets)))
+            p_start = logits[row, :, 0].masked_fill(~context, float("-inf")).softmax(-1)[first]
+            p_end = logits[row, :, 1].masked_fill(~context, float("-inf")).softmax(-1)[last]
+            out.append({"answer": best["text"], "start": start, "end": end, "score": float(p_start * p_end)})
+        return out
 
     def references(self, batch: dict[str, Any]) -> list[Any]:
         """The gold answer texts per question (an empty list for an unanswerable one)."""

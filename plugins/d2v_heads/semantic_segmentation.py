@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from d2v import hookimpl
 from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.interfaces import EncoderOutput, Head, HeadOutput, ResultFile
 from d2v_heads.label_names import resolve_label_names
 from d2v_heads.segmentation_metrics import segmentation_counts, segmentation_summary
 
@@ -45,14 +45,28 @@ class ConvLayer(nn.Sequential):
         self.activation = nn.ReLU()
 
 
+def adaptive_avg_pool_by_cells(x: Tensor, size: int) -> Tensor:
+    """``AdaptiveAvgPool2d(size)`` as one mean per output cell (PyTorch's cell bounds
+    ``floor(i*n/size)`` to ``ceil((i+1)*n/size)``): ONNX's pooling cannot express output sizes that
+    do not divide the input (a 7x7 map pooled to 2, 3 and 6 in every BEiT UperNet)."""
+    height, width = (int(side) for side in x.shape[-2:])
+    bounds = [[(i * n // size, -(-(i + 1) * n // size)) for i in range(size)] for n in (height, width)]
+    rows = [torch.stack([x[..., top:bottom, left:right].mean(dim=(-2, -1)) for left, right in bounds[1]], dim=-1)
+            for top, bottom in bounds[0]]
+    return torch.stack(rows, dim=-2)
+
+
 class PoolingBlock(nn.Module):
     def __init__(self, scale: int, in_channels: int, channels: int):
         super().__init__()
+        self.scale = int(scale)
         self.pooling = nn.AdaptiveAvgPool2d(scale)
         self.conv = ConvLayer(in_channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(self.conv(self.pooling(x)), size=x.shape[2:], mode="bilinear", align_corners=False)
+        exporting = torch.onnx.is_in_onnx_export()  # same numbers, ONNX-expressible ops
+        pooled = adaptive_avg_pool_by_cells(x, self.scale) if exporting else self.pooling(x)
+        return F.interpolate(self.conv(pooled), size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
 class PoolingModule(nn.Module):
@@ -113,6 +127,7 @@ class SemanticSegmentationHead(Head):
     ``auxiliary_concat_input``, ``semantic_loss_ignore_index``."""
 
     needs_hidden_states = True
+    tasks = ("image-segmentation",)
 
     def __init__(self, *, input_dim: int, num_labels: int | None = None, label_names: list[str] | None = None,
                  out_indices: Sequence[int] = (3, 5, 7, 11), pool_scales: Sequence[int] = (1, 2, 3, 6),
@@ -171,7 +186,7 @@ class SemanticSegmentationHead(Head):
         return [op(x) for op, x in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
 
     def forward(self, encoder_output: EncoderOutput, batch: dict[str, Any]) -> HeadOutput:
-        image_size = tuple(batch["inputs"].shape[-2:])
+        image_size = tuple(int(side) for side in batch["inputs"].shape[-2:])  # plain ints, also when traced
         maps = self.feature_maps(encoder_output, image_size)
         logits = self.decode_head(maps)
         auxiliary = self.auxiliary_head(maps) if self.auxiliary_head is not None else None
@@ -196,6 +211,23 @@ class SemanticSegmentationHead(Head):
         """One ``H x W`` class map (nested lists) per image, at the input size."""
         return [p.tolist() for p in self.upsampled_predictions(output, tuple(batch["inputs"].shape[-2:]))]
 
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per image: the class ``mask`` at the image's own size (``batch["original_sizes"]``, else
+        the input size) -- the argmax of the logits bilinearly upsampled to it, as Hugging Face's
+        ``post_process_semantic_segmentation`` -- as a PNG of class ids (8-bit, 16-bit past 256
+        classes; ``value``: the ``(H, W)`` array), and the ``labels`` it shows with the fraction
+        of pixels each covers, largest first."""
+        sizes = batch.get("original_sizes") or [tuple(batch["inputs"].shape[-2:])] * output.logits.shape[0]
+        names = self.label_names or list(range(self.num_labels))
+        out = []
+        for logits, size in zip(output.logits.detach().float(), sizes):
+            classes = self.upsampled_predictions(HeadOutput(logits=logits[None]), tuple(int(s) for s in size))[0].cpu()
+            counts = torch.bincount(classes.flatten(), minlength=self.num_labels).tolist()
+            shown = sorted((c for c in range(self.num_labels) if counts[c]), key=lambda c: -counts[c])
+            out.append({"labels": [{"label": names[c], "fraction": counts[c] / classes.numel()} for c in shown],
+                        "mask": mask_png(classes)})
+        return out
+
     def references(self, batch: dict[str, Any]) -> list[Any]:
         labels = batch.get("labels")
         return super().references(batch) if labels is None else [t.tolist() for t in torch.as_tensor(labels)]
@@ -210,3 +242,16 @@ class SemanticSegmentationHead(Head):
 
     def summarize(self, counts: dict[str, float]) -> dict[str, float]:
         return segmentation_summary(counts, self.num_labels)
+
+
+def mask_png(classes: Tensor) -> ResultFile:
+    """An ``(H, W)`` class-id map as a PNG: 8-bit grey for up to 256 classes, else 16-bit."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    array = classes.numpy().astype(np.uint8 if int(classes.max()) < 256 else np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return ResultFile(data=buffer.getvalue(), suffix=".png", value=array)

@@ -36,6 +36,7 @@ from d2v_heads.classification_metrics import (
     regression_counts,
     regression_summary,
 )
+from d2v_heads.top_k import classification_results, ranked
 
 
 @hookimpl
@@ -61,6 +62,8 @@ class TextClassificationHead(Head):
     """Parameters (keyword-only): ``input_dim`` (injected), ``num_labels`` or ``label_names``,
     ``problem_type`` (``None`` = infer as HF), ``classifier_dropout`` (HF falls back to
     ``hidden_dropout_prob``, 0.1)."""
+
+    tasks = ("text-classification",)
 
     def __init__(
         self,
@@ -139,6 +142,22 @@ class TextClassificationHead(Head):
         if problem == "multi_label_classification":
             return [[self._name(i) for i, on in enumerate(row) if on] for row in (logits > 0).tolist()]
         return [self._name(i) for i in logits.argmax(-1).tolist()]
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Single-label: the best label, its softmax probability and the ``top_k`` labels;
+        multi-label: the ``labels`` whose sigmoid exceeds 0.5 and the ``top_k`` by sigmoid (as
+        Hugging Face's ``function_to_apply``); regression: ``{"score": value}``."""
+        logits = output.logits.detach().float().cpu()
+        problem = self._problem_for_eval(batch)
+        if problem == "regression":
+            return [{"score": value} for value in (logits.squeeze(-1) if self.num_labels == 1 else logits).tolist()]
+        if problem == "multi_label_classification":
+            out = []
+            for row in logits.sigmoid():
+                top = ranked(row, self.label_names, top_k)
+                out.append({"labels": [self._name(i) for i, p in enumerate(row.tolist()) if p > 0.5], "top_k": top})
+            return out
+        return classification_results(logits.softmax(-1), self.label_names, top_k)
 
     def references(self, batch: dict[str, Any]) -> list[Any]:
         labels = batch.get("labels")

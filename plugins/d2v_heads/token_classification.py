@@ -25,7 +25,7 @@ from torch import nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.entities import entity_counts, entity_scores
+from d2v_heads.entities import entity_counts, entity_scores, get_entities
 from d2v_heads.lm_head import IGNORE_INDEX
 from d2v_heads.label_names import resolve_label_names
 
@@ -54,6 +54,8 @@ class TokenClassificationHead(Head):
     """Parameters (keyword-only): ``input_dim`` (injected), ``label_names`` (tag names; needed for the
     entity metrics) or ``num_labels``, ``classifier_dropout`` (HF's fallback
     ``hidden_dropout_prob``, 0.1), ``outside_label`` (the tag given to truncated words, ``O``)."""
+
+    tasks = ("token-classification",)
 
     def __init__(
         self,
@@ -120,6 +122,40 @@ class TokenClassificationHead(Head):
             out.append([self.names[i] for i in ids])
         return out
 
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per example: ``words`` ``[{"word", "entity", "score"}]`` (the tag of the word's first
+        sub-token and its softmax probability) and the ``entities`` those tags spell
+        ``[{"entity_group", "word", "start_word", "end_word", "score"}]`` (as Hugging Face's
+        ``aggregation_strategy="first"``; ``end_word`` exclusive, ``score`` the mean over its
+        words). With the texts in the batch, words and entities also get character ``start`` /
+        ``end`` offsets."""
+        probs = output.logits.detach().float().softmax(-1).cpu()
+        tags = self.predict(output, batch)
+        texts = batch.get("texts")
+        out = []
+        for row, (word_ids, row_tags) in enumerate(zip(self._word_ids(batch), tags)):
+            words = list(batch["words"][row]) if batch.get("words") is not None else [str(i) for i in range(len(row_tags))]
+            scores = [1.0] * len(words)  # words cut off by truncation: tagged outside, certain
+            seen: set[int] = set()
+            for token, word in enumerate(word_ids):
+                if word is not None and word not in seen and word < len(words):
+                    seen.add(word)
+                    scores[word] = float(probs[row, token].max())
+            spans = word_spans(texts[row], words) if texts is not None else None
+            described = []
+            for k, (word, tag, score) in enumerate(zip(words, row_tags, scores)):
+                described.append({"word": word, "entity": tag, "score": score, **(spans[k] if spans else {})})
+            entities = []
+            for kind, first, last in get_entities(row_tags):
+                entity = {"entity_group": kind, "word": " ".join(words[first:last + 1]), "start_word": first,
+                          "end_word": last + 1, "score": sum(scores[first:last + 1]) / (last + 1 - first)}
+                if spans:
+                    entity.update(start=spans[first]["start"], end=spans[last]["end"])
+                    entity["word"] = texts[row][entity["start"]:entity["end"]]
+                entities.append(entity)
+            out.append({"words": described, "entities": entities})
+        return out
+
     def references(self, batch: dict[str, Any]) -> list[Any]:
         """Per example, the gold tag per word (``word_labels``, else from ``labels`` on first sub-tokens)."""
         word_labels = batch.get("word_labels")
@@ -157,4 +193,15 @@ class TokenClassificationHead(Head):
         return out
 
 
-__all__ = ["TokenClassificationHead", "word_predictions"]
+def word_spans(text: str, words: Sequence[str]) -> list[dict[str, int]]:
+    """Character ``start``/``end`` of each word of ``text`` (words found left to right)."""
+    spans, cursor = [], 0
+    for word in words:
+        start = text.find(word, cursor)
+        start = cursor if start < 0 else start
+        spans.append({"start": start, "end": start + len(word)})
+        cursor = start + len(word)
+    return spans
+
+
+__all__ = ["TokenClassificationHead", "word_predictions", "word_spans"]

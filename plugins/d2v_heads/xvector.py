@@ -42,6 +42,7 @@ from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
 from d2v_heads.label_names import resolve_label_names
 from d2v_heads.layer_sum import head_input, make_layer_weights, valid_frames
+from d2v_heads.top_k import ranked
 from d2v_heads.verification_metrics import cosine_trial_scores, verification_summary
 
 
@@ -122,6 +123,9 @@ class XVectorHead(Head):
     ``amsoftmax_margin`` (HF fixes them at 30 and 0.4), ``trials`` (a trial list for
     evaluation), ``p_target`` (minDCF prior).
     """
+
+    tasks = ("speaker-embedding",)
+    pair_tasks = ("speaker-verification",)
 
     def __init__(
         self,
@@ -214,6 +218,22 @@ class XVectorHead(Head):
     def predict(self, output: HeadOutput, batch: dict[str, Any] | None = None) -> list[str]:
         """The closest training speaker per utterance (cosine to ``objective.weight``)."""
         return [self.label_names[i] for i in self.objective.cosine(output.logits).argmax(-1).tolist()]
+
+    def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
+        """Per utterance: its x-vector ``embedding`` (Hugging Face's ``embeddings``), the closest
+        training ``speaker`` and the ``top_k`` training speakers by cosine similarity."""
+        cosine = self.objective.cosine(output.logits.detach().float()).cpu()
+        out = []
+        for embedding, row in zip(output.extras["embeddings"].detach().float().cpu(), cosine):
+            top = ranked(row, self.label_names, top_k)
+            out.append({"embedding": embedding.tolist(), "speaker": top[0]["label"], "top_k": top})
+        return out
+
+    def score_pair(self, first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+        """Speaker verification: the cosine similarity of the two x-vectors (higher = more
+        likely the same speaker; the threshold is the operating point chosen on a trial list)."""
+        a, b = torch.tensor(first["embedding"]), torch.tensor(second["embedding"])
+        return {"score": float(nn.functional.cosine_similarity(a, b, dim=0))}
 
     def references(self, batch: dict[str, Any]) -> list[Any]:
         speakers = batch.get("speakers")

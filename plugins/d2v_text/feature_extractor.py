@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
+from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
 
 
 def position_ids_from_input_ids(input_ids: Tensor, padding_idx: int, past_length: int = 0) -> Tensor:
@@ -85,6 +85,25 @@ class TextEmbeddings(FeatureExtractor):
     def input_embeddings(self) -> nn.Embedding:
         """The word embedding table (an LM head ties its output layer to it)."""
         return self.word_embeddings
+
+    def example_inputs(self, batch_size: int = 2, length: int | None = None, *, seed: int = 0) -> ExampleInputs:
+        """Random token ids, the first row ``length`` tokens long (default 16), the others shorter
+        and padded with ``padding_idx`` on the right, with Hugging Face's ``attention_mask``."""
+        longest = self.max_position_embeddings - self.padding_idx - 1
+        length = int(length or min(16, longest))
+        if not 2 <= length <= longest:
+            raise SpecError(f"text.embeddings: example inputs must be 2..{longest} tokens long, got {length}.")
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, self.vocab_size - 1, (batch_size, length), generator=generator)
+        ids = ids + (ids >= self.padding_idx).long()  # any token but padding
+        attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+        for row in range(1, batch_size):
+            real = max(1, length - row * length // (2 * batch_size))
+            ids[row, real:] = self.padding_idx
+            attention_mask[row, real:] = 0
+        axes = {0: "batch", 1: "sequence"}
+        return ExampleInputs({"input_ids": ids, "attention_mask": attention_mask},
+                             {"input_ids": axes, "attention_mask": axes})
 
     def forward(
         self,

@@ -190,6 +190,11 @@ class TextModelConverter:
     def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    def processor_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The ``data.processor`` for this checkpoint (``d2v predict``): the tokenizer files beside it."""
+        return {"name": "text", "tokenizer": str(config.get("_name_or_path") or "."),
+                "max_length": int(full_config(config)["max_position_embeddings"]) - 2}
+
     # -- import ---------------------------------------------------------------------------
 
     def build(self, config: dict[str, Any]) -> TaskModel:

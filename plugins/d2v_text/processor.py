@@ -38,6 +38,14 @@ from d2v_text.tokenizer import Pieces, TextTokenizer, load_tokenizer, train_sent
 logger = logging.getLogger("d2v_text")
 
 TASKS = ("text", "classification", "token_classification", "question_answering", "multiple_choice")
+#: what a user's text becomes for each pipeline task (``Head.tasks``); any other task reads plain text
+PREDICT_TASKS = {"text-classification": "classification", "token-classification": "token_classification",
+                 "question-answering": "question_answering", "multiple-choice": "multiple_choice"}
+#: what each kind of example needs from the user
+PREDICT_FIELDS = {"question_answering": ("question", "context"), "multiple_choice": ("text", "choices"),
+                  "token_classification": ("words",)}
+#: pipeline tasks whose texts are prompts to continue (no closing ``</s>``)
+PROMPT_TASKS = ("text-generation", "next-token")
 LONG_TEXT = ("split", "truncate")
 IGNORE_INDEX = -100
 TRAIN_TOKENIZER_KEYS = ("corpus", "vocab_size", "out", "model_type")
@@ -199,6 +207,18 @@ class TextProcessor:
         record.write_text(json.dumps(settings, indent=2) + "\n")
         return load_tokenizer(out / "spm.model")
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **params: Any) -> "TextProcessor":
+        """The processor of a saved checkpoint: the tokenizer :meth:`save_pretrained` wrote beside
+        its weights replaces ``tokenizer`` / ``train_tokenizer`` (which may name files that are
+        gone, or a corpus to train on again); without one, the settings as given."""
+        try:
+            load_tokenizer(directory)
+        except SpecError:
+            return cls(**params)
+        params = {k: v for k, v in params.items() if k not in ("tokenizer", "train_tokenizer")}
+        return cls(tokenizer=str(directory), **params)
+
     @property
     def vocab_size(self) -> int:
         """The tokenizer's size: the runner checks the model embeds at least this many ids."""
@@ -234,24 +254,76 @@ class TextProcessor:
                 " or max_query_length" if "question" in what else "")
             self._next_report *= 2
 
+    # ------------------------------------------------------------------ user inputs
+    #: what ``d2v predict`` picks from a directory: one example per non-empty line
+    file_suffixes = (".txt",)
+
+    def examples_from(self, item: Any, *, task: str = "", fields: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Examples for ``d2v predict`` / :func:`d2v.pipeline`: a ``pathlib.Path`` is a text file
+        read as one example per non-empty line; a string is one text; a dict is an example
+        already (``{"question": ..., "context": ...}``, ``{"text": ..., "choices": [...]}``,
+        ``{"text": ..., "text_pair": ...}``). ``fields`` are added to every example (a question
+        asked of every text); ``task`` (the head's pipeline task) says what each text becomes
+        (:data:`PREDICT_TASKS`)."""
+        if isinstance(item, os.PathLike):
+            try:
+                lines = Path(item).read_bytes().decode("utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as err:
+                raise SpecError(f"cannot read text file '{item}': {err}") from None
+            return [dict(self._predict_example(line, task, fields), line=n)
+                    for n, line in enumerate(lines, start=1) if line.strip()]
+        return [self._predict_example(item, task, fields)]
+
+    def _predict_example(self, item: str | dict[str, Any], task: str, fields: dict[str, Any] | None) -> dict[str, Any]:
+        kind = PREDICT_TASKS.get(task, "text")
+        example = {**(fields or {}), **(dict(item) if isinstance(item, dict) else {"text": str(item)})}
+        if kind == "token_classification" and "words" not in example and isinstance(example.get("text"), str):
+            example["words"] = example["text"].split()
+        if kind == "question_answering" and "context" not in example:
+            example["context"] = example.pop("text", None)
+        needed = PREDICT_FIELDS.get(kind, ("text",))
+        missing = [key for key in needed if not example.get(key)]
+        if missing:
+            raise SpecError(f"{task or 'this task'} needs {' and '.join(needed)} for each input, but "
+                            f"{', '.join(missing)} is missing (d2v predict: --question, --choice; Python: a dict "
+                            f"such as {{{', '.join(repr(k) + ': ...' for k in needed)}}}).")
+        # estimated tokens (UTF-8 bytes / 4 + specials, as the datasets' lengths): batches of similar length
+        size = sum(len(v.encode("utf-8")) for v in example.values() if isinstance(v, str))
+        size += sum(len(str(c).encode("utf-8")) for c in example.get("choices") or [])
+        example.update(task=kind, predict=True, prompt=task in PROMPT_TASKS, length=size // 4 + 4)
+        return example
+
+    def decode(self, ids: Any) -> str:
+        """Token ids back to text (special tokens left out), for heads that predict tokens."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
     # ------------------------------------------------------------------ loading
     def load(self, example: dict[str, Any], *, train: bool, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Tokenize one example into ``rows`` (one per model input row); see the module docstring."""
         task = example.get("task") or _infer_task(example)
         if task not in TASKS:
             raise SpecError(f"text processor: example '{example.get('id', '?')}' has task {task!r}; known: {', '.join(TASKS)}.")
-        if self.masking is not None and task != "text":
+        if self.masking is not None and task != "text" and not example.get("predict"):
             raise SpecError(
                 f"text processor: masking applies to plain text (task 'text', e.g. the text_lines dataset), but "
                 f"example '{example.get('id', '?')}' is {task!r}. Remove data.processor.masking for this task."
             )
-        out = {"id": str(example.get("id", "")), "task": task}
+        out = {"id": str(example.get("id", "")), "task": task, "predict": bool(example.get("predict"))}
         out.update(getattr(self, f"_load_{task}")(example, rng))
+        if "text" in example and task == "token_classification":
+            out["text"] = example["text"]
         return out
 
     def _load_text(self, example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         pieces = self.tokenizer.pieces(example["text"])
         budget = self.max_length - 2
+        if example.get("prompt"):  # a generation prompt: <s> and its last tokens, no closing </s>
+            self._note_truncation(len(pieces.ids) - (budget + 1), f"prompt '{example.get('id', '?')}'")
+            ids = [self.tokenizer.bos_token_id, *pieces.ids[-(budget + 1):]]
+            return {"rows": [{"input_ids": np.asarray(ids, dtype=np.int64)}]}
+        if example.get("predict") and len(pieces.ids) > budget:  # one result per user text: truncate
+            self._note_truncation(len(pieces.ids) - budget, f"text '{example.get('id', '?')}'")
+            pieces = pieces.head(budget)
         if len(pieces.ids) <= budget:
             blocks = [pieces]
         elif self.long_text == "split":
@@ -260,7 +332,7 @@ class TextProcessor:
             self._note_truncation(len(pieces.ids) - budget, f"text '{example.get('id', '?')}'")
             blocks = [pieces.head(budget)]
         rows = [{"input_ids": np.asarray(self.tokenizer.assemble(b).ids, dtype=np.int64)} for b in blocks]
-        if self.masking is not None:
+        if self.masking is not None and not example.get("predict"):
             if rng is None:  # called outside the loader: a fixed generator per example
                 rng = np.random.default_rng(zlib.crc32(str(example.get("id", "")).encode()))
             for row in rows:
@@ -377,6 +449,10 @@ class TextProcessor:
         for i, row in enumerate(rows):
             padding_mask[i, len(row["input_ids"]):] = True
         batch: dict[str, Any] = {"inputs": inputs, "padding_mask": padding_mask}
+        if all(ex.get("predict") for ex in examples):  # what fill-mask and generation look for
+            batch.update(mask_token_id=self.mask_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if task == "token_classification" and all("text" in ex for ex in examples):
+            batch["texts"] = [ex["text"] for ex in examples]
         if task == "text":
             batch["ids"] = [ex["id"] if k == 0 else f"{ex['id']}#{k}" for ex in examples for k in range(len(ex["rows"]))]
             if "teacher_ids" in rows[0]:

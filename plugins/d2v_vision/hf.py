@@ -102,6 +102,27 @@ class VisionModelConverter:
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         return backbone_spec(config, add_pooling_layer=self.add_pooling_layer)
 
+    def processor_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The ``data.processor`` for this checkpoint (``d2v predict``): its
+        ``preprocessor_config.json`` (``BeitImageProcessor`` fields), else the model's image size
+        with BEiT's defaults."""
+        from pathlib import Path
+
+        from d2v_vision.processor import PIL_RESAMPLE
+
+        side = Path(config.get("_name_or_path") or ".") / "preprocessor_config.json"
+        settings = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        image_size = config.get("image_size", HF_DEFAULTS["image_size"])
+        spec: dict[str, Any] = {"name": "image", "augment": False, "size": settings.get("size", image_size),
+                                "crop_size": settings.get("crop_size", image_size)}
+        for key in ("do_resize", "do_center_crop", "rescale_factor", "image_mean", "image_std"):
+            if key in settings:
+                spec[key] = settings[key]
+        names = {number: name for name, number in PIL_RESAMPLE.items()}
+        if settings.get("resample") in names:
+            spec["resample"] = names[settings["resample"]]
+        return spec
+
     def head_config(self, head: nn.Module | None) -> dict[str, Any]:
         return {}
 

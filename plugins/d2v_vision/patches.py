@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
+from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
 
 
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -48,6 +48,15 @@ def input_grid(inputs: Tensor, num_channels: int, patch_size: int, component: st
         raise SpecError(f"image size {height}x{width} is not a multiple of patch_size {patch_size}; "
                         "resize or crop the images (processor 'image': size/crop_size).")
     return height // patch_size, width // patch_size
+
+
+def example_images(image_size: tuple[int, int], num_channels: int, batch_size: int, seed: int) -> ExampleInputs:
+    """Random ``pixel_values`` at ``image_size``: only the batch axis is dynamic, since the
+    positional schemes are resized per image size in Python, which a traced graph cannot
+    follow (export one graph per image size)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch_size, num_channels, *image_size, generator=generator)
+    return ExampleInputs({"pixel_values": pixels}, {"pixel_values": {0: "batch"}})
 
 
 class PatchEmbedding(FeatureExtractor):
@@ -82,6 +91,10 @@ class PatchEmbedding(FeatureExtractor):
         self.projection = nn.Conv2d(num_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         trunc_normal_(self.cls_token, std=initializer_range)
+
+    def example_inputs(self, batch_size: int = 2, length: int | None = None, *, seed: int = 0) -> ExampleInputs:
+        """Random images at ``image_size`` (``length`` is ignored: images are not padded)."""
+        return example_images(self.image_size, self.num_channels, batch_size, seed)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FeatureExtractorOutput:
         grid = input_grid(inputs, self.num_channels, self.patch_size, "vision.patches")

@@ -44,16 +44,21 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB: 16/32-bit grayscale scaled to 8 bits, alpha dropped, palettes expanded."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the top 8 bits of range
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def read_rgb(path: str | Path) -> Image.Image:
     """An RGB PIL image from any file Pillow reads, with the conversions users expect."""
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the top 8 bits of range
-                array = np.asarray(image, dtype=np.float64)
-                top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-                image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise SpecError(f"image file '{path}' does not exist.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
@@ -182,9 +187,21 @@ class ImageProcessor:
         return torch.stack([self.normalize(self.eval_transform(tvF.pil_to_tensor(im.convert("RGB")), None)[0])
                             for im in images])
 
+    #: what ``d2v predict`` picks from a directory
+    file_suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+    def examples_from(self, item: Any, *, task: str = "", fields: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One example for ``d2v predict`` / :func:`d2v.pipeline` (with ``fields`` added): an image
+        file (path) or a PIL image; :meth:`load` decodes and converts it (the file is not opened here)."""
+        if isinstance(item, Image.Image):
+            return [{**(fields or {}), "image": item}]
+        return [{**(fields or {}), "path": str(item)}]
+
     def load(self, example: dict[str, Any], *, train: bool = False,
              generator: torch.Generator | None = None) -> dict[str, Any]:
-        pixels = tvF.pil_to_tensor(read_rgb(example["path"]))
+        image = to_rgb(example["image"]) if "image" in example else read_rgb(example["path"])
+        pixels = tvF.pil_to_tensor(image)
+        original_size = tuple(pixels.shape[-2:])
         label = read_label_map(example["mask"]) if example.get("mask") else None
         if label is not None and label.shape != pixels.shape[-2:]:
             raise SpecError(f"segmentation map '{example['mask']}' is {tuple(label.shape)} but its image "
@@ -196,7 +213,8 @@ class ImageProcessor:
             pixels, label = self.train_transform(pixels, label, generator or torch.Generator().manual_seed(0))
         else:
             pixels, label = self.eval_transform(pixels, label)
-        out = {"id": example.get("id", str(example["path"])), "pixels": self.normalize(pixels), "train": bool(train)}
+        out = {"id": example.get("id", str(example.get("path", ""))), "pixels": self.normalize(pixels), "train": bool(train),
+               "original_size": original_size}
         if label is not None:
             out["label_map"] = label
         elif "label" in example:
@@ -209,6 +227,8 @@ class ImageProcessor:
             raise SpecError(f"image processor: a batch holds images of different sizes {sorted(sizes)}; set "
                             f"data.processor.size (and do_center_crop/crop_size) so every image is resized alike.")
         batch: dict[str, Any] = {"ids": [e["id"] for e in examples], "inputs": torch.stack([e["pixels"] for e in examples])}
+        if all("original_size" in e for e in examples):  # (height, width) before resizing: masks at the image's size
+            batch["original_sizes"] = [e["original_size"] for e in examples]
         if all("label_map" in e for e in examples):
             batch["labels"] = torch.stack([e["label_map"] for e in examples])
         elif all("label" in e for e in examples):

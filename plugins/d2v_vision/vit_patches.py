@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
-from d2v_vision.patches import input_grid, patch_geometry
+from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
+from d2v_vision.patches import example_images, input_grid, patch_geometry
 from d2v_vision.sincos import sincos_2d
 
 
@@ -69,6 +69,10 @@ class ViTPatchEmbedding(FeatureExtractor):
         if grid == self.grid_size:
             return self.positions
         return sincos_2d(self.dim, grid)[None].to(self.positions)
+
+    def example_inputs(self, batch_size: int = 2, length: int | None = None, *, seed: int = 0) -> ExampleInputs:
+        """Random images at ``image_size`` (``length`` is ignored: images are not padded)."""
+        return example_images(self.image_size, self.num_channels, batch_size, seed)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FeatureExtractorOutput:
         grid = input_grid(inputs, self.num_channels, self.patch_size, "vision.vit")
