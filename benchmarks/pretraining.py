@@ -38,6 +38,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEMOS = {
     "audio": {"1.0": "experiments/pretrain_audio_demo.yaml", "2.0": "experiments/pretrain2_audio_demo.yaml"},
     "vision": {"1.0": "experiments/pretrain_vision_demo.yaml", "2.0": "experiments/pretrain2_vision_demo.yaml"},
@@ -298,16 +299,11 @@ def markdown(rows: list[dict[str, Any]], device: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str, path: Path = ROOT / "docs" / "performance.md") -> None:
-    """Replace the block between the pretraining markers (added at the end the first time)."""
-    start, end = "<!-- pretraining:start -->", "<!-- pretraining:end -->"
-    text = path.read_text()
-    block = f"{start}\n{table}{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + f"\n\n## Pretraining: data2vec 1.0 vs 2.0\n\n{block}\n"
-    path.write_text(text)
+def write_docs(table: str, path: Path | None = None) -> None:
+    """Replace this benchmark's block of docs/performance.md (appended the first time)."""
+    from docs_blocks import DOC, replace_block
+
+    replace_block("pretraining", table, heading="## Pretraining: data2vec 1.0 vs 2.0", path=path or DOC)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

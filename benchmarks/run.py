@@ -11,7 +11,7 @@ so machine noise hits both, and the median is reported. A fine-tuning step is fo
 backward + ``torch.optim.AdamW`` step (the same optimizer for both). Peak memory is measured
 per case in a fresh process after the model and optimizer exist (Linux ``VmHWM`` reset through
 ``/proc/self/clear_refs``; ``max_memory_allocated`` on CUDA). One JSON line per case goes to
-stdout; ``--write-docs`` writes the table to ``docs/performance.md``. Ratios are d2v / HF:
+stdout; ``--write-docs`` puts the table into its own marked block of ``docs/performance.md``. Ratios are d2v / HF:
 above 1 is faster for speed, below 1 is smaller for memory.
 """
 
@@ -180,10 +180,10 @@ def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
+    flags = (f" --compile {args.compile}" if args.compile != "none" else "") + \
+        (" --gradient-checkpointing" if args.gradient_checkpointing else "")
     lines = [
-        "# Performance: d2v vs Hugging Face transformers",
-        "",
-        f"Measured with `python benchmarks/run.py --device {args.device} --size {args.size} --write-docs` on "
+        f"Measured with `python benchmarks/run.py --device {args.device} --size {args.size}{flags} --write-docs` on "
         f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}. Same weights, same padded "
         "batch, interleaved timings (median of "
         f"{args.repeats}). Speed ratio = d2v samples/s / HF samples/s (> 1: d2v faster); memory ratio = d2v peak / "
@@ -216,7 +216,7 @@ def main() -> None:
                         help="torch.compile: d2v's per-block trainer.compile, or that and torch.compile(HF model)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="activation checkpointing on both sides (memory for speed)")
-    parser.add_argument("--write-docs", action="store_true", help="write the table to docs/performance.md")
+    parser.add_argument("--write-docs", action="store_true", help="put the table into its block of docs/performance.md")
     parser.add_argument("--markdown-out", default=None, help="write the table to this file instead")
     parser.add_argument("--probe-memory", nargs=4, metavar=("CASE", "IMPL", "MODE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,10 +235,14 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     table = markdown(rows, args)
-    target = args.markdown_out or (ROOT / "docs" / "performance.md" if args.write_docs else None)
-    if target:
-        Path(target).write_text(table)
-        print(f"wrote {target}", file=sys.stderr)
+    if args.markdown_out:
+        Path(args.markdown_out).write_text(table)
+    if args.write_docs:  # one block per machine and setting; the rest of the page is kept
+        from docs_blocks import replace_block
+
+        name = f"step-{args.device.split(':')[0]}-{args.size}-compile-{args.compile}" + \
+            ("-checkpointing" if args.gradient_checkpointing else "")
+        replace_block(name, table, heading=f"## Fine-tuning step and inference: {args.device}, {args.size}")
 
 
 if __name__ == "__main__":

@@ -300,7 +300,8 @@ def make_loader(dataset: Any, processor: Any, loader: LoaderConfig, *, train: bo
         batch_sampler=sampler,
         collate_fn=Collate(processor.collate, transform, seed),
         num_workers=loader.num_workers,
-        persistent_workers=False,
+        persistent_workers=False,  # workers must see set_epoch (per-epoch augmentation and masks)
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
         generator=torch.Generator().manual_seed(seed),
     )
 

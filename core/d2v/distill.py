@@ -293,6 +293,8 @@ class EMASelfDistillation(nn.Module):
             "masked_frac": sample_size / max(positions, 1),
             **(extra_logs or {}),
         }
+        for key, value in stats.items():  # a target's own statistics (e.g. a classifier's accuracy)
+            logs.setdefault(key, value)
         if self.training:
             check_collapse(
                 int(self.num_updates), logs["target_std"], logs["pred_std"],

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, send_to_device, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object,
+                              send_to_device, set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -118,6 +119,7 @@ class Run:
             log_with=self.trainer.trackers or None,
             project_dir=str(self.output_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # see _set_find_unused_parameters
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned batches: copies overlap compute
         )
         self.is_main = self.accelerator.is_main_process
         self.resume_from: list[Path] | None = None
