@@ -98,7 +98,9 @@ class EncoderOutput(_Output):
 
 @dataclass
 class HeadOutput(_Output):
-    """What a head returns: ``logits`` always, ``loss`` when labels were given."""
+    """What a head returns: ``logits`` always, ``loss`` when labels were given, and ``extras``:
+    named tensors its ``predict``/``eval_counts``/``describe`` or the Hugging Face converters need
+    besides the logits (e.g. CTC's ``output_lengths``, an x-vector's ``embeddings``)."""
 
     logits: Tensor
     loss: Tensor | None = None
@@ -308,6 +310,11 @@ class Target(nn.Module, abc.ABC):
 
     The teacher's ``EncoderOutput`` (with ``layer_targets``) goes in; targets at the masked
     positions come out, so students never see the answer for what they could observe.
+
+    data2vec 2.0 (``objective: data2vec2``) also needs ``make_decoder(kind, input_dim, grid=...,
+    **options)`` (the student's decoder) and uses, when present, ``build(teacher_output,
+    skip_tokens) -> (B, T, D)`` (targets for every position, built once for all masked clones)
+    and ``reduction`` (``"sum"`` or ``"mean"`` of the per-token loss); see docs/writing-a-plugin.md.
     """
 
     @abc.abstractmethod
