@@ -31,6 +31,7 @@ DATA_SPLITS = ("train", "valid", "test")
 # Parameters the builder supplies itself; a spec may not need to set them.
 INJECTED = {
     "head": {"input_dim", "vocab_size", "num_layers"},
+    "target": {"input_dim", "vocab_size", "num_layers"},  # inside an objective: the encoder's, as for heads
     "objective": {"feature_extractor", "encoder"},
     "optimizer": {"model"},
     "schedule": {"optimizer", "total_steps"},

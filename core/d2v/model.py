@@ -97,14 +97,17 @@ def batch_context(component: nn.Module, batch: dict[str, Any]) -> dict[str, Any]
 # --------------------------------------------------------------------------- building
 
 
-def build_component(registry: Registry, kind: str, node: dict, path: str, **injected: Any) -> Any:
-    """Build a ``{name: ..., **params}`` node; params named after a kind are built first."""
+def build_component(registry: Registry, kind: str, node: dict, path: str, *,
+                    nested: dict[str, dict[str, Any]] | None = None, **injected: Any) -> Any:
+    """Build a ``{name: ..., **params}`` node; params named after a kind are built first (with
+    ``nested[kind]`` offered to them, as ``injected`` is to this one: only the parameters a
+    component takes)."""
     node = dict(node)
     name = node.pop("name")
     comp = registry.get(kind, name, where=path)
     for key, value in list(node.items()):
         if key in KINDS and isinstance(value, dict) and "name" in value:
-            node[key] = build_component(registry, key, value, f"{path}.{key}")
+            node[key] = build_component(registry, key, value, f"{path}.{key}", **(nested or {}).get(key, {}))
     accepted = comp.parameters()
     for key, value in injected.items():
         if key in accepted or comp.accepts_any_keyword():
@@ -118,7 +121,7 @@ def build_component(registry: Registry, kind: str, node: dict, path: str, **inje
 
 
 def head_injected(feature_extractor: nn.Module, encoder: Encoder) -> dict[str, Any]:
-    """What a head gets from the model without the spec naming it: the encoder's output width
+    """What a head (and an objective's target) gets from the model without the spec naming it: the encoder's output width
     (``output_dim`` when the encoder has one, e.g. after a width-changing adapter, else ``dim``),
     its number of layers (``num_layers``: a learned weighted sum over the ``num_layers + 1``
     hidden states), and the input vocabulary size of feature extractors that embed tokens (an
@@ -167,6 +170,7 @@ def build_model(model_spec: dict, registry: Registry, task: str) -> nn.Module:
     spec = resolve_model_section(model_spec, registry)
     feature_extractor, encoder = build_backbone(spec, registry)
     model = build_component(registry, "objective", spec["objective"], "model.objective",
+                            nested={"target": head_injected(feature_extractor, encoder)},
                             feature_extractor=feature_extractor, encoder=encoder)
     for prefix in spec.get("freeze") or []:
         freeze(model, prefix)

@@ -276,3 +276,42 @@ def test_inputs_corrupted_by_the_processor_are_refused():
     batch = waves()
     with pytest.raises(SpecError, match="remove data.processor.masking"):
         model({**batch, "corrupted_mask": torch.zeros(2, 10, dtype=torch.bool)})
+
+
+class _WidthAwareTarget(Data2VecTarget):
+    """A plugin target that sizes itself from the encoder (e.g. a classifier over clusters)."""
+
+    def __init__(self, *, input_dim: int, num_layers: int, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = (input_dim, num_layers)
+
+
+def test_an_objectives_target_is_given_the_encoder_width_like_a_head():
+    """``input_dim`` / ``num_layers`` are injected into a target that takes them (the spec need
+    not repeat the encoder's width), and ``d2v check`` does not ask for them."""
+    from types import SimpleNamespace
+
+    from d2v.config import spec_from_dict, validate
+    from d2v.hookspecs import hookimpl
+    from d2v.model import build_model
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def d2v_register(register):
+            register("target", "width_aware", _WidthAwareTarget)
+
+    plugins.register_plugin(SimpleNamespace(d2v_register=Plugin.d2v_register), "width-aware")
+    try:
+        model_spec = {"preset": "data2vec-audio-tiny",
+                      "objective": {"name": "data2vec2", "clone_batch": 2,
+                                    "target": {"name": "width_aware", "top_k": 2},
+                                    "masking": {"name": "inverse_block", "dims": 1, "mask_prob": 0.5,
+                                                "mask_length": 2}}}
+        validate(spec_from_dict({"task": "pretrain", "model": model_spec,
+                                 "data": {"processor": {"name": "audio"}, "train": {"name": "librispeech", "root": ".", "splits": ["x"]}},
+                                 "optim": {"name": "adam"}}))
+        model = build_model(model_spec, plugins.registry(), "pretrain")
+        assert model.target.seen == (model.encoder.dim, model.encoder.num_layers)
+    finally:
+        plugins.unregister_plugin("width-aware")
