@@ -144,7 +144,9 @@ class FeatureExtractor(nn.Module, abc.ABC):
         """Return features ``(B, T, D)`` and the padding mask at feature rate.
 
         ``inputs``: a padded batch of raw inputs (waveforms ``(B, S)``, token ids ``(B, S)``,
-        images ``(B, C, H, W)``); ``padding_mask``: ``(B, S)`` bool, True at padding.
+        images ``(B, C, H, W)``); ``padding_mask``: ``(B, S)`` bool, True at padding. Sequences
+        with channels put time on axis 1, ``(B, S, C)``: data2vec 2.0's mask sampler counts the
+        feature positions of a sequence from ``inputs.shape[1]`` (images use ``grid_size``).
         """
 
     def example_inputs(self, batch_size: int = 2, length: int | None = None, *, seed: int = 0) -> ExampleInputs:
