@@ -252,8 +252,6 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 def read_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     """Model weights from a d2v run checkpoint directory, a ``.safetensors`` file, a
     Hugging Face checkpoint directory or a fairseq ``.pt`` file (both converted to d2v names)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return _load_safetensors(path)

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
@@ -69,43 +68,12 @@ class ExportResult:
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """The model behind ``path``: a d2v checkpoint (``runs/x/final``), a run directory (its
-    ``final/``, else its newest step checkpoint) or a Hugging Face checkpoint directory."""
-    from d2v.convert import load_d2v_checkpoint
+    """The model behind ``path`` (:func:`d2v.pipeline.locate_model`: a d2v checkpoint, a run
+    directory or a Hugging Face checkpoint directory) and the processor settings it needs."""
+    from d2v.pipeline import locate_model
 
-    path = Path(path)
-    expected = ("Pass a d2v checkpoint directory (runs/<name>/final), a run directory (runs/<name>) or a Hugging "
-                "Face checkpoint directory (with config.json)")
-    if not path.exists():
-        raise SpecError(f"d2v export: MODEL '{path}' does not exist. {expected}.")
-    if not path.is_dir():
-        hint = " (a fairseq checkpoint: convert it first with d2v convert)" if path.suffix == ".pt" else ""
-        raise SpecError(f"d2v export: MODEL '{path}' is a file{hint}. {expected}.")
-    if (path / "config.json").is_file():
-        from d2v.hf import from_pretrained
-
-        preprocessor = path / "preprocessor_config.json"
-        processor = json.loads(preprocessor.read_text(encoding="utf-8")) if preprocessor.is_file() else None
-        return LoadedModel(from_pretrained(path).model, str(path), processor, path)
-    if (path / "spec.yaml").is_file() and (path / "model.safetensors").is_file():
-        return LoadedModel(load_d2v_checkpoint(path), str(path), _spec_processor(path / "spec.yaml"), path)
-    if (path / "final").is_dir():
-        return load_model(path / "final")
-    from d2v.runner.checkpoint import latest_checkpoint
-
-    step = latest_checkpoint(path)
-    if step is not None and (path / "spec.yaml").is_file():
-        model = load_d2v_checkpoint(step, spec_path=path / "spec.yaml")
-        return LoadedModel(model, str(step), _spec_processor(path / "spec.yaml"))  # side files are saved with final/
-    raise SpecError(f"d2v export: '{path}' holds no model: no config.json (Hugging Face), no spec.yaml with "
-                    f"model.safetensors (d2v checkpoint), no final/ and no complete checkpoints/step-*. {expected}.")
-
-
-def _spec_processor(spec_file: Path) -> dict[str, Any] | None:
-    """The run's ``data.processor`` settings (how raw inputs were prepared in training)."""
-    data = (yaml.safe_load(spec_file.read_text()) or {}).get("data") or {}
-    processor = data.get("processor")
-    return dict(processor) if isinstance(processor, dict) else None
+    found = locate_model(path, command="d2v export")
+    return LoadedModel(found.model, str(found.source), found.processor_node(), found.directory)
 
 
 # --------------------------------------------------------------------------- the traced graph

@@ -14,6 +14,7 @@ and the others go on, so one corrupt file never costs a whole run.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import os
 import sys
 from pathlib import Path
@@ -82,42 +83,70 @@ def _processor_by_export(model: nn.Module, checkpoint: Path) -> Any:
                     f"model; add a data.processor section (e.g. the one of the spec it was trained with).")
 
 
-def _spec_processor(spec: dict[str, Any], model: nn.Module, checkpoint: Path) -> Any:
-    node = (spec.get("data") or {}).get("processor")
-    return build_processor(node, checkpoint) if node else _processor_by_export(model, checkpoint)
+@dataclass
+class LocatedModel:
+    """A model found behind a path, and where it came from: a Hugging Face checkpoint
+    (``pretrained``), or a d2v checkpoint or run (``spec``: its ``spec.yaml``). ``directory``
+    holds the side files saved with the weights (tokenizer, preprocessor); ``None`` for a step
+    checkpoint, which holds weights only."""
+
+    model: nn.Module
+    source: Path
+    directory: Path | None
+    spec: dict[str, Any] | None = None
+    pretrained: Any = None
+
+    def processor_node(self) -> dict[str, Any] | None:
+        """The ``data.processor`` settings the model's inputs need (d2v's form for every source)."""
+        if self.pretrained is not None:
+            spec = getattr(self.pretrained.converter, "processor_spec", None)
+            return spec({**self.pretrained.config, "_name_or_path": str(self.source)}) if callable(spec) else None
+        node = (self.spec.get("data") or {}).get("processor")
+        return dict(node) if isinstance(node, dict) else None
 
 
-def load_model(source: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """``(model, processor)`` from a Hugging Face checkpoint directory, a d2v checkpoint
-    (``runs/<name>/final``) or a run directory (its ``final/``, else its newest checkpoint)."""
+def locate_model(source: str | os.PathLike, *, command: str = "d2v predict") -> LocatedModel:
+    """The model behind ``source``: a Hugging Face checkpoint directory, a d2v checkpoint
+    (``runs/<name>/final``) or a run directory (its ``final/``, else its newest checkpoint).
+    Shared by ``d2v predict`` / ``d2v.pipeline`` and ``d2v export``."""
     import yaml
 
-    from d2v import plugins
     from d2v.convert import load_d2v_checkpoint
     from d2v.hf import from_pretrained
-    from d2v.model import build_model, load_initial_weights
     from d2v.runner.checkpoint import latest_checkpoint
 
     path = Path(source).expanduser()
+    expected = ("Pass a run directory (runs/<name>), its final/ checkpoint or a Hugging Face checkpoint "
+                "directory (with config.json)")
+    if not path.exists():
+        raise SpecError(f"{command}: model '{source}' does not exist. {expected}.")
     if not path.is_dir():
-        raise SpecError(f"model '{source}' is not a directory: pass a run directory (runs/<name>), its final/ "
-                        f"checkpoint or a Hugging Face checkpoint directory (with config.json).")
+        hint = " (a fairseq checkpoint: convert it first with d2v convert)" if path.suffix == ".pt" else ""
+        raise SpecError(f"{command}: model '{source}' is a file{hint}. {expected}.")
     if (path / "config.json").is_file():
         pretrained = from_pretrained(path)
-        return pretrained.model, processor_from_converter(pretrained.converter, pretrained.config, path)
+        return LocatedModel(pretrained.model, path, path, pretrained=pretrained)
     if (path / "final" / "model.safetensors").is_file():
         path = path / "final"
     if (path / "spec.yaml").is_file() and (path / "model.safetensors").is_file():
-        model = load_d2v_checkpoint(path)
-        return model, _spec_processor(yaml.safe_load((path / "spec.yaml").read_text()) or {}, model, path)
+        spec = yaml.safe_load((path / "spec.yaml").read_text()) or {}
+        return LocatedModel(load_d2v_checkpoint(path), path, path, spec=spec)
     newest = latest_checkpoint(path)
     if newest is not None and (path / "spec.yaml").is_file():  # a run still going (or killed): its newest weights
         spec = yaml.safe_load((path / "spec.yaml").read_text()) or {}
-        model = build_model(spec["model"], plugins.registry(), spec.get("task", "finetune"))
-        load_initial_weights(model, newest, strict=True)
-        return model.eval(), _spec_processor(spec, model, path)
-    raise SpecError(f"'{path}' holds no model: expected a Hugging Face checkpoint (config.json), a d2v checkpoint "
-                    f"(spec.yaml + model.safetensors, e.g. runs/<name>/final) or a run directory with checkpoints.")
+        return LocatedModel(load_d2v_checkpoint(newest, spec_path=path / "spec.yaml"), newest, None, spec=spec)
+    raise SpecError(f"{command}: '{path}' holds no model: no config.json (Hugging Face), no spec.yaml with "
+                    f"model.safetensors (d2v checkpoint), no final/ and no complete checkpoints/step-*. {expected}.")
+
+
+def load_model(source: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(model, processor)`` behind ``source`` (see :func:`locate_model`)."""
+    found = locate_model(source)
+    if found.pretrained is not None:
+        return found.model, processor_from_converter(found.pretrained.converter, found.pretrained.config, found.source)
+    node = found.processor_node()
+    where = found.directory or found.source.parent.parent  # a step checkpoint: the run directory
+    return found.model, build_processor(node, where) if node else _processor_by_export(found.model, where)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -344,4 +373,4 @@ def pipeline(task: str | None = None, model: Any = None, *, processor: Any = Non
                     progress=progress, **options)
 
 
-__all__ = ["Pipeline", "build_processor", "head_tasks", "load_model", "pipeline"]
+__all__ = ["LocatedModel", "Pipeline", "build_processor", "head_tasks", "load_model", "locate_model", "pipeline"]
