@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ class ResultWriter:
         self.taken: set[str] = set()
 
     def file_name(self, record: dict[str, Any], key: str, suffix: str) -> Path:
-        stem = Path(str(record.get("input", "result")).split(":")[0]).stem or "result"
+        # a text's label is "<file>:<line>": only that line number is dropped (a --text or a path may hold ":")
+        stem = Path(re.sub(r":\d+$", "", str(record.get("input", "result")))).stem or "result"
         name, n = f"{stem}.{key}{suffix}", 1
         while name in self.taken:
             n += 1

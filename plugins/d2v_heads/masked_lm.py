@@ -79,22 +79,23 @@ class MaskedLMHead(LanguageModelHead):
                             "mask_token_id in the batch; otherwise set model.head.mask_token_id.")
         return int(mask_id)
 
+    def _mask_candidates(self, output: HeadOutput, batch: dict[str, Any], k: int) -> list[list[tuple]]:
+        """Per example, left to right, ``(position, scores, token_ids)`` of the ``k`` most probable
+        tokens at each ``<mask>``; the softmax runs at the masked positions only, not over the
+        whole ``(B, T, V)`` logits."""
+        where = batch["inputs"] == self._mask_id(batch)
+        rows, positions = where.nonzero(as_tuple=True)
+        scores, ids = output.logits.detach()[rows, positions].float().softmax(-1).topk(min(k, self.vocab_size))
+        out: list[list[tuple]] = [[] for _ in range(where.shape[0])]
+        for b, p, s, i in zip(rows.tolist(), positions.tolist(), scores.tolist(), ids.tolist()):
+            out[b].append((p, s, i))
+        return out
+
     def predict(self, output: HeadOutput, batch: dict[str, Any]) -> list[list[dict[str, Any]]]:
         """Per example, one entry per ``<mask>`` position: ``{"position", "token_ids", "scores"}``
         with the ``top_k`` most probable tokens (probabilities, best first), as HF's fill-mask."""
-        inputs: Tensor = batch["inputs"]
-        where = inputs == self._mask_id(batch)
-        probs = output.logits.detach().float().softmax(-1)
-        k = min(self.top_k, self.vocab_size)
-        out: list[list[dict[str, Any]]] = []
-        for b in range(inputs.shape[0]):
-            positions = where[b].nonzero().flatten().tolist()
-            entries = []
-            for p in positions:
-                scores, ids = probs[b, p].topk(k)
-                entries.append({"position": p, "token_ids": ids.tolist(), "scores": scores.tolist()})
-            out.append(entries)
-        return out
+        return [[{"position": p, "token_ids": ids, "scores": scores} for p, scores, ids in example]
+                for example in self._mask_candidates(output, batch, self.top_k)]
 
     def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
         """Fill-mask as Hugging Face's pipeline: per example, one list per ``<mask>`` (left to
@@ -102,16 +103,13 @@ class MaskedLMHead(LanguageModelHead):
         ``sequence`` is the text with that mask filled (``token``/``sequence`` need ``decode``)."""
         inputs: Tensor = batch["inputs"]
         padding = batch.get("padding_mask")
-        mask_id = self._mask_id(batch)
-        probs = output.logits.detach().float().softmax(-1)
         out = []
-        for b in range(inputs.shape[0]):
+        for b, example in enumerate(self._mask_candidates(output, batch, int(top_k))):
             real = inputs[b] if padding is None else inputs[b][~padding[b].bool()]
             masks = []
-            for position in (inputs[b] == mask_id).nonzero().flatten().tolist():
-                scores, ids = probs[b, position].topk(min(int(top_k), self.vocab_size))
+            for position, scores, ids in example:
                 candidates = []
-                for score, token in zip(scores.tolist(), ids.tolist()):
+                for score, token in zip(scores, ids):
                     candidate: dict[str, Any] = {"score": score, "token_id": token}
                     if decode is not None:
                         filled = real.clone()
