@@ -384,6 +384,7 @@ class Validator:
             value = node.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
                 self.error(f"trainer.{key}", f"must be >= {low}, got {value}.")
+        self.trackers(node.get("trackers"))
         compile_options = node.get("compile")
         if isinstance(compile_options, dict):
             for key in compile_options:
@@ -393,6 +394,22 @@ class Validator:
         output_dir = node.get("output_dir")
         if isinstance(output_dir, str) and Path(output_dir).exists() and not Path(output_dir).is_dir():
             self.error("trainer.output_dir", f"'{output_dir}' is a file; choose a directory path.")
+
+    def trackers(self, names: Any) -> None:
+        """Accelerate silently drops a tracker whose package is not installed (no event files,
+        no warning) and stops with a traceback on an unknown name: say which, and what to do."""
+        if not isinstance(names, list) or not names:
+            return
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+        installed = {str(t) for t in get_available_trackers()}
+        for name in (str(n) for n in names if str(n) != "all"):
+            if name not in LOGGER_TYPE_TO_CLASS:
+                self.error("trainer.trackers", f"unknown tracker '{name}'; Accelerate offers: all, "
+                                               f"{', '.join(LOGGER_TYPE_TO_CLASS)}.")
+            elif name not in installed:
+                self.error("trainer.trackers", f"'{name}' is not installed, so nothing would be logged to it; "
+                                               f"pip install {name} (or remove it from trainer.trackers).")
 
     def keys(self, node: dict, allowed: tuple[str, ...], path: str) -> None:
         for key in node:

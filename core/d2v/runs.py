@@ -109,9 +109,10 @@ class RunHistory:
 
     @property
     def status(self) -> str:
-        """``done`` (final weights written), ``preempted`` (stopped by a signal after saving:
-        resume it) or ``unfinished`` (still running, killed, or stopped by an error)."""
-        if (self.path / "final").is_dir():
+        """``done`` (final weights written, or an evaluation's ``<split>_metrics.json``),
+        ``preempted`` (stopped by a signal after saving: resume it) or ``unfinished`` (still
+        running, killed, or stopped by an error)."""
+        if (self.path / "final").is_dir() or any(self.path.glob("*_metrics.json")):
             return "done"
         last_event = self.events[-1].get("event") if self.events else None
         return "preempted" if last_event == "preempted" else "unfinished"
@@ -212,7 +213,6 @@ class RunTable:
 
 
 FIXED_COLUMNS = ("run", "spec", "task", "status", "steps")
-NUMERIC_FIXED = ("steps", "wall_time")
 
 
 def metric_columns(histories: list[RunHistory]) -> dict[str, tuple[str, str]]:

@@ -227,6 +227,8 @@ class LexiconBeamDecoder:
             self.lexicon = lm_lexicon(options.lm, vocab)
         else:
             self.lexicon = None
+        #: word index (flashlight's) -> spelling, listed once rather than per decoded utterance
+        self._spellings = None if self.lexicon is None else list(self.lexicon.values())
         self._decoder: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -282,8 +284,8 @@ class LexiconBeamDecoder:
         (its frame path may end inside a word the search had not finished); without one, the
         frame path collapsed (the path has one token per frame plus a word boundary before
         and after)."""
-        if self.lexicon is not None:
-            spellings = list(self.lexicon.values())
+        if self._spellings is not None:
+            spellings = self._spellings
             ids: list[int] = []
             for word in (w for w in result.words if 0 <= w < len(spellings)):
                 ids += ([self.vocab.word_delimiter_id] if ids else []) + spellings[word]

@@ -71,21 +71,6 @@ def resolve_precision(setting: str, cpu: bool) -> str:
     return "no"
 
 
-def check_trackers(names: list) -> None:
-    """Accelerate silently drops a tracker whose package is not installed (no event files, no
-    warning) and stops with a traceback on an unknown name: say which, and what to do."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    installed = {str(t) for t in get_available_trackers()}
-    for name in map(str, [names] if isinstance(names, str) else names or []):
-        if name != "all" and name not in LOGGER_TYPE_TO_CLASS:
-            raise SpecError(f"trainer.trackers: unknown tracker '{name}'; Accelerate offers: all, "
-                            f"{', '.join(LOGGER_TYPE_TO_CLASS)}.")
-        if name != "all" and name not in installed:
-            raise SpecError(f"trainer.trackers: '{name}' is not installed, so nothing would be logged to it; "
-                            f"pip install {name} (or remove it from trainer.trackers).")
-
-
 class MetricsLog:
     """Appends one JSON object per event to ``metrics.jsonl`` (main process only)."""
 
@@ -110,7 +95,6 @@ class Run:
         self.trainer = TrainerConfig(**(spec.get("trainer") or {}))
         self.loader_cfg = LoaderConfig(**((spec.get("data") or {}).get("loader") or {}))
         self.output_dir = Path(self.trainer.output_dir)
-        check_trackers(self.trainer.trackers)
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.trainer.mixed_precision, self.trainer.cpu),
             gradient_accumulation_steps=self.trainer.grad_accum,
