@@ -40,6 +40,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import sync  # noqa: E402
 DEMOS = {
     "audio": {"1.0": "experiments/pretrain_audio_demo.yaml", "2.0": "experiments/pretrain2_audio_demo.yaml"},
     "vision": {"1.0": "experiments/pretrain_vision_demo.yaml", "2.0": "experiments/pretrain2_vision_demo.yaml"},
@@ -57,11 +58,6 @@ def _in_repository():
         yield
     finally:
         os.chdir(cwd)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------- one objective, in process
@@ -220,9 +216,9 @@ def _run(spec: Path | str, overrides: list[str], log: Path) -> float:
 
 
 def _valid_metric(run_dir: Path, metric: str) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    valid = [r for r in records if r.get("split") == "valid" and metric in r]
-    return float(valid[-1][metric])
+    from d2v.runs import load_run
+
+    return float(load_run(run_dir).last("valid")[metric])
 
 
 def _finetune_spec(work: Path, preset: str, checkpoint: Path | None) -> Path:
@@ -236,14 +232,10 @@ def _finetune_spec(work: Path, preset: str, checkpoint: Path | None) -> Path:
 
 
 def _features(model, run, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-pooled last-layer features of a split (no augmentation) and its labels."""
-    from d2v.data import make_loader
-
-    loader = make_loader(run.datasets[split], run.processor, run.loader_cfg, train=False, seed=1,
-                         where=f"data.{split}")
+    """Mean-pooled last-layer features of a split (the runner's evaluation batches) and its labels."""
     features, labels = [], []
     with torch.no_grad():
-        for batch in loader:
+        for batch in run.eval_loader(split):
             encoded, _ = model.encode(batch)
             features.append(encoded.last_hidden_state.mean(dim=1).double())
             labels.append(batch["labels"])
