@@ -146,16 +146,17 @@ class AudioFrameClassificationHead(Head):
         """Per example: the predicted segments as ``label start-end`` (seconds), ``;``-separated."""
         rows = []
         for example in self.active(output.logits).cpu():
-            rows.append("; ".join(self._segments(example)))
+            rows.append("; ".join(f"{self.label_names[k]} {start * self.frame_seconds:.2f}-{end * self.frame_seconds:.2f}"
+                                  for k, start, end in self._segments(example)))
         return rows
 
-    def _segments(self, activity: Tensor) -> list[str]:
+    def _segments(self, activity: Tensor) -> list[tuple[int, int, int]]:
+        """``(label index, start frame, end frame)`` of each run of active frames ``(T, K)``."""
         out = []
-        for k, name in enumerate(self.label_names):
+        for k in range(len(self.label_names)):
             padded = torch.cat([torch.zeros(1, dtype=torch.int8), activity[:, k].to(torch.int8), torch.zeros(1, dtype=torch.int8)])
             edges = torch.nonzero(padded.diff()).flatten().tolist()
-            for start, end in zip(edges[::2], edges[1::2]):
-                out.append(f"{name} {start * self.frame_seconds:.2f}-{end * self.frame_seconds:.2f}")
+            out.extend((k, start, end) for start, end in zip(edges[::2], edges[1::2]))
         return out
 
     def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
@@ -163,20 +164,15 @@ class AudioFrameClassificationHead(Head):
         "score"}]`` in seconds, ``score`` the label's mean probability over the segment
         (sigmoid for ``bce``, softmax for ``cross_entropy``), ordered by start."""
         logits = output.logits.detach().float()
-        probs = torch.sigmoid(logits) if self.loss_name == "bce" else logits.softmax(-1)
-        active = self.active(logits)
+        probs = (torch.sigmoid(logits) if self.loss_name == "bce" else logits.softmax(-1)).cpu()
+        active = self.active(logits).cpu()  # one transfer, not one per utterance and label
         padding = (output.extras or {}).get("padding_mask")
         out = []
         for b in range(logits.shape[0]):
             frames = logits.shape[1] if padding is None else int((~padding[b].bool()).sum())
-            segments = []
-            for k, name in enumerate(self.label_names):
-                on = active[b, :frames, k].to(torch.int8).cpu()
-                edges = torch.nonzero(torch.cat([on.new_zeros(1), on, on.new_zeros(1)]).diff()).flatten().tolist()
-                for start, end in zip(edges[::2], edges[1::2]):
-                    segments.append({"label": name, "start": round(start * self.frame_seconds, 4),
-                                     "end": round(end * self.frame_seconds, 4),
-                                     "score": float(probs[b, start:end, k].mean())})
+            segments = [{"label": self.label_names[k], "start": round(start * self.frame_seconds, 4),
+                         "end": round(end * self.frame_seconds, 4), "score": float(probs[b, start:end, k].mean())}
+                        for k, start, end in self._segments(active[b, :frames])]
             out.append({"segments": sorted(segments, key=lambda s: (s["start"], s["label"]))})
         return out
 
