@@ -176,20 +176,6 @@ def input_name(item: Any, index: int) -> str:
     return f"input[{index}]"
 
 
-class _Examples:
-    """The examples read from the inputs, as a dataset (with ``lengths`` for batching)."""
-
-    def __init__(self, examples: list[dict[str, Any]]):
-        self.examples = examples
-        self.lengths = [int(example.get("length", 1)) for example in examples]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.examples[index]
-
-
 def _device(device: str | torch.device | None) -> torch.device:
     import torch
 
@@ -312,9 +298,9 @@ class Pipeline:
 
         from d2v.data import BucketBatchSampler, Collate, ProcessedDataset
 
-        dataset = _Examples(examples)
-        batches = list(BucketBatchSampler(dataset.lengths, batch_size=self.batch_size, shuffle=False))
-        loading = ProcessedDataset(dataset, self.processor, train=False, seed=0, on_bad_example="skip", where="inputs")
+        lengths = [int(example.get("length", 1)) for example in examples]
+        batches = list(BucketBatchSampler(lengths, batch_size=self.batch_size, shuffle=False))
+        loading = ProcessedDataset(examples, self.processor, train=False, seed=0, on_bad_example="skip", where="inputs")
         collate = Collate(self.processor.collate)
         bar = tqdm(batches, desc=f"d2v predict ({self.task})", unit="batch", file=sys.stderr,
                    disable=not self.progress or len(batches) < PROGRESS_MIN_BATCHES)

@@ -153,18 +153,19 @@ class QuestionAnsweringHead(Head):
             groups.setdefault(example, []).append(row)
         return list(groups.items())
 
-    def predict(self, output: HeadOutput, batch: dict[str, Any]) -> list[str]:
-        """One answer text per question (``""`` = no answer, SQuAD v2.0), in order of first window."""
-        logits = output.logits.detach().float()
+    def _best_answers(self, logits: Tensor, batch: dict[str, Any]):
+        """``(rows, best)`` per question: its windows' rows and :func:`best_answer` over them."""
         start, end = logits[..., 0].tolist(), logits[..., 1].tolist()
-        answers = []
         for _, rows in self._groups(batch, logits.shape[0]):
             windows = [(start[r], end[r], batch["offsets"][r]) for r in rows]
-            answers.append(best_answer(windows, batch["contexts"][rows[0]], n_best_size=self.n_best_size,
-                                       max_answer_length=self.max_answer_length,
-                                       version_2_with_negative=self.version_2_with_negative,
-                                       null_score_diff_threshold=self.null_score_diff_threshold)["text"])
-        return answers
+            yield rows, best_answer(windows, batch["contexts"][rows[0]], n_best_size=self.n_best_size,
+                                    max_answer_length=self.max_answer_length,
+                                    version_2_with_negative=self.version_2_with_negative,
+                                    null_score_diff_threshold=self.null_score_diff_threshold)
+
+    def predict(self, output: HeadOutput, batch: dict[str, Any]) -> list[str]:
+        """One answer text per question (``""`` = no answer, SQuAD v2.0), in order of first window."""
+        return [best["text"] for _, best in self._best_answers(output.logits.detach().float(), batch)]
 
     def describe(self, output: HeadOutput, batch: dict[str, Any], *, top_k: int = 5, decode: Any = None) -> list[dict]:
         """Per question: the ``answer`` text, its character ``start``/``end`` in the context and
@@ -172,12 +173,7 @@ class QuestionAnsweringHead(Head):
         (Hugging Face's QA pipeline score). A SQuAD v2.0 "no answer" is ``{"answer": ""}``."""
         logits = output.logits.detach().float().cpu()
         out = []
-        for _, rows in self._groups(batch, logits.shape[0]):
-            windows = [(logits[r, :, 0].tolist(), logits[r, :, 1].tolist(), batch["offsets"][r]) for r in rows]
-            best = best_answer(windows, batch["contexts"][rows[0]], n_best_size=self.n_best_size,
-                               max_answer_length=self.max_answer_length,
-                               version_2_with_negative=self.version_2_with_negative,
-                               null_score_diff_threshold=self.null_score_diff_threshold)
+        for rows, best in self._best_answers(logits, batch):
             if best["span"] is None or (best["text"] == "" and self.version_2_with_negative):
                 out.append({"answer": ""})
                 continue
