@@ -88,16 +88,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from d2v import plugins
-    from d2v.config import load_spec
-    from d2v.model import build_component
+    from d2v.model import spec_dataset
     from d2v.shards import make_shards
 
-    spec = load_spec(args.spec, args.overrides)
-    node = (spec.get("data") or {}).get(args.split)
-    if not isinstance(node, dict):
-        raise SpecError(f"{args.spec}: no data.{args.split} dataset to turn into shards.")
-    dataset = build_component(plugins.registry(), "dataset", node, f"data.{args.split}")
+    dataset = spec_dataset(args.spec, args.split, args.overrides, "to turn into shards")
     index = make_shards(dataset, args.out, max_count=args.max_count, source=f"{args.spec} data.{args.split}")
     print(f"wrote {index['num_examples']} examples in {len(index['shards'])} shards to {args.out}; use it as "
           f"data.{args.split}: {{name: shards, index: {args.out}}}")

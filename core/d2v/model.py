@@ -120,6 +120,18 @@ def build_component(registry: Registry, kind: str, node: dict, path: str, *,
         raise SpecError(f"{path}: building {kind} '{name}' failed: {exc}") from exc
 
 
+def spec_dataset(spec_path: str, split: str, overrides: list[str], purpose: str) -> Any:
+    """The dataset of a spec file's ``data.<split>`` (for commands that read a corpus a spec
+    names: ``d2v shards make``, ``d2v lm build``)."""
+    from d2v import plugins
+    from d2v.config import load_spec
+
+    node = (load_spec(spec_path, list(overrides)).get("data") or {}).get(split)
+    if not isinstance(node, dict):
+        raise SpecError(f"{spec_path}: no data.{split} dataset {purpose}.")
+    return build_component(plugins.registry(), "dataset", node, f"data.{split}")
+
+
 def head_injected(feature_extractor: nn.Module, encoder: Encoder) -> dict[str, Any]:
     """What a head (and an objective's target) gets from the model without the spec naming it: the encoder's output width
     (``output_dim`` when the encoder has one, e.g. after a width-changing adapter, else ``dim``),

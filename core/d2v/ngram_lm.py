@@ -230,15 +230,9 @@ def read_sentences(sources: Sequence[str], *, split: str = "train",
 
 
 def _spec_transcripts(path: str, split: str, overrides: Sequence[str]) -> Iterator[str]:
-    from d2v import plugins
-    from d2v.config import load_spec
-    from d2v.model import build_component
+    from d2v.model import spec_dataset
 
-    spec = load_spec(path, list(overrides))
-    node = (spec.get("data") or {}).get(split)
-    if not isinstance(node, dict):
-        raise SpecError(f"{path}: no data.{split} dataset to read transcripts from.")
-    dataset = build_component(plugins.registry(), "dataset", node, f"data.{split}")
+    dataset = spec_dataset(path, split, list(overrides), "to read transcripts from")
     light = getattr(dataset, "light_example", dataset.__getitem__)
     found = 0
     for index in range(len(dataset)):
