@@ -59,13 +59,12 @@ def adaptive_avg_pool_by_cells(x: Tensor, size: int) -> Tensor:
 class PoolingBlock(nn.Module):
     def __init__(self, scale: int, in_channels: int, channels: int):
         super().__init__()
-        self.scale = int(scale)
-        self.pooling = nn.AdaptiveAvgPool2d(scale)
+        self.pooling = nn.AdaptiveAvgPool2d(int(scale))
         self.conv = ConvLayer(in_channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         exporting = torch.onnx.is_in_onnx_export()  # same numbers, ONNX-expressible ops
-        pooled = adaptive_avg_pool_by_cells(x, self.scale) if exporting else self.pooling(x)
+        pooled = adaptive_avg_pool_by_cells(x, self.pooling.output_size) if exporting else self.pooling(x)
         return F.interpolate(self.conv(pooled), size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
