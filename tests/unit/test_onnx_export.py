@@ -175,6 +175,8 @@ def test_hugging_face_directory_exports_with_its_vocabulary(tmp_path):
     assert "vocab.json" in result.copied
     sidecar = json.loads(result.sidecar.read_text())
     assert sidecar["labels"] == model.head.vocab.tokens and sidecar["source"] == str(tmp_path / "hf")
+    # the processor in d2v's form, as for a d2v checkpoint (the preprocessor_config.json's rate and normalisation)
+    assert sidecar["processor"]["name"] == "audio" and sidecar["processor"]["sample_rate"] == 16000
     assert_matches(model, result.path, "input_values", [padded_batch(4, (3000, 1200))])
 
 
