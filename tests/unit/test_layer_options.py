@@ -106,3 +106,29 @@ def test_an_encoder_without_a_layer_list_is_a_clear_error():
     model.layers = None
     with pytest.raises(SpecError, match="self.layers"):
         apply_layer_options(model, gradient_checkpointing=True)
+
+
+def test_a_spec_turns_checkpointing_on_and_training_is_unchanged(tmp_path, monkeypatch, capsys):
+    """``trainer.gradient_checkpointing: true`` from a spec: the runner says so and the logged
+    training losses equal the run without it (dropout replayed exactly)."""
+    import json
+    from pathlib import Path
+
+    from d2v.config import load_spec
+    from d2v.runner import run
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    losses = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        run(load_spec(root / "experiments" / "asr_demo.yaml",
+                      [f"trainer.output_dir={out}", "trainer.max_steps=3", "trainer.log_every=1",
+                       "trainer.eval_every=0", "trainer.eval_before_training=false", "trainer.progress_bar=false",
+                       "data.train.max_examples=16", "data.valid.max_examples=4", "data.loader.max_batch_seconds=8",
+                       f"trainer.gradient_checkpointing={flag}"]))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[flag] = [r["loss"] for r in records if r.get("split") == "train"]
+        assert ("activation checkpointing in 2 Transformer blocks" in capsys.readouterr().out) == (flag == "true")
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
