@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -253,3 +254,36 @@ def test_an_init_checkpoint_that_mostly_mismatches_needs_an_opt_in(tmp_path, sin
     assert main(["run", str(ASR), *wrong, f"trainer.output_dir={tmp_path / 'a'}"]) == 2
     assert "fits the model badly" in capsys.readouterr().err
     assert main(["run", str(ASR), *wrong, "model.init.allow_mismatch=true", f"trainer.output_dir={tmp_path / 'b'}"]) == 0
+
+
+_LOCK_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from d2v.runner.guards import RunLock
+RunLock(Path(sys.argv[1])).acquire()
+if os.fork() == 0:  # a data-loader worker: outlives its parent for a while
+    time.sleep(30)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_run_lock_dies_with_its_process_even_while_forked_workers_live(tmp_path):
+    """kill -9 of a trainer whose forked data-loader workers are still alive: the directory is
+    free at once, so `--resume` right after a crash is not refused by a dead pid."""
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SpecError, match="in use by pid"):
+            RunLock(tmp_path).acquire()
+        holder.kill()
+        holder.wait()
+        RunLock(tmp_path).acquire().release()  # the orphaned worker still sleeps, holding nothing
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)

@@ -10,7 +10,8 @@
   (``data.on_bad_example: skip``) are named in ``skipped.tsv``; a run whose batches are all
   left out stops instead of spinning.
 * :class:`RunLock` -- an exclusive ``flock`` on ``<output_dir>/.lock`` so two jobs never write
-  into one run directory; the kernel drops it when the process dies, however it dies.
+  into one run directory; the kernel drops it when the process dies, however it dies, and
+  forked children (data-loader workers) do not keep it alive after their parent is gone.
 """
 
 from __future__ import annotations
@@ -140,8 +141,31 @@ class EmptyBatches:
                             f"'{name}': {reason}); check the data and data.processor.")
 
 
+#: lock files held by this process, closed in every forked child (see :class:`RunLock`)
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunLock:
-    """Exclusive lock on a run directory for as long as the run lives."""
+    """Exclusive lock on a run directory for as long as the run lives.
+
+    An ``flock`` belongs to the open file, and a forked child (a data-loader worker) shares the
+    parent's open files: after a SIGKILL of the trainer its orphaned workers would hold the lock
+    until they noticed and exited, and ``--resume`` at once would be refused. Every forked child
+    therefore closes its copy of the lock file first thing, so the lock dies with the process that
+    took it. (Children started with ``exec`` never get it: Python opens files non-inheritable.)"""
 
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / ".lock"
@@ -162,10 +186,12 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
