@@ -21,9 +21,13 @@
 * **decay** rises linearly ``ema_decay -> ema_end_decay`` over ``ema_anneal_end_step`` updates
   (:func:`d2v.ema.annealed_decay`); the runner calls :meth:`after_optimizer_step` after every
   update.
-* **loss**: the target's loss (``reduction="sum"``) divided by the number of masked tokens,
-  i.e. fairseq's per-update objective (fairseq divides the summed loss's gradient by
-  ``sample_size``); ``reduction="mean"`` targets are used as they are.
+* **masks**: drawn in the data-loader workers (:meth:`SelfDistillation.make_batch_transform`),
+  seeded by the batch's example ids, so they do not depend on the process or worker count.
+* **loss**: the target's loss (``reduction="sum"``) divided by the number of masked tokens
+  (``reduction="mean"`` targets are used as they are), with that number as ``sample_size``.
+  The runner backpropagates ``loss * sample_size`` and divides the update's gradient by the
+  total sample size of all its micro-batches on all processes: fairseq's per-update objective
+  (its trainer divides the summed loss's gradient by the summed ``sample_size``).
 * **collapse guard**: after ``collapse_check_after`` updates, a target std below
   ``min_target_std`` or a prediction std below ``min_pred_std`` raises
   :class:`TrainingCollapse` (fairseq's check, same defaults).
@@ -66,8 +70,10 @@ TARGET_FEATURES = ("ffn", "end")
 class PretrainOutput(_Output):
     """What a pretraining objective returns.
 
-    loss: the scalar to backpropagate (per masked token, see the module docstring).
-    sample_size: how many positions were regressed (masked tokens, all clones).
+    loss: the loss per masked token (see the module docstring).
+    sample_size: how many positions were regressed (masked tokens, all clones); the runner
+        weighs ``loss`` by it, so an update's gradient is its summed loss over its total
+        sample size (``0``: a per-batch loss, every micro-batch weighted alike).
     logs: numbers worth logging: ``loss``, ``target_std``, ``pred_std``, ``ema_decay``,
         ``masked_frac``, and objective-specific extras; floats or 0-d tensors (left on the
         device so the step needs no host sync; the runner reads them once per logging window).
@@ -359,6 +365,33 @@ class SelfDistillation(EMASelfDistillation):
         self.teacher = make_teacher(feature_extractor, encoder, ema_scope, copy_keys)
 
     # ------------------------------------------------------------------ masking
+    def make_batch_transform(self) -> Any:
+        """Masks drawn in the data-loader workers, seeded by the batch's example ids (as data2vec
+        2.0's are): a batch gets the same mask whichever process, worker or position in the run
+        it lands at, so a run on N processes equals one process accumulating the same batches, and
+        a resumed run draws the masks it would have drawn. ``None`` when the processor masks
+        (text) or there is no masking component."""
+        if self.masking is None:
+            return None
+        from d2v.distill2 import Data2Vec2Masks, frame_lengths_fn  # data2vec 2.0 builds on this module
+
+        return Data2Vec2Masks(self.masking, 1, frame_lengths_fn(self.feature_extractor),
+                              getattr(self.feature_extractor, "grid_size", None))
+
+    def _precomputed_mask(self, masks: Tensor, batch_size: int, length: int) -> Tensor:
+        """``(B, T)`` from the loader's ``(B, 1, T - extra)`` masks, leading extra tokens kept."""
+        extra = int(getattr(self.feature_extractor, "num_extra_tokens", 0) or 0)
+        if tuple(masks.shape) != (batch_size, 1, length - extra):
+            raise SpecError(
+                f"data2vec: the batch's precomputed_mask has shape {tuple(masks.shape)} but the features need "
+                f"({batch_size}, 1, {length - extra}); the feature extractor's frame_lengths_fn() does not match "
+                "the lengths its forward produces."
+            )
+        mask = masks[:, 0].bool()
+        if extra:
+            mask = torch.cat([mask.new_zeros(batch_size, extra), mask], dim=1)
+        return mask
+
     def compute_mask(self, batch_size: int, length: int, padding_mask: Tensor | None, device: torch.device) -> Tensor:
         """``(B, T)`` mask from the masking component; leading extra tokens (e.g. CLS) and
         padding are never masked."""
@@ -384,6 +417,8 @@ class SelfDistillation(EMASelfDistillation):
         # then the student regresses those positions and the encoder does not mask again
         corrupted = batch.get("corrupted_mask")
         mask = corrupted if corrupted is not None else batch.get("mask")
+        if mask is None and batch.get("precomputed_mask") is not None:
+            mask = self._precomputed_mask(batch["precomputed_mask"], B, T).to(features.device)
         if mask is None:
             mask = self.compute_mask(B, T, padding_mask, features.device)
         mask = mask.bool()

@@ -39,7 +39,6 @@ conv stacks with ``conv_kernel``/``conv_stride`` get one automatically).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -251,7 +250,6 @@ class Data2Vec2(EMASelfDistillation):
         self.mask_noise_std = float(mask_noise_std)
         self.encoder_zero_mask = bool(encoder_zero_mask)
         self.cls_loss = float(cls_loss)
-        self._warned_mask_shape = False
 
     # ------------------------------------------------------------------ runner hooks
     def make_batch_transform(self) -> Data2Vec2Masks:
@@ -264,15 +262,12 @@ class Data2Vec2(EMASelfDistillation):
         """``(B*M, T)`` masks: the precomputed ones, or drawn now."""
         masks = batch.get("precomputed_mask")
         expected = (batch_size, self.clone_batch, length)
-        if masks is not None and tuple(masks.shape) != expected:
-            if not self._warned_mask_shape:
-                warnings.warn(
-                    f"data2vec2: precomputed_mask has shape {tuple(masks.shape)}, expected {expected}; masking in "
-                    "forward instead (does the feature extractor's frame_lengths_fn match its output?)",
-                    stacklevel=3,
-                )
-                self._warned_mask_shape = True
-            masks = None
+        if masks is not None and tuple(masks.shape) != expected:  # training on other masks would hide the bug
+            raise SpecError(
+                f"data2vec2: the batch's precomputed_mask has shape {tuple(masks.shape)} but the features need "
+                f"{expected} (batch, clone_batch, frames); the feature extractor's frame_lengths_fn() does not "
+                "match the lengths its forward produces."
+            )
         if masks is None:
             rows_pad = None if padding_mask is None else padding_mask.repeat_interleave(self.clone_batch, 0)
             masks = sample_masks(self.masking, batch_size * self.clone_batch, length, rows_pad,

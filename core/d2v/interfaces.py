@@ -170,9 +170,10 @@ class Encoder(nn.Module, abc.ABC):
       post-LN layer norm) -- data2vec's target for speech, text and data2vec 2.0;
     * ``"end"``: the block's output (after the residual) -- data2vec 1.0 vision.
 
-    The Transformer blocks live in ``self.layers`` (an ``nn.ModuleList``) and are called through
-    :func:`d2v.layers.run_layer`: that is what ``trainer.gradient_checkpointing`` (recompute a
-    block's activations in backward) and ``trainer.compile`` (``torch.compile`` each block) act on.
+    The Transformer blocks are named by :meth:`transformer_blocks` (default: ``self.layers``, an
+    ``nn.ModuleList``) and called through :func:`d2v.layers.run_layer`: that is what
+    ``trainer.gradient_checkpointing`` (recompute a block's activations in backward),
+    ``trainer.compile`` (``torch.compile`` each block) and FSDP (one shard unit per block) act on.
     """
 
     dim: int
@@ -183,6 +184,19 @@ class Encoder(nn.Module, abc.ABC):
     #: decoders: ``encoder_hidden_states``, ``encoder_attention_mask``, ``past_key_values``,
     #: ``use_cache``); ``forward`` hands them to :meth:`contextualize`.
     batch_keys: tuple[str, ...] = ()
+
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The Transformer blocks, in order: the one place the runner learns them from, for
+        activation checkpointing, ``torch.compile`` and FSDP's per-block shard units alike. The
+        default is ``self.layers``; an encoder that keeps its blocks elsewhere overrides this."""
+        layers = getattr(self, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise SpecError(
+                f"{type(self).__name__} has no Transformer blocks d2v can find: trainer.gradient_checkpointing, "
+                "trainer.compile and FSDP act on the blocks in 'self.layers' (an nn.ModuleList) or those its "
+                "transformer_blocks() returns; turn the option off or give the encoder one (docs/writing-a-plugin.md)."
+            )
+        return layers
 
     @abc.abstractmethod
     def embed(self, features: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:

@@ -122,11 +122,14 @@ class Registry:
         return sorted(name for k, name in self._components if k == kind)
 
     def get(self, kind: str, name: str, *, where: str = "") -> Component:
+        at = f"{where}: " if where else ""
+        if not isinstance(name, str):
+            raise SpecError(f"{at}a {kind} is named by a string, got {type(name).__name__} {name!r}. "
+                            f"Available {kind} components: {', '.join(self.names(kind)) or 'none'}.")
         try:
             return self._components[(kind, name)]
         except KeyError:
             available = self.names(kind)
-            at = f"{where}: " if where else ""
             listing = ", ".join(available) if available else "none (is the plugin that provides it installed?)"
             raise SpecError(
                 f"{at}unknown {kind} '{name}'{did_you_mean(name, available)} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,64 @@ def test_pretraining_benchmark_times_both_objectives_and_writes_its_block(tmp_pa
     text = doc.read_text()
     assert text.count("## Pretraining: data2vec 1.0 vs 2.0") == 1 and "other sections" in text
     assert "| vision | data2vec 2.0 |" in text
+
+
+def _table_rows(stdout: str) -> dict[str, dict[str, str]]:
+    """The Markdown table's rows by spec and compile setting, as {column: cell}."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+    return {f"{row['spec']}/{row['compile']}": row for row in rows}
+
+
+def test_gpu_check_runs_a_fine_tune_with_predict_and_export_and_a_pretraining_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py end to end at 2 updates per run (the GPU session runs it for real)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--steps", "2",
+           "--compile", "none", "--only", "asr_demo,pretrain2_text_demo", "--out", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = _table_rows(result.stdout)
+    assert list(rows) == ["asr_demo/off", "pretrain2_text_demo/off"]
+    for row in rows.values():
+        assert row["status"] == "ok" and row["updates"] == "2"
+        assert float(row["updates/s"]) > 0 and float(row["examples/s"]) > 0 and float(row["peak memory (MB)"]) > 0
+    assert rows["asr_demo/off"]["final metric"].startswith("wer ")
+    assert rows["asr_demo/off"]["predict"] == rows["asr_demo/off"]["export"] == "ok"
+    assert (tmp_path / "out" / "asr_demo" / "export" / "model.onnx").is_file()
+    assert rows["pretrain2_text_demo/off"]["final metric"].startswith("loss ")
+    assert rows["pretrain2_text_demo/off"]["predict"] == "-"
+
+
+def test_gpu_check_orders_runs_by_importance_and_keeps_to_its_budget(tmp_path, monkeypatch):
+    """Eager core demos first, then compiled, then the extra tasks; a run is estimated from its
+    spec's earlier variant (scaled by the compiled / eager ratio seen) or the median run; runs left
+    out show in the table, and the docs block is replaced in place."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    demos = {d.spec: d for d in gpu_check.DEMOS}
+    rows = gpu_check.plan([demos["keywords_demo"], demos["asr_demo"], demos["pretrain_text_demo"]], [False, True])
+    assert [r.name for r in rows] == ["asr_demo", "pretrain_text_demo", "asr_demo-compiled",
+                                      "pretrain_text_demo-compiled", "keywords_demo", "keywords_demo-compiled"]
+    asr, text, asr_c, text_c = rows[:4]
+    assert gpu_check.estimate_s(asr, []) == 0
+    asr.seconds, text.seconds = 30.0, 10.0
+    assert gpu_check.estimate_s(asr_c, [asr, text]) == 30.0 * gpu_check.COMPILE_FACTOR
+    asr_c.seconds = 90.0
+    assert gpu_check.estimate_s(text_c, [asr, text, asr_c]) == pytest.approx(30.0)  # 10 s x the 3x seen
+    assert gpu_check.estimate_s(rows[4], [asr, text, asr_c]) == 30.0  # median of the runs so far
+
+    asr.train, asr.updates, asr.updates_per_s, asr.examples_per_s, asr.peak_mb = "ok", 200, 12.5, 190.0, 812.4
+    asr.metric, asr.predict, asr.export = ("wer", 41.25), "ok", "ok"
+    table = gpu_check.markdown(rows[:2])
+    assert "| asr_demo | speech recognition (CTC) | off | 200 | 12.50 | 190.0 | 812 | wer 41.25 | ok | ok | ok |" in table
+    assert "| pretrain_text_demo | data2vec 1.0 pretraining, text | off | - | - | - | - | - | - | - | not run: budget |" \
+        in table and not any(r.failed for r in rows[:2])
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nother sections\n")
+    for _ in range(2):
+        gpu_check.write_docs("header\n\n" + table, "cuda", doc)
+    text = doc.read_text()
+    assert text.count("<!-- gpu-check-cuda:start -->") == 1 and text.count("| asr_demo |") == 1
+    assert "other sections" in text

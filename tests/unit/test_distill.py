@@ -230,3 +230,25 @@ def test_updates_continue_from_the_count_the_weights_arrived_with():
     resumed.num_updates.fill_(7)
     resumed.after_optimizer_step(8)
     assert int(resumed.num_updates) == 8
+
+
+def test_masks_drawn_in_the_loader_depend_only_on_the_batch():
+    """make_batch_transform draws 1.0's masks from the batch's own generator (seeded by its ids in
+    the loader), so the same batch gets the same mask on any process; the student uses it, and a
+    mask that does not fit the features is an error naming both shapes."""
+    import numpy as np
+
+    from d2v.errors import SpecError
+
+    model = build()
+    transform = model.make_batch_transform()
+    batch = waves()
+    a = transform(dict(batch), rng=np.random.default_rng(7))["precomputed_mask"]
+    b = transform(dict(batch), rng=np.random.default_rng(7))["precomputed_mask"]
+    assert a.shape[:2] == (2, 1) and torch.equal(a, b) and bool(a.any())
+    seen = {}
+    model.encoder.register_forward_hook(lambda m, args, out: seen.update(mask=args[2]))
+    out = model({**batch, "precomputed_mask": a})
+    assert torch.equal(seen["mask"], a[:, 0]) and out.sample_size == int(a.sum())
+    with pytest.raises(SpecError, match=r"precomputed_mask has shape \(2, 1, 3\) but the features need"):
+        model({**batch, "precomputed_mask": a[..., :3]})

@@ -11,6 +11,7 @@ from torch import nn
 
 from d2v import plugins
 from d2v.distill2 import ConvFrameLengths, Data2Vec2, Data2Vec2Masks, decoder_input
+from d2v.errors import SpecError
 from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
 from d2v.masking import InverseBlockMask
 from d2v_targets.data2vec import Data2VecTarget
@@ -193,7 +194,7 @@ def test_forward_without_or_with_mismatched_precomputed_masks():
     assert model(waves()).sample_size == 2 * 3 * 7
     batch = waves()
     batch["precomputed_mask"] = torch.zeros(2, 3, 5, dtype=torch.bool)
-    with pytest.warns(UserWarning, match="precomputed_mask"):
+    with pytest.raises(SpecError, match=r"precomputed_mask has shape \(2, 3, 5\) but the features need \(2, 3, 14\)"):
         model(batch)
 
 

@@ -95,9 +95,66 @@ def test_init_reports_loaded_and_new_weights(toy_plugin, tmp_path, capsys):
     assert "tensors loaded" in capsys.readouterr().out
 
 
+def test_the_ddp_probe_runs_on_the_device_the_model_trains_on(toy_plugin, tmp_path):
+    """Before ``prepare`` wraps the model in DDP, a probe batch decides find_unused_parameters.
+    It used to send the batch to the accelerator's device with the model still on the CPU: every
+    multi-GPU run stopped at start-up. A CPU run cannot see that (one device), so the accelerator
+    here claims the meta device, and the forward checks that model and batch are on it."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    runner = Run(spec_from_dict(toy_plugin.toy_spec(tmp_path / "run", max_steps=1)))
+    try:
+        device = torch.device("meta")
+        runner.accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_GPU, device=device,
+                                             ddp_handler=SimpleNamespace(find_unused_parameters=True))
+        seen = []
+
+        def forward(batch):
+            seen.append({t.device for t in [*runner.model.parameters(), *runner.model.buffers()]}
+                        | {v.device for v in batch.values() if isinstance(v, torch.Tensor)})
+            params = [p for p in runner.model.parameters() if p is not runner.model.head.proj.bias]
+            return SimpleNamespace(loss=sum(p.sum() for p in params) * 0.0)
+
+        runner.model.forward = forward
+        runner._set_find_unused_parameters(runner.datasets["train"], None)
+        assert seen == [{device}]  # one probe, everything on the accelerator's device
+        assert runner.accelerator.ddp_handler.find_unused_parameters is True  # the bias got no gradient
+        assert all(p.grad is None for p in runner.model.parameters())
+    finally:
+        runner.release()
+
+
+def test_the_ddp_probe_leaves_no_trace():
+    """The probe's forward/backward must not change what the run then computes: batch-norm
+    statistics, the RNG and the gradients are as before it (one process never probes)."""
+    from types import SimpleNamespace
+
+    from d2v.runner.parallel import unused_parameters
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.used, self.unused = torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+
+        def forward(self, batch):
+            x = torch.nn.functional.dropout(self.norm(batch["inputs"]), 0.5)
+            return SimpleNamespace(loss=self.used(x).sum())
+
+    net, batch = Net().eval(), {"inputs": torch.randn(4, 3) + 5}
+    stats = [b.clone() for b in net.buffers()]
+    rng = torch.get_rng_state()
+    assert unused_parameters(net, batch, torch.device("cpu")) == ["unused.weight", "unused.bias"]
+    assert all(torch.equal(a, b) for a, b in zip(stats, net.buffers()))
+    assert torch.equal(torch.get_rng_state(), rng) and not net.training
+    assert all(p.grad is None for p in net.parameters())
+
+
 class _FakeAccelerator:
     def __init__(self, norm: float, scaler: bool):
         self.norm, self.scaler, self.num_processes = norm, (object() if scaler else None), 1
+        self.device, self.gradient_accumulation_steps = torch.device("cpu"), 2
 
     def clip_grad_norm_(self, params, max_norm):
         return torch.tensor(self.norm)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object,
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, gather_object,
                               send_to_device, set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,7 +35,9 @@ from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quaranti
 from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals,
                                stop_with_launcher)
 from d2v.runner.layer_options import apply_layer_options
-from d2v.runner.pending import PendingUpdate
+from d2v.runner.parallel import (declare_fsdp_units, describe_fsdp_units, enable_fsdp_on_cpu, unused_parameters,
+                                 wraps_in_ddp)
+from d2v.runner.pending import PendingUpdate, backward_loss, normalize_gradients, sample_size_of
 
 
 def add_counts(totals: dict[str, Any], counts: dict[str, Any]) -> None:
@@ -105,6 +107,7 @@ class Run:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # see _set_find_unused_parameters
             dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned batches: copies overlap compute
         )
+        enable_fsdp_on_cpu(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.resume_from: list[Path] | None = None
         self.lock = None
@@ -206,7 +209,11 @@ class Run:
         scheduler = build_component(self.registry, "schedule", schedule_node, "schedule",
                                     optimizer=optimizer, total_steps=cfg.max_steps)
         self._set_find_unused_parameters(train_set, transform)
+        if acc.distributed_type == DistributedType.FSDP:
+            declare_fsdp_units(self.model)
         model, optimizer, train_loader, scheduler = acc.prepare(self.model, optimizer, train_loader, scheduler)
+        if acc.distributed_type == DistributedType.FSDP:
+            self.print(describe_fsdp_units(model))
         state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
         if self.resume_from is None:
             if self.is_main:
@@ -240,6 +247,7 @@ class Run:
         # (finite weights can still be unusable: only the second kind is "good")
         self._last_saved = self._verified = checkpoint if self.resume_from is not None else None
         pending = PendingUpdate()  # the update being accumulated: losses and logs still on the device
+        stand_in = None  # the last batch that loaded, run with a zero loss in place of an empty one
 
         def trainer_state() -> dict[str, int]:
             return {"step": step, "epoch": epoch, "batches_in_epoch": done_in_epoch}
@@ -260,13 +268,16 @@ class Run:
                         empty_batches.seen(batch, left_out)
                         with acc.accumulate(model):
                             if batch:
+                                stand_in = batch
                                 out = model(batch)
-                                loss = out.loss
-                                pending.add(loss, getattr(out, "logs", None),
+                                sample_size = sample_size_of(out)
+                                pending.add(out.loss, getattr(out, "logs", None),
                                             len(batch.get("ids", ())) or int(batch["inputs"].shape[0]),
-                                            lambda ids=batch.get("ids", ()): self._batch_names({"ids": ids}))
+                                            lambda ids=batch.get("ids", ()): self._batch_names({"ids": ids}),
+                                            sample_size=sample_size)
+                                loss = backward_loss(out.loss, sample_size)
                             else:  # every example was left out: a zero loss keeps processes in step
-                                loss = sum(p.sum() for p in trainable) * 0.0
+                                loss = self._zero_loss(model, trainable, stand_in)
                                 pending.add(loss, None, 0, lambda: "an empty batch", counted=False)
                             # backward even on a bad loss: every process must join the gradient all-reduce
                             acc.backward(loss)
@@ -341,41 +352,46 @@ class Run:
         """Tell DDP to look for unused parameters only when some can be unused: LayerDrop, or
         parameters a probe batch leaves without gradient (e.g. a pooler the head ignores)."""
         acc, setting = self.accelerator, self.trainer.find_unused_parameters
-        if acc.num_processes == 1 or acc.ddp_handler is None:
+        if not wraps_in_ddp(acc) or acc.ddp_handler is None:
             return
         if setting == "auto":
             layerdrop = any(float(getattr(m, "layerdrop", 0) or 0) > 0 for m in self.model.modules())
-            setting = layerdrop or bool(self._unused_parameters(train_set, transform))
+            setting = layerdrop or bool(unused_parameters(self.model, self._probe_batch(train_set, transform), acc.device))
         acc.ddp_handler.find_unused_parameters = bool(setting)
 
-    def _unused_parameters(self, train_set, transform) -> list[str]:
-        """Trainable parameters one training batch leaves without gradient (RNG untouched)."""
+    def _probe_batch(self, train_set, transform) -> dict[str, Any]:
+        """The first training batch, built without touching the run's RNG."""
         indices = next(iter(batch_sampler_for(train_set, self.processor, self.loader_cfg, train=True,
                                               seed=self.seed, where="data.train")))
         dataset = ProcessedDataset(train_set, self.processor, train=True, seed=self.seed)
-        batch = Collate(self.processor.collate, transform, self.seed)([dataset[i] for i in indices])
-        model = self.model
         with torch.random.fork_rng(devices=[]):
-            model.train()
-            model(send_to_device(batch, self.accelerator.device)).loss.backward()
-        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-        model.zero_grad(set_to_none=True)
-        return unused
+            return Collate(self.processor.collate, transform, self.seed)([dataset[i] for i in indices])
+
+    def _zero_loss(self, model, trainable, stand_in: dict[str, Any] | None):
+        """A zero loss whose backward joins the gradient all-reduce, for a process whose batch had
+        no loadable example. Under FSDP the model must also run forward (it gathers parameters
+        from every process then): on the last batch that loaded."""
+        if self.accelerator.distributed_type == DistributedType.FSDP and stand_in is not None:
+            return model(stand_in).loss * 0.0
+        return sum(p.sum() for p in trainable) * 0.0
 
     # ------------------------------------------------------------------ guarded steps
 
     def _apply_update(self, optimizer, trainable, pending: PendingUpdate, window: dict[str, Any]) -> str | None:
-        """Clip and step, unless a loss or the gradient norm is not finite; returns why the
-        update was skipped (``None`` when it was applied). Every process reaches the same
+        """Normalise, clip and step, unless a loss or the gradient norm is not finite; returns why
+        the update was skipped (``None`` when it was applied). Every process reaches the same
         decision: the gradient norm is computed after the all-reduce, and the count of bad
-        losses is summed. The losses, the norm and that count reach the host in one read."""
+        losses is summed (in the same all-reduce as the update's sample size). The losses, the
+        norm and that count reach the host in one read."""
         acc, cfg = self.accelerator, self.trainer
+        counts = pending.counts(acc.device)
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        averaged_over = acc.num_processes * acc.gradient_accumulation_steps  # Accelerate's and DDP/FSDP's means
+        normalize_gradients([p.grad for p in trainable if p.grad is not None], counts[1], counts[2], averaged_over)
         max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(trainable, max_norm)
-        bad_everywhere = None
-        if acc.num_processes > 1:
-            bad_everywhere = acc.reduce(pending.non_finite_count(acc.device).reshape(1), reduction="sum")
-        settled, bad_count = pending.settle(grad_norm, window, bad_everywhere)
+        settled, bad_count = pending.settle(grad_norm, window, counts[0] if acc.num_processes > 1 else None)
         reason = settled.bad_loss
         if reason is None and bad_count > 0:
             reason = "a non-finite loss on another process"
@@ -470,18 +486,19 @@ class Run:
                                   if k not in ("split", "step") and isinstance(v, (int, float))}, step=record["step"])
 
     def _train_record(self, window: dict[str, float], step: int, epoch: int, scheduler, seconds: float) -> dict[str, Any]:
-        totals = torch.tensor([window["loss"], window["micro_batches"], window["examples"]],
+        totals = torch.tensor([window["loss"], window["loss_weight"], window["examples"]],
                               device=self.accelerator.device, dtype=torch.float64)
         totals = self.accelerator.reduce(totals, reduction="sum")
         record: dict[str, Any] = {"split": "train", "step": step, "epoch": epoch,
-                                  "loss": float(totals[0] / max(1.0, float(totals[1]))),
+                                  "loss": float(totals[0] / max(1e-12, float(totals[1]))),
                                   "lr": float(scheduler.get_last_lr()[0]),
                                   "grad_norm": window["grad_norm"] / max(1.0, window["steps"]),
                                   "examples_per_second": float(totals[2]) / max(seconds, 1e-9)}
         for count in ("skipped_updates", "skipped_examples"):
             if window.get(count):
                 record[count] = int(window[count])
-        skip = {"loss", "micro_batches", "examples", "grad_norm", "steps", "skipped_updates", "skipped_examples"}
+        skip = {"loss", "loss_weight", "micro_batches", "examples", "grad_norm", "steps", "skipped_updates",
+                "skipped_examples"}
         for key, value in window.items():
             if key not in skip:  # objective logs may be device tensors: read once per window
                 record[key] = float(value) / max(1.0, window["micro_batches"])
@@ -490,11 +507,13 @@ class Run:
     def save_final(self, model) -> Path:
         final = self.output_dir / "final"
         acc = self.accelerator
-        acc.wait_for_everyone()
+        tmp = self.output_dir / ".final.tmp"
         if self.is_main:
-            tmp = self.output_dir / ".final.tmp"
             tmp.mkdir(parents=True, exist_ok=True)
-            acc.save_model(model, str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        acc.save_model(model, str(tmp), safe_serialization=True)  # every process: FSDP gathers the shards
+        acc.wait_for_everyone()  # no process is still in tmp/ when it is renamed
+        if self.is_main:
             (tmp / "spec.yaml").write_text(dump_spec(self.spec))
             save_assets = getattr(self.processor, "save_pretrained", None)
             if callable(save_assets):  # e.g. the tokenizer, so final/ is usable and exportable alone
@@ -508,18 +527,27 @@ class Run:
 
     # ------------------------------------------------------------------ evaluation
 
-    def eval_loader(self, split: str) -> DataLoader:
-        """This process's share of the split's batches: no duplicated examples, so the
-        summed counts are exact whatever the number of processes."""
-        dataset = self.datasets[split]
-        sampler = batch_sampler_for(dataset, self.processor, self.loader_cfg, train=False, seed=self.seed,
-                                    where=f"data.{split}")
+    def _eval_batches(self, split: str) -> tuple[list[list[int]], int]:
+        """This process's share of the split's batches and how many of them are its own: no
+        duplicated examples, so the summed counts are exact whatever the number of processes.
+        Under FSDP every forward gathers parameters from all processes, so the shorter shares
+        are topped up with repeats of the first batch, run and not counted."""
+        sampler = batch_sampler_for(self.datasets[split], self.processor, self.loader_cfg, train=False,
+                                    seed=self.seed, where=f"data.{split}")
         acc = self.accelerator
-        mine = list(sampler)[acc.process_index::acc.num_processes]
-        return DataLoader(ProcessedDataset(dataset, self.processor, train=False, seed=self.seed,
+        batches = list(sampler)
+        mine = batches[acc.process_index::acc.num_processes]
+        real = len(mine)
+        if acc.distributed_type == DistributedType.FSDP and batches:
+            mine += [batches[0]] * (math.ceil(len(batches) / acc.num_processes) - real)
+        return mine, real
+
+    def eval_loader(self, split: str, batches: list[list[int]] | None = None) -> DataLoader:
+        """A loader over ``batches`` of the split (default: this process's share)."""
+        return DataLoader(ProcessedDataset(self.datasets[split], self.processor, train=False, seed=self.seed,
                                            on_bad_example=self.on_bad_example, where=f"data.{split}"),
-                          batch_sampler=mine, collate_fn=Collate(self.processor.collate),
-                          num_workers=self.loader_cfg.num_workers)
+                          batch_sampler=self._eval_batches(split)[0] if batches is None else batches,
+                          collate_fn=Collate(self.processor.collate), num_workers=self.loader_cfg.num_workers)
 
     @torch.no_grad()
     def evaluate_split(self, split: str, model=None, *, step: int | None = None,
@@ -533,18 +561,30 @@ class Run:
         counts: dict[str, Any] = {}
         rows: list[tuple[str, Any, Any]] = []
         left_out_count = 0
-        for batch in self.eval_loader(split):
+        batches, own = self._eval_batches(split)
+        # FSDP gathers parameters in every forward: all processes run as many. Anywhere else each
+        # process holds the whole model and evaluates its share alone (DDP's wrapper would
+        # broadcast buffers in forward, a collective the process with fewer batches never joins)
+        in_step = acc.distributed_type == DistributedType.FSDP
+        model = model if in_step else unwrapped
+        stand_in = None
+        for index, batch in enumerate(self.eval_loader(split, batches)):
             left_out = batch.pop("skipped_examples", None)
-            if left_out:
+            if left_out and index < own:
                 left_out_count += len(left_out)
                 self.skipped_log.write(split, left_out)
-            if not batch:
+            if not batch or index >= own:
+                if in_step and (batch or stand_in):  # run, not counted
+                    with acc.autocast():
+                        model(send_to_device(batch, acc.device) if batch else stand_in)
                 continue
             batch = send_to_device(batch, acc.device)
+            stand_in = stand_in or batch
             with acc.autocast():
                 out = model(batch)
-            if out.loss is not None:
-                add_counts(counts, {"objective_loss_sum": float(out.loss), "objective_loss_batches": 1})
+            if out.loss is not None:  # weighed by what the loss is a mean over: a true mean of the split
+                weight = sample_size_of(out) or len(batch.get("ids", ())) or int(batch["inputs"].shape[0])
+                add_counts(counts, {"objective_loss_sum": float(out.loss) * weight, "objective_loss_weight": weight})
             if head is not None:
                 add_counts(counts, head.eval_counts(out.head_output, batch))
                 if keep_predictions:
@@ -560,8 +600,8 @@ class Run:
             metrics["skipped_examples"] = all_counts["skipped_examples"]
             self.print(f"[{split}] {int(all_counts['skipped_examples'])} examples could not be loaded and were "
                        f"left out of the metrics (see {self.skipped_log.path})")
-        if all_counts.get("objective_loss_batches"):
-            metrics["loss"] = all_counts["objective_loss_sum"] / all_counts["objective_loss_batches"]
+        if all_counts.get("objective_loss_weight"):
+            metrics["loss"] = all_counts["objective_loss_sum"] / all_counts["objective_loss_weight"]
         if head is not None:
             metrics.update(head.summarize(dict(all_counts)))
         record = {"split": split, "step": step, **metrics}

@@ -1,0 +1,83 @@
+"""An update's gradient under the data2vec objectives is fairseq's: the summed loss of all its
+micro-batches divided by their total sample size, not the mean of per-micro-batch means.
+
+With random crops every micro-batch regresses a different number of positions, so the two rules
+give different gradients; the runner's must be the first, computed here by hand from the same
+micro-batches at the same initial weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2v.config import load_spec
+from d2v.runner import train as train_module
+from d2v.runner.train import Run
+
+ROOT = Path(__file__).resolve().parents[2]
+NO_DROPOUT = ["model.encoder.dropout=0", "model.encoder.attention_dropout=0", "model.encoder.activation_dropout=0",
+              "model.feature_extractor.feat_proj_dropout=0"]
+SHORT = ["trainer.max_steps=1", "trainer.grad_accum=2", "trainer.eval_every=0", "trainer.eval_before_training=false",
+         "trainer.progress_bar=false", "trainer.save_every=0", "data.loader.num_workers=0",
+         "data.loader.max_batch_seconds=null", "data.loader.batch_size=3", "data.valid.max_examples=3"]
+CASES = {
+    "data2vec 1.0 audio": ("pretrain_audio_demo.yaml", []),
+    "data2vec 2.0 audio": ("pretrain2_audio_demo.yaml", ["model.objective.decoder_input_dropout=0",
+                                                         "model.objective.clone_batch=2"]),
+}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _spec(name: str, extra: list[str], out: Path):
+    return load_spec(ROOT / "experiments" / name, [*NO_DROPOUT, *SHORT, *extra, f"trainer.output_dir={out}"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_an_update_divides_the_summed_loss_by_its_total_sample_size(case, tmp_path, monkeypatch):
+    os.chdir(ROOT)
+    name, extra = CASES[case]
+    batches, runner_grads = [], {}
+    real_normalize = train_module.normalize_gradients
+
+    def record_batches(model):
+        forward = model.forward
+
+        def recording(batch):
+            batches.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            return forward(batch)
+        model.forward = recording
+
+    def record_gradients(grads, *args):
+        real_normalize(grads, *args)
+        named = {id(p.grad): n for n, p in trained.model.named_parameters() if p.grad is not None}
+        runner_grads.update({named[id(g)]: g.clone() for g in grads})
+
+    monkeypatch.setattr(train_module, "normalize_gradients", record_gradients)
+    trained = Run(_spec(name, extra, tmp_path / "run"))
+    record_batches(trained.model)
+    trained.train()
+    batches = batches[:2]  # the update's two micro-batches (then the final evaluation's)
+
+    fresh = Run(_spec(name, extra, tmp_path / "fresh"))  # the same seed: the same initial weights
+    model = fresh.model.train()
+    outputs = [model(batch) for batch in batches]
+    sizes = [out.sample_size for out in outputs]
+    assert sizes[0] != sizes[1]  # unequal lengths: the two rules differ
+    (sum(out.loss * n for out, n in zip(outputs, sizes)) / sum(sizes)).backward()
+    fairseq = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    (sum(out.loss for out in [model(batch) for batch in batches]) / 2).backward()
+    mean_of_means = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    fresh.release()
+
+    assert runner_grads.keys() == fairseq.keys()
+    worst = max(float((runner_grads[n] - fairseq[n]).abs().max()) for n in fairseq)
+    scale = max(float(g.abs().max()) for g in fairseq.values())
+    assert worst <= 1e-5 * scale
+    other = max(float((mean_of_means[n] - fairseq[n]).abs().max()) for n in fairseq)
+    assert other > 100 * worst  # the test can tell the rules apart
