@@ -61,8 +61,9 @@ class TrainerConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     clip_norm: float = 0.0
-    #: ``auto``: bf16 on a GPU that supports it, else full precision; ``fp16`` scales the loss
-    mixed_precision: str = "auto"
+    #: ``auto``: bf16 on a GPU that supports it, else full precision; ``fp16`` scales the loss;
+    #: ``no`` (YAML reads a bare ``no`` as false, which means the same)
+    mixed_precision: str | bool = "auto"
     log_every: int = 10
     eval_every: int = 0
     eval_before_training: bool = False
@@ -84,6 +85,10 @@ class TrainerConfig:
     #: ``torch.compile`` each Transformer block (student and teacher): ``true``, or the options
     #: ``{backend: inductor, mode: null|default|reduce-overhead|max-autotune, dynamic: null|true|false}``
     compile: bool | dict = False
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
 
 
 #: what ``trainer.compile`` may hold besides ``true``: ``torch.compile``'s own keywords
@@ -371,11 +376,12 @@ class Validator:
         """Values the runner would reject later, caught before anything is built."""
         if not isinstance(node, dict):
             return
-        choices = {"mixed_precision": ("auto", "no", "fp16", "bf16"), "resume": (False, True, "auto"),
+        choices = {"mixed_precision": ("auto", "no", False, "fp16", "bf16"), "resume": (False, True, "auto"),
                    "find_unused_parameters": (False, True, "auto")}
         for key, allowed in choices.items():
             if key in node and node[key] not in allowed:
-                shown = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+                shown = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed
+                                  if not (key == "mixed_precision" and a is False))
                 self.error(f"trainer.{key}", f"expected one of {shown}; got {node[key]!r}"
                            + (" (full precision is 'no')." if key == "mixed_precision" else "."))
         minimum = {"max_steps": 1, "grad_accum": 1, "log_every": 1, "max_bad_steps": 1,

@@ -91,3 +91,18 @@ def test_scientific_notation_is_a_float(tmp_path):
     spec = load_spec(_write(tmp_path, GOOD.replace("lr: 1.0e-4", "lr: 5e-4")), ["optim.eps=1e-8"])
     assert spec["optim"]["lr"] == 5e-4 and spec["optim"]["eps"] == 1e-8
     validate(spec)
+
+
+def test_full_precision_written_as_a_bare_no_means_no(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` (or the override `trainer.mixed_precision=no`) as
+    false; that is what the user meant by 'no', not an error quoting their own word back."""
+    from pathlib import Path
+
+    from d2v.config import TrainerConfig
+
+    asr = Path(__file__).resolve().parents[2] / "experiments" / "asr_demo.yaml"
+    spec = load_spec(asr, ["trainer.mixed_precision=no"])
+    validate(spec)
+    assert TrainerConfig(**spec["trainer"]).mixed_precision == "no"
+    with pytest.raises(SpecError, match="expected one of auto, no, fp16, bf16; got True"):
+        validate(load_spec(asr, ["trainer.mixed_precision=yes"]))
