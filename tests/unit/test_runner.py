@@ -200,3 +200,40 @@ def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, 
     assert window["micro_batches"] == finite and window["examples"] == (3 if finite == 1 else 8)
     assert float(window["target_std"]) == pytest.approx(0.5 if finite == 1 else 1.2)
     assert not pending.items
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_checkpoints_resume_only_under_the_setup_that_wrote_them(tmp_path, processes):
+    """A DeepSpeed checkpoint read without DeepSpeed (or the reverse) used to be reported as
+    damaged; it is a clear error naming both layouts, as is another number of processes. A
+    missing optimizer partition is damage (DeepSpeed itself would resume without it)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from d2v.runner.parallel import check_checkpoint_layout
+
+    plain, deepspeed = tmp_path / "plain", tmp_path / "deepspeed"
+    (plain / "model.safetensors").parent.mkdir()
+    (plain / "model.safetensors").write_bytes(b"")
+    (deepspeed / "pytorch_model").mkdir(parents=True)
+    (deepspeed / "trainer_state.json").write_text(json.dumps({"step": 2, "processes": 2}))
+    for name in ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]:
+        (deepspeed / "pytorch_model" / name).write_bytes(b"")
+    under_ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=processes)
+    under_deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=processes)
+    check_checkpoint_layout(plain, under_ddp)
+    with pytest.raises(SpecError, match="is in DeepSpeed's layout .*this run is not under DeepSpeed and reads "
+                                        "Accelerate's layout .*zero_to_fp32.py"):
+        check_checkpoint_layout(deepspeed, under_ddp)
+    with pytest.raises(SpecError, match="is in Accelerate's layout .*this run is under DeepSpeed and reads "
+                                        "DeepSpeed's layout"):
+        check_checkpoint_layout(plain, under_deepspeed)
+    if processes == 1:
+        with pytest.raises(SpecError, match="written by 2 DeepSpeed processes and this run has 1.*--num_processes 2"):
+            check_checkpoint_layout(deepspeed, under_deepspeed)
+    else:
+        with pytest.raises(FileNotFoundError, match="lacks zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+            check_checkpoint_layout(deepspeed, under_deepspeed)
+        (deepspeed / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"")
+        check_checkpoint_layout(deepspeed, under_deepspeed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, se
 from torch import nn
 
 from d2v.errors import SpecError
+from d2v.runner.checkpoint import load_trainer_state
 from d2v.runner.layer_options import transformer_blocks
 
 #: distributed types under which ``prepare`` wraps the model in DistributedDataParallel
@@ -101,3 +103,40 @@ def describe_fsdp_units(model: nn.Module) -> str:
     missing = len(blocks - units)
     note = f"; {missing} Transformer blocks are not units of their own" if missing else ""
     return f"FSDP shard units: {shown} (+ the root module for the rest){note}"
+
+
+# --------------------------------------------------------------------------- DeepSpeed ZeRO-2
+
+
+def check_checkpoint_layout(checkpoint: Path, accelerator: Accelerator) -> None:
+    """A checkpoint resumes only under the setup that wrote it: DeepSpeed writes its own layout
+    (``pytorch_model/mp_rank_00_model_states.pt``, one ``zero_pp_rank_N_mp_rank_00_optim_states.pt``
+    per process), every other setup Accelerate's (``model.safetensors``, ``optimizer.bin``). A
+    SpecError for the other layout or another number of processes; a missing DeepSpeed file is
+    damage (FileNotFoundError), which DeepSpeed itself would pass over, resuming without optimizer
+    state."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    states = checkpoint / "pytorch_model"
+    layouts = {True: "DeepSpeed's layout (pytorch_model/mp_rank_00_model_states.pt, zero_pp_rank_N_..._optim_states.pt)",
+               False: "Accelerate's layout (model.safetensors, optimizer.bin)"}
+    if states.is_dir() and not deepspeed:
+        raise SpecError(f"--resume: {checkpoint} is in {layouts[True]}; this run is not under DeepSpeed and reads "
+                        f"{layouts[False]}. Resume under the DeepSpeed config that wrote it, or start a new run from "
+                        f"its weights, without the optimizer state: model.init.checkpoint set to the run's final/ or "
+                        f"to the OUT that {checkpoint / 'zero_to_fp32.py'} --safe_serialization {checkpoint} OUT writes.")
+    if deepspeed and not states.is_dir() and (checkpoint / "model.safetensors").exists():
+        raise SpecError(f"--resume: {checkpoint} is in {layouts[False]}; this run is under DeepSpeed and reads "
+                        f"{layouts[True]}. Resume without the DeepSpeed config, as it was written, or start a DeepSpeed "
+                        f"run from its weights, without the optimizer state: model.init.checkpoint: {checkpoint}.")
+    if not deepspeed:
+        return
+    written_by = load_trainer_state(checkpoint).get("processes")
+    if written_by not in (None, accelerator.num_processes):
+        raise SpecError(f"--resume: {checkpoint} was written by {written_by} DeepSpeed processes and this run has "
+                        f"{accelerator.num_processes}; ZeRO-2 splits the optimizer state per process. Resume with "
+                        f"--num_processes {written_by}.")
+    files = ["mp_rank_00_model_states.pt",
+             *(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(accelerator.num_processes))]
+    missing = [name for name in files if not (states / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{states} lacks {', '.join(missing)}")

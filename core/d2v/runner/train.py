@@ -35,8 +35,8 @@ from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quaranti
 from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals,
                                stop_with_launcher)
 from d2v.runner.layer_options import apply_layer_options
-from d2v.runner.parallel import (declare_fsdp_units, describe_fsdp_units, enable_fsdp_on_cpu, unused_parameters,
-                                 wraps_in_ddp)
+from d2v.runner.parallel import (check_checkpoint_layout, declare_fsdp_units, describe_fsdp_units, enable_fsdp_on_cpu,
+                                 unused_parameters, wraps_in_ddp)
 from d2v.runner.pending import PendingUpdate, backward_loss, normalize_gradients, sample_size_of
 
 
@@ -250,7 +250,7 @@ class Run:
         stand_in = None  # the last batch that loaded, run with a zero loss in place of an empty one
 
         def trainer_state() -> dict[str, int]:
-            return {"step": step, "epoch": epoch, "batches_in_epoch": done_in_epoch}
+            return {"step": step, "epoch": epoch, "batches_in_epoch": done_in_epoch, "processes": acc.num_processes}
 
         if cfg.eval_before_training and step == 0 and "valid" in self.datasets:
             self.evaluate_split("valid", model, step=0)  # the untrained baseline, for comparison
@@ -455,8 +455,11 @@ class Run:
         problems = []
         for checkpoint in candidates:
             try:
+                check_checkpoint_layout(checkpoint, self.accelerator)
                 self.accelerator.load_state(str(checkpoint))
                 load_trainer_state(checkpoint)
+            except SpecError:
+                raise  # written under another setup (DeepSpeed or not): older checkpoints of the run are too
             except Exception as exc:  # noqa: BLE001 -- any unreadable file means: try the older one
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 problems.append(f"{checkpoint.name} ({reason})")
