@@ -1,4 +1,6 @@
-"""The cluster launch files parse as what they claim to be."""
+"""The cluster launch files are what they claim to be: each shipped accelerate config goes through
+`accelerate launch`'s own parsing into the environment the workers get, and from there into the
+plugin Accelerate builds in each worker (and, for DeepSpeed, d2v's settings on top)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,39 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, parse_choice_from_env
+from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+from torch.distributed.fsdp import CPUOffloadPolicy
+
+from d2v.errors import SpecError
+from d2v.runner.parallel import configure_deepspeed
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch_environment(name: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file experiments/accelerate/<name>.yaml` gives
+    its workers (what its launch_command does before starting them)."""
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "experiments" / "accelerate" / f"{name}.yaml"),
+                                               "-m", "d2v.cli", "run", "spec.yaml"])
+    args, defaults, mixed_precision_from_config = _validate_launch_command(args)
+    if not args.use_deepspeed:
+        return prepare_multi_gpu_env(args)
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+    return prepare_deepspeed_cmd_env(args)[1]
+
+
+@pytest.fixture
+def worker_env(monkeypatch):
+    """Set a launch environment for the test (restored after it)."""
+    def apply(env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if key.startswith(("ACCELERATE_", "FSDP_")):
+                monkeypatch.setenv(key, value)
+        return env
+    return apply
 
 
 @pytest.mark.parametrize("name, kind", [("multinode_ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
@@ -21,6 +54,59 @@ def test_accelerate_configs_load(name, kind):
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+@pytest.mark.parametrize("name", ["multinode_ddp", "fsdp", "deepspeed_zero2"])
+def test_every_launch_environment_starts_an_accelerator(name, worker_env):
+    """What Accelerator.__init__ reads from the launch environment parses (`auto` accumulation
+    steps crashed every DeepSpeed worker with int('auto') before the first batch)."""
+    worker_env(launch_environment(name))
+    assert int(parse_choice_from_env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1)) == 1
+    assert parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
+
+
+def test_the_fsdp_config_becomes_fsdp2_sharded_per_block(worker_env):
+    assert worker_env(launch_environment("fsdp"))["ACCELERATE_USE_FSDP"] == "true"
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT" and not isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    assert plugin.auto_wrap_policy is not None  # TRANSFORMER_BASED_WRAP, given the blocks' classes at prepare
+
+
+def test_the_deepspeed_config_gets_the_spec_settings(worker_env):
+    """The shipped ZeRO-2 file leaves accumulation, clipping and precision to the spec: d2v
+    writes trainer.grad_accum, trainer.clip_norm (0 = off, where Accelerate would clip at 1.0),
+    bf16 as DeepSpeed's torch autocast with fp32 weights, and an integer micro-batch size."""
+    assert worker_env(launch_environment("deepspeed_zero2"))["ACCELERATE_USE_DEEPSPEED"] == "true"
+    for clip_norm, grad_accum, precision in ((0.0, 1, "bf16"), (5.0, 4, "no")):
+        config = DeepSpeedPlugin().deepspeed_config
+        assert config["gradient_accumulation_steps"] == "auto" and config["gradient_clipping"] == "auto"
+        configure_deepspeed(config, clip_norm=clip_norm, grad_accum=grad_accum, precision=precision, micro_batch=8)
+        assert config["gradient_clipping"] == clip_norm and config["gradient_accumulation_steps"] == grad_accum
+        assert config["train_micro_batch_size_per_gpu"] == 8 and config["zero_optimization"]["stage"] == 2
+        assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+        assert config["torch_autocast"] == {"enabled": precision == "bf16", "dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"gradient_clipping": 1.0}, "sets gradient_clipping: 1.0 but trainer.clip_norm is 0.0"),
+    ({"gradient_accumulation_steps": 4}, "sets gradient_accumulation_steps: 4 but trainer.grad_accum is 1"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 2 only, not stage 3"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer is not supported"),
+    ({"optimizer": {"type": "AdamW"}}, "has a 'optimizer' section"),
+    ({"bf16": {"enabled": True}}, "enables bf16 but trainer.mixed_precision resolves to 'no'"),
+])
+def test_deepspeed_settings_that_contradict_the_spec_stop_at_start(change, message):
+    config = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+              **change}
+    with pytest.raises(SpecError, match=message):
+        configure_deepspeed(config, clip_norm=0.0, grad_accum=1, precision="no", micro_batch=1)
+
+
+def test_deepspeed_refuses_fp16():
+    with pytest.raises(SpecError, match="fp16 is not supported under DeepSpeed"):
+        configure_deepspeed({"zero_optimization": {"stage": 2}}, clip_norm=0.0, grad_accum=1, precision="fp16",
+                            micro_batch=1)
 
 
 def test_sbatch_script_is_valid_bash_and_resumes_automatically():

@@ -1,6 +1,7 @@
 """The runner: training lowers the loss, checkpoints are atomic, kill + resume is exact."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from d2v.config import spec_from_dict
 from d2v.errors import SpecError
 from d2v.runner import Run, run
 from d2v.runner import train as train_module
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _final_weights(output_dir):
@@ -182,7 +185,8 @@ def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, 
 
     from d2v.runner.pending import PendingUpdate
 
-    fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler), trainer=SimpleNamespace(clip_norm=0.0))
+    fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler), trainer=SimpleNamespace(clip_norm=0.0),
+                           deepspeed=False)
     optimizer = _FakeOptimizer(scaler_skips)
     window = defaultdict(float)
     pending = PendingUpdate()  # two micro-batches: a finite one, then the one under test
@@ -200,6 +204,75 @@ def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, 
     assert window["micro_batches"] == finite and window["examples"] == (3 if finite == 1 else 8)
     assert float(window["target_std"]) == pytest.approx(0.5 if finite == 1 else 1.2)
     assert not pending.items
+
+
+@pytest.mark.parametrize("norm, bad_loss, deepspeed_skipped, reason", [
+    (1.0, None, False, None),                                # applied by DeepSpeed, counted as applied
+    (float("inf"), None, True, "gradient norm inf"),         # DeepSpeed skipped non-finite gradients
+    (float("inf"), float("nan"), True, "loss nan on the batch of b"),  # a bad loss poisons its gradient
+])
+def test_under_deepspeed_its_own_verdict_decides_whether_the_update_counts(norm, bad_loss, deepspeed_skipped, reason):
+    """DeepSpeed steps (or skips) inside backward; the runner's optimizer.step() is a no-op and
+    step_was_skipped is DeepSpeed's verdict: a skip is counted as one, with d2v's explanation."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from d2v.runner.pending import PendingUpdate
+
+    fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler=False), trainer=SimpleNamespace(clip_norm=0.0),
+                           deepspeed=True)
+    optimizer, window, pending = _FakeOptimizer(deepspeed_skipped), defaultdict(float), PendingUpdate()
+    pending.add(torch.tensor(bad_loss if bad_loss is not None else 4.0), {}, 5, lambda: "the batch of b")
+    assert train_module.Run._apply_update(fake, optimizer, [], pending, window) == reason
+    assert window["grad_norm"] == (0.0 if deepspeed_skipped else norm)
+
+
+def test_an_update_deepspeed_applied_but_d2v_would_skip_stops_the_run():
+    from d2v.errors import TrainingCollapse
+    from d2v.runner.parallel import deepspeed_skip_reason
+
+    assert deepspeed_skip_reason(False, None) is None
+    assert deepspeed_skip_reason(True, None) == "DeepSpeed found non-finite gradients"
+    with pytest.raises(TrainingCollapse, match="DeepSpeed applied an update d2v would have skipped"):
+        deepspeed_skip_reason(False, "loss nan on the batch of b")
+
+
+def test_a_non_finite_loss_under_deepspeed_poisons_its_gradient_and_a_finite_one_is_untouched():
+    """A NaN added to the loss leaves the gradients finite: DeepSpeed would apply them. The loss
+    DeepSpeedLoss hands to backward makes them non-finite, so DeepSpeed skips the update."""
+    from types import SimpleNamespace
+
+    from d2v.runner.parallel import DeepSpeedLoss
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 2), torch.randn(3, 4)
+    deepspeed_loss = DeepSpeedLoss(model, SimpleNamespace(device=torch.device("cpu")), normalize=False)
+    model(x).pow(2).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    deepspeed_loss(model(x).pow(2).mean(), None).backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
+    model.zero_grad()
+    (model(x).pow(2).mean() + float("nan")).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())  # what DeepSpeed would apply
+    model.zero_grad()
+    deepspeed_loss(model(x).pow(2).mean() + float("nan"), None).backward()
+    assert not any(bool(torch.isfinite(p.grad).any()) for p in model.parameters())
+
+
+def test_layerdrop_cannot_run_under_deepspeed():
+    from d2v import plugins
+    from d2v.config import load_spec
+    from d2v.model import build_model
+    from d2v.runner.parallel import refuse_under_deepspeed
+
+    spec = load_spec(ROOT / "experiments" / "asr_demo.yaml", ["model.encoder.layerdrop=0.1"])
+    model = build_model(spec["model"], plugins.registry(), "finetune")
+    with pytest.raises(SpecError, match=r"model.encoder.layerdrop > 0 \(AudioTransformerEncoder\) cannot run under "
+                                        r"DeepSpeed ZeRO-2.*Set model.encoder.layerdrop: 0, or use DDP or FSDP"):
+        refuse_under_deepspeed(model, task="finetune", grad_accum=1)
+    model.encoder.layerdrop = 0.0
+    refuse_under_deepspeed(model, task="finetune", grad_accum=4)  # accumulating is fine for task heads
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -81,3 +81,50 @@ def test_an_update_divides_the_summed_loss_by_its_total_sample_size(case, tmp_pa
     assert worst <= 1e-5 * scale
     other = max(float((mean_of_means[n] - fairseq[n]).abs().max()) for n in fairseq)
     assert other > 100 * worst  # the test can tell the rules apart
+
+
+class _OneOfTwoProcesses:
+    """What DeepSpeedLoss asks of the Accelerator, for one of two processes: the sum of a
+    micro-batch's sample size over both."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return torch.tensor([float(sum(self.sizes))])
+
+
+def test_under_deepspeed_the_gradients_are_scaled_to_fairseqs_update_before_its_mean_over_processes():
+    """DeepSpeed reduces and steps inside backward, so the per-update normalisation happens as the
+    gradients are made: each process's gradient of ``loss * sample_size`` is scaled by
+    ``processes / total sample size``, and DeepSpeed's mean over processes is fairseq's update."""
+    from d2v.runner.parallel import DeepSpeedLoss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    batches, sizes = [torch.randn(5, 4), torch.randn(2, 4)], [5, 2]  # one micro-batch per process, unequal sizes
+    deepspeed_loss = DeepSpeedLoss(model, _OneOfTwoProcesses(sizes), normalize=True)
+    per_process = []
+    for batch, size in zip(batches, sizes):
+        model.zero_grad()
+        deepspeed_loss(model(batch).pow(2).mean() * size, size).backward()
+        per_process.append([p.grad.clone() for p in model.parameters()])
+    deepspeed_mean = [(a + b) / 2 for a, b in zip(*per_process)]
+    deepspeed_loss.factor.fill_(1.0)
+    model.zero_grad()
+    (sum(model(batch).pow(2).mean() * size for batch, size in zip(batches, sizes)) / sum(sizes)).backward()
+    for ours, fairseq in zip(deepspeed_mean, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(ours, fairseq, rtol=1e-6, atol=1e-7)
+
+
+def test_pretraining_cannot_accumulate_under_deepspeed():
+    from d2v.errors import SpecError
+    from d2v.runner.parallel import refuse_under_deepspeed
+
+    with pytest.raises(SpecError, match=r"trainer.grad_accum: 2 cannot run under DeepSpeed for a pretraining objective"
+                                        r".*Use trainer.grad_accum: 1 with more processes or larger batches"):
+        refuse_under_deepspeed(torch.nn.Linear(2, 2), task="pretrain", grad_accum=2)
+    refuse_under_deepspeed(torch.nn.Linear(2, 2), task="pretrain", grad_accum=1)

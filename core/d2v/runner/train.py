@@ -35,7 +35,9 @@ from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quaranti
 from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals,
                                stop_with_launcher)
 from d2v.runner.layer_options import apply_layer_options
-from d2v.runner.parallel import (check_checkpoint_layout, declare_fsdp_units, describe_fsdp_units, enable_fsdp_on_cpu,
+from d2v.runner.parallel import (DeepSpeedLoss, check_checkpoint_layout, configure_deepspeed, declare_fsdp_units,
+                                 deepspeed_on_cpu, deepspeed_skip_reason, describe_deepspeed, describe_fsdp_units,
+                                 enable_fsdp_on_cpu, launched_with_deepspeed, refuse_under_deepspeed,
                                  unused_parameters, wraps_in_ddp)
 from d2v.runner.pending import PendingUpdate, backward_loss, normalize_gradients, sample_size_of
 
@@ -97,17 +99,25 @@ class Run:
         self.trainer = TrainerConfig(**(spec.get("trainer") or {}))
         self.loader_cfg = LoaderConfig(**((spec.get("data") or {}).get("loader") or {}))
         self.output_dir = Path(self.trainer.output_dir)
+        self.precision = resolve_precision(self.trainer.mixed_precision, self.trainer.cpu)
+        deepspeed = launched_with_deepspeed()  # runs DeepSpeed on CPUs too (deepspeed_on_cpu), never DDP instead
         self.accelerator = Accelerator(
-            mixed_precision=resolve_precision(self.trainer.mixed_precision, self.trainer.cpu),
+            mixed_precision=self.precision,
             gradient_accumulation_steps=self.trainer.grad_accum,
-            cpu=self.trainer.cpu or not torch.cuda.is_available(),  # CPU-only: multi-process over gloo
+            cpu=not deepspeed and (self.trainer.cpu or not torch.cuda.is_available()),  # CPU-only: DDP over gloo
             step_scheduler_with_optimizer=False,
             log_with=self.trainer.trackers or None,
             project_dir=str(self.output_dir),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # see _set_find_unused_parameters
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),  # see _set_find_unused_parameters
+                             *(deepspeed_on_cpu(self.trainer.cpu) if deepspeed else [])],
             dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned batches: copies overlap compute
         )
         enable_fsdp_on_cpu(self.accelerator)
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            configure_deepspeed(self.accelerator.state.deepspeed_plugin.deepspeed_config, precision=self.precision,
+                                clip_norm=self.trainer.clip_norm, grad_accum=self.trainer.grad_accum,
+                                micro_batch=self.loader_cfg.batch_size or 1)
         self.is_main = self.accelerator.is_main_process
         self.resume_from: list[Path] | None = None
         self.lock = None
@@ -150,6 +160,8 @@ class Run:
         self.processor = build_component(self.registry, "processor", data["processor"], "data.processor")
         self.model = build_model(spec["model"], self.registry, self.task)
         check_vocabulary(self.processor, self.model)
+        if self.deepspeed and self.task != "evaluate":
+            refuse_under_deepspeed(self.model, task=self.task, grad_accum=self.trainer.grad_accum)
         init = (spec["model"] or {}).get("init")
         if init and not self.resume_from:
             report = load_initial_weights(self.model, init["checkpoint"], strict=bool(init.get("strict", False)),
@@ -214,6 +226,8 @@ class Run:
         model, optimizer, train_loader, scheduler = acc.prepare(self.model, optimizer, train_loader, scheduler)
         if acc.distributed_type == DistributedType.FSDP:
             self.print(describe_fsdp_units(model))
+        if self.deepspeed:
+            self.print(describe_deepspeed(acc))
         state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
         if self.resume_from is None:
             if self.is_main:
@@ -236,6 +250,7 @@ class Run:
                    f"training examples, {len(train_loader)} batches per epoch per process, {acc.num_processes} process(es)")
 
         trainable = [p for p in model.parameters() if p.requires_grad]
+        deepspeed_loss = DeepSpeedLoss(model, acc, normalize=self.task == "pretrain") if self.deepspeed else None
         step, epoch, done_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         window: dict[str, float] = defaultdict(float)
         window_start = time.perf_counter()
@@ -277,8 +292,10 @@ class Run:
                                             sample_size=sample_size)
                                 loss = backward_loss(out.loss, sample_size)
                             else:  # every example was left out: a zero loss keeps processes in step
-                                loss = self._zero_loss(model, trainable, stand_in)
+                                loss, sample_size = self._zero_loss(model, trainable, stand_in), None
                                 pending.add(loss, None, 0, lambda: "an empty batch", counted=False)
+                            if deepspeed_loss is not None:  # it steps in backward: settle bad losses, normalise
+                                loss = deepspeed_loss(loss, sample_size)
                             # backward even on a bad loss: every process must join the gradient all-reduce
                             acc.backward(loss)
                             skip_reason = None
@@ -370,8 +387,9 @@ class Run:
     def _zero_loss(self, model, trainable, stand_in: dict[str, Any] | None):
         """A zero loss whose backward joins the gradient all-reduce, for a process whose batch had
         no loadable example. Under FSDP the model must also run forward (it gathers parameters
-        from every process then): on the last batch that loaded."""
-        if self.accelerator.distributed_type == DistributedType.FSDP and stand_in is not None:
+        from every process then), under DeepSpeed give gradients to the same parameters as the
+        other processes' batches (ZeRO-2 reduces them in buckets): on the last batch that loaded."""
+        if (self.accelerator.distributed_type == DistributedType.FSDP or self.deepspeed) and stand_in is not None:
             return model(stand_in).loss * 0.0
         return sum(p.sum() for p in trainable) * 0.0
 
@@ -387,20 +405,23 @@ class Run:
         counts = pending.counts(acc.device)
         if acc.num_processes > 1:
             counts = acc.reduce(counts, reduction="sum")
-        averaged_over = acc.num_processes * acc.gradient_accumulation_steps  # Accelerate's and DDP/FSDP's means
-        normalize_gradients([p.grad for p in trainable if p.grad is not None], counts[1], counts[2], averaged_over)
+        if not self.deepspeed:  # DeepSpeed has stepped already, normalised in backward (DeepSpeedLoss)
+            averaged_over = acc.num_processes * acc.gradient_accumulation_steps  # Accelerate's and DDP/FSDP's means
+            normalize_gradients([p.grad for p in trainable if p.grad is not None], counts[1], counts[2], averaged_over)
         max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(trainable, max_norm)
+        grad_norm = acc.clip_grad_norm_(trainable, max_norm)  # DeepSpeed: the norm its step saw (it clipped there)
         settled, bad_count = pending.settle(grad_norm, window, counts[0] if acc.num_processes > 1 else None)
         reason = settled.bad_loss
         if reason is None and bad_count > 0:
             reason = "a non-finite loss on another process"
         if reason is None and not math.isfinite(settled.grad_norm):
             reason = f"gradient norm {settled.grad_norm}"
-        if reason is not None and acc.scaler is None:
+        if reason is not None and acc.scaler is None and not self.deepspeed:
             return reason
         optimizer.step()  # with fp16 the grad scaler skips a non-finite step itself and lowers its scale
-        if getattr(optimizer, "step_was_skipped", False):
+        if self.deepspeed:  # its step (a no-op here) ran in backward: its verdict decides
+            reason = deepspeed_skip_reason(optimizer.step_was_skipped, reason)
+        elif getattr(optimizer, "step_was_skipped", False):
             return reason or "fp16 overflow (the grad scaler lowered its loss scale)"
         if reason is not None:
             return reason
@@ -578,12 +599,12 @@ class Run:
                 self.skipped_log.write(split, left_out)
             if not batch or index >= own:
                 if in_step and (batch or stand_in):  # run, not counted
-                    with acc.autocast():
+                    with self._autocast():
                         model(send_to_device(batch, acc.device) if batch else stand_in)
                 continue
             batch = send_to_device(batch, acc.device)
             stand_in = stand_in or batch
-            with acc.autocast():
+            with self._autocast():
                 out = model(batch)
             if out.loss is not None:  # weighed by what the loss is a mean over: a true mean of the split
                 weight = sample_size_of(out) or len(batch.get("ids", ())) or int(batch["inputs"].shape[0])
@@ -615,6 +636,13 @@ class Run:
         if keep_predictions:
             self._write_predictions(gather_object(rows))
         return metrics
+
+    def _autocast(self):
+        """Accelerate's autocast. DeepSpeed turns that off and autocasts inside its engine's forward;
+        evaluation calls the model itself, so it autocasts the same way there."""
+        if self.deepspeed and self.precision == "bf16":
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     def _write_predictions(self, rows: list) -> None:
         if not self.is_main:
