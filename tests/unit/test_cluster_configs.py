@@ -20,17 +20,22 @@ from d2v.runner.parallel import configure_deepspeed
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch_environment(name: str) -> dict[str, str]:
-    """The environment `accelerate launch --config_file experiments/accelerate/<name>.yaml` gives
-    its workers (what its launch_command does before starting them)."""
+def launch(name: str, *options: str):
+    """What `accelerate launch --config_file experiments/accelerate/<name>.yaml [options]` does
+    before starting its workers: the parsed arguments, the command it would run instead of
+    torch's launcher (None: torch's), and the environment the workers get."""
     args = launch_command_parser().parse_args(["--config_file", str(ROOT / "experiments" / "accelerate" / f"{name}.yaml"),
-                                               "-m", "d2v.cli", "run", "spec.yaml"])
+                                               *options, "-m", "d2v.cli", "run", "spec.yaml"])
     args, defaults, mixed_precision_from_config = _validate_launch_command(args)
     if not args.use_deepspeed:
-        return prepare_multi_gpu_env(args)
+        return args, None, prepare_multi_gpu_env(args)
     fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
     args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-    return prepare_deepspeed_cmd_env(args)[1]
+    return args, *prepare_deepspeed_cmd_env(args)
+
+
+def launch_environment(name: str) -> dict[str, str]:
+    return launch(name)[2]
 
 
 @pytest.fixture
@@ -86,6 +91,15 @@ def test_the_deepspeed_config_gets_the_spec_settings(worker_env):
         assert config["train_micro_batch_size_per_gpu"] == 8 and config["zero_optimization"]["stage"] == 2
         assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]
         assert config["torch_autocast"] == {"enabled": precision == "bf16", "dtype": "bfloat16"}
+
+
+def test_the_deepspeed_config_runs_one_launcher_per_node_as_the_sbatch_script_does():
+    """experiments/slurm/pretrain.sbatch starts `accelerate launch` on each node with its rank;
+    under DeepSpeed's default multi-node launcher (pdsh) that became `deepspeed --hostfile None`."""
+    args, command, _ = launch("deepspeed_zero2", "--num_machines", "2", "--num_processes", "16", "--machine_rank", "1",
+                              "--main_process_ip", "10.0.0.1")
+    assert command is None  # torch's launcher, on this node only, as for DDP and FSDP
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
 
 
 @pytest.mark.parametrize("change, message", [
