@@ -205,3 +205,28 @@ def test_what_deepspeed_cannot_do_exactly_stops_the_launch_at_start(tmp_path):
     assert done.returncode != 0
     assert "d2v: error: model.encoder.layerdrop > 0 (AudioTransformerEncoder) cannot run under DeepSpeed" in done.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_an_fsdp_pretraining_run_resumed_after_a_crash_ends_as_the_uninterrupted_run(tmp_path, single_thread):
+    """data2vec 2.0 with its EMA teacher under FSDP2: a copy of the run as it was when the
+    step-2 checkpoint was written (the later checkpoint and final/ gone, as after a crash)
+    resumes from Accelerate's FSDP checkpoint and ends with the uninterrupted run's weights."""
+    import shutil
+
+    os.chdir(ROOT)
+    spec, overrides, _ = CASES["data2vec 2.0 audio"]
+    args = [f"experiments/{spec}", *COMMON, *overrides, "trainer.max_steps=4", "trainer.save_every=2",
+            "trainer.keep_last=3"]
+    whole = launch_two(tmp_path, "fsdp", [*args, f"trainer.output_dir={tmp_path / 'whole'}"], 29690)
+    assert whole.returncode == 0, "\n".join(line for line in whole.stderr.splitlines() if "rank" in line)[-4000:]
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "whole", crashed)
+    shutil.rmtree(crashed / "final")
+    shutil.rmtree(crashed / "checkpoints" / "step-00000004")
+    (crashed / "checkpoints" / "latest").write_text("step-00000002")
+    resumed = launch_two(tmp_path, "fsdp", [*args, f"trainer.output_dir={crashed}", "--resume"], 29691)
+    assert resumed.returncode == 0, "\n".join(line for line in resumed.stderr.splitlines() if "rank" in line)[-4000:]
+    assert "resuming from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert max_difference(load_file(crashed / "final" / "model.safetensors"),
+                          load_file(tmp_path / "whole" / "final" / "model.safetensors")) == 0.0

@@ -370,6 +370,9 @@ class Run:
         parameters a probe batch leaves without gradient (e.g. a pooler the head ignores)."""
         acc, setting = self.accelerator, self.trainer.find_unused_parameters
         if not wraps_in_ddp(acc) or acc.ddp_handler is None:
+            if setting != "auto" and acc.num_processes > 1:  # the spec may serve DDP launches too: say, not stop
+                self.print(f"note: trainer.find_unused_parameters: {str(setting).lower()} is a DDP setting; "
+                           f"it does nothing under {acc.distributed_type.value}")
             return
         if setting == "auto":
             layerdrop = any(float(getattr(m, "layerdrop", 0) or 0) > 0 for m in self.model.modules())
