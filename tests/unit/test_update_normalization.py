@@ -128,3 +128,25 @@ def test_pretraining_cannot_accumulate_under_deepspeed():
                                         r".*Use trainer.grad_accum: 1 with more processes or larger batches"):
         refuse_under_deepspeed(torch.nn.Linear(2, 2), task="pretrain", grad_accum=2)
     refuse_under_deepspeed(torch.nn.Linear(2, 2), task="pretrain", grad_accum=1)
+
+
+def test_the_evaluation_loss_is_the_mean_over_all_regressed_positions(tmp_path):
+    """Not a mean of batch means: every batch counts by its sample size, as in training."""
+    os.chdir(ROOT)
+    name, extra = CASES["data2vec 2.0 audio"]
+    runner = Run(_spec(name, [*extra, "data.valid.max_examples=7"], tmp_path / "run"))
+    try:
+        torch.manual_seed(0)
+        reported = runner.evaluate_split("valid")["loss"]
+        torch.manual_seed(0)  # the same masks (drawn in forward: evaluation batches are not transformed)
+        model = runner.model.eval()
+        with torch.no_grad():
+            outputs = [model(batch) for batch in runner.eval_loader("valid")]
+    finally:
+        runner.release()
+    sizes = [out.sample_size for out in outputs]
+    assert len(set(sizes)) > 1  # batches of different sizes: the two means differ
+    true_mean = sum(float(out.loss) * n for out, n in zip(outputs, sizes)) / sum(sizes)
+    mean_of_means = sum(float(out.loss) for out in outputs) / len(outputs)
+    assert reported == pytest.approx(true_mean, rel=1e-6)
+    assert abs(mean_of_means - true_mean) > 1e-4 * abs(true_mean)
