@@ -25,7 +25,9 @@ from d2v.registry import KINDS, Registry, did_you_mean
 TASKS = ("finetune", "pretrain", "evaluate")
 TOP_LEVEL = ("task", "seed", "description", "model", "data", "optim", "schedule", "trainer", "evaluate")
 MODEL_KEYS = ("preset", "feature_extractor", "encoder", "head", "objective", "init", "freeze")
-DATA_KEYS = ("processor", "train", "valid", "test", "loader", "on_bad_example")
+DATA_KEYS = ("processor", "train", "valid", "test", "loader", "on_bad_example", "max_skipped_fraction")
+#: default share of a split whose unreadable examples may be left out before the run stops
+MAX_SKIPPED_FRACTION = 0.001
 DATA_SPLITS = ("train", "valid", "test")
 
 # Parameters the builder supplies itself; a spec may not need to set them.
@@ -485,6 +487,9 @@ class Validator:
             self.dataclass_section(LoaderConfig, data.get("loader"), "data.loader")
             if data.get("on_bad_example", "skip") not in ("error", "skip"):
                 self.error("data.on_bad_example", f"expected error or skip, got {data['on_bad_example']!r}.")
+            budget = data.get("max_skipped_fraction", MAX_SKIPPED_FRACTION)
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+                self.error("data.max_skipped_fraction", f"expected a fraction between 0 and 1, got {budget!r}.")
         if task != "evaluate":
             if "optim" not in spec:
                 self.error("optim", "missing 'optim:' section (e.g. {name: adam, lr: 5e-5}).")
