@@ -22,8 +22,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from d2v.config import load_spec
     from d2v.runner import run
 
-    spec = load_spec(args.spec, args.overrides)
-    metrics = run(spec, resume=args.resume)
+    spec = load_spec(args.spec, [*args.overrides, *(["trainer.resume=true"] if args.resume else [])])
+    metrics = run(spec)
     if metrics and int(os.environ.get("RANK", "0")) == 0:  # one report under accelerate launch
         print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
@@ -105,8 +105,10 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a spec (finetune, pretrain or evaluate)")
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.max_steps=10")
-    p.add_argument("--resume", action="store_true", help="continue the run in trainer.output_dir from its newest "
-                                                         "intact checkpoint (trainer.resume=auto: only if one exists)")
+    p.add_argument("--resume", action="store_true",
+                   help="the same as trainer.resume=true: continue the run in trainer.output_dir from its newest "
+                        "intact checkpoint, an error when it has none (trainer.resume=auto: resume if there is "
+                        "a checkpoint, else start fresh)")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("check", help="validate a spec without building anything")

@@ -76,8 +76,9 @@ class TrainerConfig:
     cpu: bool = False
     #: how many skipped (non-finite) updates in a row stop the run
     max_bad_steps: int = 20
-    #: ``auto``: continue from the newest good checkpoint when one exists, else start fresh
-    #: (what a requeued cluster job needs); ``true``: the same as ``--resume``
+    #: ``true`` (what ``--resume`` sets): continue from the newest good checkpoint, an error when
+    #: there is none; ``auto``: resume when a checkpoint exists, else start fresh (what a requeued
+    #: cluster job needs); ``false``: start fresh, an error when the directory holds a run
     resume: bool | str = False
     #: DDP's find_unused_parameters; ``auto``: on only when LayerDrop is on or a probe batch
     #: leaves a trainable parameter without gradient (it costs a graph traversal per step)

@@ -4,6 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+from safetensors.torch import load_file
+
+from d2v.cli import main
+from d2v.runner import train as train_module
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,3 +55,50 @@ def test_missing_spec_file_exit_2():
     result = subprocess.run([sys.executable, "-c", "import sys; from d2v.cli import run_main; sys.exit(run_main(['nope.yaml']))"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "d2v-run: error: spec file 'nope.yaml' does not exist" in result.stderr
+
+
+def _toy_spec_file(toy, path: Path, output_dir: Path | None, **trainer) -> Path:
+    spec = toy.toy_spec(output_dir, **trainer)
+    if output_dir is None:
+        del spec["trainer"]["output_dir"]
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_resume_flag_is_trainer_resume_true(toy_plugin, tmp_path, monkeypatch, capsys):
+    """`--resume` is an alias of `trainer.resume=true`: the same error when there is nothing to
+    resume; the same resumed run (same weights, same saved spec, no 'the spec differs' copy)."""
+    errors = []
+    for spelling in ("--resume", "trainer.resume=true"):
+        spec = _toy_spec_file(toy_plugin, tmp_path / "empty.yaml", tmp_path / "empty", max_steps=4)
+        assert main(["run", str(spec), spelling]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and "no complete checkpoint" in errors[0]
+
+    real_write = train_module.MetricsLog.write
+
+    def killed_after_step_3(self, record):
+        real_write(self, record)
+        if record.get("step") == 3 and record.get("split") == "train":
+            raise KeyboardInterrupt
+
+    runs = {"--resume": tmp_path / "a", "trainer.resume=true": tmp_path / "b"}
+    specs = {spelling: _toy_spec_file(toy_plugin, tmp_path / f"{d.name}.yaml", d, max_steps=6, save_every=2)
+             for spelling, d in runs.items()}
+    monkeypatch.setattr(train_module.MetricsLog, "write", killed_after_step_3)
+    for spelling in runs:
+        assert main(["run", str(specs[spelling])]) == 130
+    monkeypatch.setattr(train_module.MetricsLog, "write", real_write)
+    for spelling in runs:
+        assert main(["run", str(specs[spelling]), spelling]) == 0
+    a, b = runs.values()
+    for run_dir in (a, b):
+        assert not list(run_dir.glob("spec.resumed-at-*"))
+        assert "resume" in (run_dir / "metrics.jsonl").read_text()
+    saved = [yaml.safe_load((d / "final" / "spec.yaml").read_text()) for d in (a, b)]
+    for spec in saved:
+        assert spec["trainer"].pop("resume") is True
+        spec["trainer"].pop("output_dir")
+    assert saved[0] == saved[1]
+    weights_a, weights_b = (load_file(str(d / "final" / "model.safetensors")) for d in (a, b))
+    assert all((weights_a[k] == weights_b[k]).all() for k in weights_a)

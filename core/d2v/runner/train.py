@@ -497,10 +497,18 @@ class Run:
                         f"{'; '.join(problems)}. Start a fresh run in another trainer.output_dir.")
 
     def _keep_original_spec(self, step: int) -> None:
-        """A resumed run never overwrites the spec it started with; a changed spec is saved beside it."""
+        """A resumed run never overwrites the spec it started with; a changed spec is saved beside it.
+        ``trainer.resume`` is no change: it says how a session starts (``--resume`` sets it)."""
+        import yaml
+
+        def settings(text: str) -> dict:
+            spec = yaml.safe_load(text) or {}
+            (spec.get("trainer") or {}).pop("resume", None)
+            return spec
+
         original = self.output_dir / "spec.yaml"
         text = dump_spec(self.spec)
-        if self.is_main and original.exists() and original.read_text() != text:
+        if self.is_main and original.exists() and settings(original.read_text()) != settings(text):
             changed = self.output_dir / f"spec.resumed-at-{step:08d}.yaml"
             write_text_atomic(changed, text)
             self.print(f"note: the spec differs from {original}; the resumed spec is saved as {changed}")
