@@ -1,11 +1,11 @@
 """d2v: data2vec (1.0 and 2.0) for speech, text and images, built from plugins."""
 
-from d2v.errors import SpecError
+from d2v.errors import BadFile, SpecError
 from d2v.hookspecs import hookimpl
 from d2v.pipeline import pipeline  # d2v.pipeline(task, model=...): predictions on your own files
 
 __version__ = "0.1.0"
-__all__ = ["SpecError", "hookimpl", "from_pretrained", "pipeline", "__version__"]
+__all__ = ["BadFile", "SpecError", "hookimpl", "from_pretrained", "pipeline", "__version__"]
 
 
 def from_pretrained(path, **kwargs):

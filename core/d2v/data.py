@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from d2v.config import LoaderConfig
-from d2v.errors import SpecError
+from d2v.errors import BadFile, SpecError
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -92,7 +92,10 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 #: what ``data.on_bad_example`` may say
 BAD_EXAMPLE_POLICIES = ("error", "skip")
-#: exceptions that mean "this file is bad" (a bug raises something else and is not hidden)
+#: exceptions that mean "this example's file is bad": the only ones ``skip`` leaves out. A bug
+#: in a processor, a collate or a plugin raises something else and stops the run, naming the example
+BAD_FILE_ERRORS = (BadFile, OSError, EOFError, UnicodeError)
+#: what reading a user's input can fail with (``d2v predict`` reports each failed input and goes on)
 BAD_DATA_ERRORS = (SpecError, OSError, ValueError, RuntimeError, EOFError, UnicodeError)
 #: key of the stand-in a skipped example becomes between ``load`` and ``Collate``
 SKIPPED = "__skipped__"
@@ -149,13 +152,24 @@ class ProcessedDataset(Dataset):
         example = self.dataset[index]
         try:
             return self._load(example, index)
-        except BAD_DATA_ERRORS as err:
-            name = example.get("id", index) if isinstance(example, dict) else index
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
+        except BAD_FILE_ERRORS as err:
+            name, reason = self._describe(example, index, err)
             if self.on_bad_example == "skip":
                 return {SKIPPED: reason, "id": name}
             raise BadExample(f"{self.where}: example '{name}' cannot be loaded: {reason} "
                              f"(data.on_bad_example: skip leaves such examples out)") from None
+        except SpecError as err:  # the example does not fit the spec (labels, task): nothing to skip
+            name, reason = self._describe(example, index, err)
+            raise BadExample(f"{self.where}: example '{name}': {reason} (not an unreadable file, so "
+                             f"data.on_bad_example: skip does not leave it out: fix the data or the spec)") from None
+        except Exception as err:  # a bug: its traceback, and which example set it off
+            err.add_note(f"(while {self.where} loaded example '{self._describe(example, index, err)[0]}')")
+            raise
+
+    @staticmethod
+    def _describe(example: Any, index: int, err: BaseException) -> tuple[Any, str]:
+        name = example.get("id", index) if isinstance(example, dict) else index
+        return name, (str(err).splitlines() or [type(err).__name__])[0]
 
     def _load(self, example: Any, index: int) -> dict:
         if self._rng_kind == "rng":  # a numpy Generator

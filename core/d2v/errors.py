@@ -14,3 +14,11 @@ class TrainingCollapse(RuntimeError):
     Raised by objectives; the runner stops with the message, keeping the last good
     checkpoint untouched.
     """
+
+
+class BadFile(SpecError):
+    """An example's file cannot be used: missing, unreadable, undecodable, truncated, empty, in
+    the wrong encoding. A property of the file, not of the code: ``data.on_bad_example: skip``
+    leaves such an example out (listed, and counted against ``data.max_skipped_fraction``);
+    anything else an example raises stops the run. Processors and datasets raise it for exactly
+    these problems."""

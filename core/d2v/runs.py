@@ -23,6 +23,7 @@ from d2v.errors import SpecError
 from d2v.registry import did_you_mean
 
 METRICS_FILE = "metrics.jsonl"
+SKIPPED_FILE = "skipped.tsv"
 #: record fields that say where a value belongs rather than what was measured
 BOOKKEEPING = ("split", "step", "epoch", "time")
 #: spec settings every run sets differently on purpose: never a "varying setting" worth a column
@@ -106,6 +107,16 @@ class RunHistory:
         """Time spent running: each session (fresh start or resume) from its first line to its
         last, summed. ``None`` for runs logged before records carried a ``time``."""
         return sum(end - begin for begin, end in self.sessions) if self.sessions else None
+
+    @property
+    def skipped(self) -> int:
+        """Examples the run left out as unusable (each file once per split), from its
+        ``skipped.tsv`` (see ``data.max_skipped_fraction``)."""
+        path = self.path / SKIPPED_FILE
+        if not path.is_file():
+            return 0
+        rows = (line.split("\t")[:2] for line in path.read_text(errors="replace").splitlines() if line.strip())
+        return len({tuple(row) for row in rows})
 
     @property
     def status(self) -> str:
@@ -290,13 +301,14 @@ def run_table(histories: list[RunHistory], *, root: Path | None = None, metrics:
     else:
         known = list(dict.fromkeys(k for h in histories for k in flat_settings(h.spec)))
         setting_names = _pick(list(settings), known, "--settings")
-    columns = [*FIXED_COLUMNS, *setting_names, *metric_names, "wall_time"]
+    skipped = any(history.skipped for history in histories)  # a column once any run left examples out
+    columns = [*FIXED_COLUMNS, *(["skipped"] if skipped else []), *setting_names, *metric_names, "wall_time"]
     rows = []
     for history in histories:
         spec = flat_settings(history.spec)
         last = {split: history.last(split) or {} for split in history.splits()}
         row = [_run_name(history.path, root), history.spec_name, history.task, history.status,
-               history.steps, *(spec.get(s) for s in setting_names),
+               history.steps, *([history.skipped] if skipped else []), *(spec.get(s) for s in setting_names),
                *(last.get(available[m][0], {}).get(available[m][1]) for m in metric_names), history.wall_seconds]
         rows.append(row)
         if history.unreadable_lines:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from d2v.errors import SpecError
+from d2v.errors import BadFile, SpecError
 
 INDEX_NAME = "index.json"
 FORMAT = "d2v-shards/1"
@@ -147,7 +147,7 @@ class ShardedDataset:
         try:
             samples = IndexedTarSamples(path=str(self.shards[number]))
         except Exception as err:  # noqa: BLE001 -- a damaged tar: name it
-            raise SpecError(f"shards: '{self.shards[number]}' cannot be read: {type(err).__name__}: {err}.") from None
+            raise BadFile(f"shards: '{self.shards[number]}' cannot be read: {type(err).__name__}: {err}.") from None
         self._open[number] = samples
         return samples
 

@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from d2v.errors import SpecError
+from d2v.errors import BadFile, SpecError
 from d2v_audio.frame_labels import pad_frame_labels, segments_to_frames, shift_segments
 
 CROPS = ("random", "start", "none")
@@ -148,7 +148,7 @@ class AudioProcessor:
             try:
                 info = sf.info(path)
             except (RuntimeError, OSError, ValueError, TypeError) as err:
-                raise SpecError(f"cannot read audio file '{path}': {err}") from None
+                raise BadFile(f"cannot read audio file '{path}': {err}") from None
             length = int(info.frames) * self.sample_rate // max(int(info.samplerate), 1)
             return [{**(fields or {}), "path": path, "length": length, "dataset": "the inputs"}]
         return [{**(fields or {}), "array": array, "sampling_rate": rate, "length": array.shape[0] * self.sample_rate // rate}]
@@ -164,7 +164,7 @@ class AudioProcessor:
         try:
             return sf.read(path, dtype="float32", always_2d=True)
         except (RuntimeError, OSError, ValueError, TypeError) as err:
-            raise SpecError(
+            raise BadFile(
                 f"cannot read audio file '{path}' (example '{example.get('id', '?')}' of {where}): "
                 f"{err}. Check that the file exists and is a valid audio file (FLAC, WAV, OGG, ...), "
                 f"or remove it from the dataset."
@@ -175,7 +175,7 @@ class AudioProcessor:
         normalisation)."""
         data, rate = self._decode(example)
         if data.shape[0] == 0:
-            raise SpecError(
+            raise BadFile(
                 f"audio file '{example.get('path', '<array>')}' (example '{example.get('id', '?')}' of "
                 f"{example.get('dataset') or 'the dataset'}) has no samples. Remove it from the dataset."
             )

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2v.errors import SpecError
+from d2v.errors import BadFile, SpecError
 from d2v.masking import BertMask
 from d2v_text.tokenizer import Pieces, TextTokenizer, load_tokenizer, train_sentencepiece
 
@@ -269,7 +269,7 @@ class TextProcessor:
             try:
                 lines = Path(item).read_bytes().decode("utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as err:
-                raise SpecError(f"cannot read text file '{item}': {err}") from None
+                raise BadFile(f"cannot read text file '{item}': {err}") from None
             return [dict(self._predict_example(line, task, fields), line=n)
                     for n, line in enumerate(lines, start=1) if line.strip()]
         return [self._predict_example(item, task, fields)]

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-from d2v.errors import SpecError
+from d2v.errors import BadFile, SpecError
 
 RESAMPLE = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
             "nearest": InterpolationMode.NEAREST}
@@ -60,9 +60,9 @@ def read_rgb(path: str | Path) -> Image.Image:
             image.load()
             return to_rgb(image)
     except FileNotFoundError:
-        raise SpecError(f"image file '{path}' does not exist.") from None
+        raise BadFile(f"image file '{path}' does not exist.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise SpecError(f"image file '{path}' cannot be decoded ({exc}); it may be truncated or not an image. "
+        raise BadFile(f"image file '{path}' cannot be decoded ({exc}); it may be truncated or not an image. "
                         f"Re-download or remove it.") from None
 
 
@@ -73,9 +73,9 @@ def read_label_map(path: str | Path) -> torch.Tensor:
             image.load()
             array = np.asarray(image if image.mode in ("L", "P", "I", "I;16") else image.convert("L"))
     except FileNotFoundError:
-        raise SpecError(f"segmentation map '{path}' does not exist.") from None
+        raise BadFile(f"segmentation map '{path}' does not exist.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise SpecError(f"segmentation map '{path}' cannot be decoded ({exc}).") from None
+        raise BadFile(f"segmentation map '{path}' cannot be decoded ({exc}).") from None
     return torch.from_numpy(array.astype(np.int64))
 
 

@@ -42,9 +42,14 @@ def _overrides(root: Path, out: Path, *extra: str) -> list[str]:
             "trainer.progress_bar=false", "trainer.log_every=1", f"trainer.output_dir={out}", *extra]
 
 
-def test_skip_policy_names_every_bad_file_and_trains_on(damaged_corpus, tmp_path, single_thread):
+def test_skip_policy_names_every_bad_file_and_trains_on(damaged_corpus, tmp_path, single_thread, capsys):
     root, cut = damaged_corpus
-    assert main(["run", str(SPEC), *_overrides(root, tmp_path / "run", "data.on_bad_example=skip")]) == 0
+    assert main(["run", str(SPEC), *_overrides(root, tmp_path / "run", "data.on_bad_example=skip",
+                                               "data.max_skipped_fraction=0.5")]) == 0
+    assert "skipped_examples=3" in capsys.readouterr().out  # in the final summary line
+    assert main(["runs", str(tmp_path)]) == 0
+    header, *rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert "skipped" in header and rows[0][header.index("skipped")] == "3"  # and in d2v runs
     rows = [line.split("\t") for line in (tmp_path / "run" / "skipped.tsv").read_text().splitlines()]
     by_id = {(split, name): reason for split, name, reason in rows}
     assert set(by_id) == {("train", "down/down_000"), ("train", "left/left_001"), ("valid", f"down/{cut}")}
@@ -87,7 +92,7 @@ def test_oov_transcripts_are_reported_and_clips_too_short_for_a_frame_are_left_o
     overrides = [f"data.train={{name: audio_manifest, path: {corpus / 'train.tsv'}}}", "data.valid=null",
                  "data.test=null", "data.loader.max_batch_seconds=null", "data.loader.batch_size=2",
                  "trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_before_training=false",
-                 "trainer.progress_bar=false", f"trainer.output_dir={tmp_path / 'run'}"]
+                 "trainer.progress_bar=false", f"trainer.output_dir={tmp_path / 'run'}", "data.max_skipped_fraction=0.25"]
     assert main(["run", str(ROOT / "experiments" / "asr_demo.yaml"), *overrides]) == 0
     out = capsys.readouterr().out
     assert "3 transcript characters in 1 utterances are not in the CTC vocabulary and become <unk>" in out
@@ -117,7 +122,8 @@ def test_images_in_other_modes_load_and_broken_images_follow_the_policy(tmp_path
     rgb.convert("P").save(circle / "palette.png")
     (circle / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     common = [f"data.train.root={root}", f"data.valid.root={root}", "trainer.max_steps=2", "trainer.eval_every=0",
-              "trainer.eval_before_training=false", "trainer.progress_bar=false", "data.loader.batch_size=16"]
+              "trainer.eval_before_training=false", "trainer.progress_bar=false", "data.loader.batch_size=16",
+              "data.max_skipped_fraction=0.1"]
     spec = str(ROOT / "experiments" / "vision_cls_demo.yaml")
     assert main(["run", spec, *common, f"trainer.output_dir={tmp_path / 'skip'}"]) == 0
     skipped = (tmp_path / "skip" / "skipped.tsv").read_text().splitlines()
@@ -141,3 +147,53 @@ def test_text_lines_that_are_not_utf8_follow_the_policy(tmp_path, policy):
     assert [ex["text"] for ex in data.examples] == ["the first line", "the third line"]
     assert [ex["id"] for ex in data.examples] == ["corpus:1", "corpus:3"]
     assert data.skipped == [("corpus:2", "line 2 is not valid UTF-8 (byte 3: b'\\xe9 in')")]
+
+
+def test_more_unreadable_files_than_the_budget_stop_the_run_naming_them(damaged_corpus, tmp_path, capsys,
+                                                                        single_thread):
+    """The default data.max_skipped_fraction (0.001) allows none of 8 examples: the run stops
+    (exit 2) before training, naming files, the count, the list and the setting. A file that
+    fails only when loaded (cut in half) stops an evaluation after its numbers were logged."""
+    root, cut = damaged_corpus
+    out = tmp_path / "run"
+    assert main(["run", str(SPEC), *_overrides(root, out)]) == 2
+    err = capsys.readouterr().err
+    assert "data.train: 2 of 8 examples could not be used (25%)" in err and "down/down_000" in err
+    assert "data.max_skipped_fraction: 0.001 allows (0)" in err and str(out / "skipped.tsv") in err
+    assert not (out / "checkpoints").exists()
+    trained = tmp_path / "trained"
+    assert main(["run", str(SPEC), *_overrides(root, trained, "data.max_skipped_fraction=0.5")]) == 0
+    assert main(["run", str(SPEC), *_overrides(root, tmp_path / "b", "task=evaluate", "evaluate.split=valid",
+                                               f"evaluate.checkpoint={trained / 'final'}")]) == 2
+    assert f"data.valid: 1 of 8 examples could not be used (12%), more than" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r.get("split") == "valid"][-1]["skipped_examples"] == 1
+
+
+def test_a_bug_in_a_processor_is_never_skipped_as_bad_data(damaged_corpus, tmp_path, monkeypatch, capsys,
+                                                          single_thread):
+    """Only a file's own problems are left out: a processor raising a ValueError (a bug) stops
+    the run with its traceback and the example's id, and one raising a SpecError about the
+    example (not about its file) is a clear error, under data.on_bad_example: skip."""
+    from d2v_audio.processor import AudioProcessor
+
+    root, _ = damaged_corpus
+    real_read = AudioProcessor.read
+
+    def read(self, example, kind=ValueError):
+        if example.get("id") == "left/left_000":
+            raise kind("index 3 is out of bounds")
+        return real_read(self, example)
+
+    monkeypatch.setattr(AudioProcessor, "read", read)
+    overrides = _overrides(root, tmp_path / "a", "data.max_skipped_fraction=0.5")
+    with pytest.raises(ValueError, match="index 3 is out of bounds") as caught:
+        main(["run", str(SPEC), *overrides])
+    assert any("left/left_000" in note for note in caught.value.__notes__)
+
+    from d2v.errors import SpecError
+
+    monkeypatch.setattr(AudioProcessor, "read", lambda self, example: read(self, example, SpecError))
+    assert main(["run", str(SPEC), *_overrides(root, tmp_path / "b", "data.max_skipped_fraction=0.5")]) == 2
+    err = capsys.readouterr().err
+    assert "example 'left/left_000': index 3 is out of bounds (not an unreadable file" in err

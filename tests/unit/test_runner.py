@@ -154,6 +154,14 @@ def test_the_ddp_probe_leaves_no_trace():
     assert all(p.grad is None for p in net.parameters())
 
 
+def _no_skips():
+    from pathlib import Path
+
+    from d2v.runner.guards import SkipBudget, SkippedLog
+
+    return SkipBudget(0.001, SkippedLog(Path("skipped.tsv")))
+
+
 class _FakeAccelerator:
     def __init__(self, norm: float, scaler: bool):
         self.norm, self.scaler, self.num_processes = norm, (object() if scaler else None), 1
@@ -186,7 +194,7 @@ def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, 
     from d2v.runner.pending import PendingUpdate
 
     fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler), trainer=SimpleNamespace(clip_norm=0.0),
-                           deepspeed=False)
+                           deepspeed=False, skip_budget=_no_skips())
     optimizer = _FakeOptimizer(scaler_skips)
     window = defaultdict(float)
     pending = PendingUpdate()  # two micro-batches: a finite one, then the one under test
@@ -220,7 +228,7 @@ def test_under_deepspeed_its_own_verdict_decides_whether_the_update_counts(norm,
     from d2v.runner.pending import PendingUpdate
 
     fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler=False), trainer=SimpleNamespace(clip_norm=0.0),
-                           deepspeed=True)
+                           deepspeed=True, skip_budget=_no_skips())
     optimizer, window, pending = _FakeOptimizer(deepspeed_skipped), defaultdict(float), PendingUpdate()
     pending.add(torch.tensor(bad_loss if bad_loss is not None else 4.0), {}, 5, lambda: "the batch of b")
     assert train_module.Run._apply_update(fake, optimizer, [], pending, window) == reason

@@ -6,9 +6,9 @@
 * :class:`StopSignals` -- SIGTERM (what SLURM and cloud schedulers send before killing a job),
   SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) ask the run to stop after the current
   update; the runner then writes a checkpoint and exits with :data:`PREEMPTED_EXIT_CODE`.
-* :class:`SkippedLog` / :class:`EmptyBatches` -- examples that cannot be loaded
-  (``data.on_bad_example: skip``) are named in ``skipped.tsv``; a run whose batches are all
-  left out stops instead of spinning.
+* :class:`SkippedLog` / :class:`SkipBudget` / :class:`EmptyBatches` -- examples that cannot be
+  loaded (``data.on_bad_example: skip``) are named in ``skipped.tsv`` and counted against
+  ``data.max_skipped_fraction``; past it, or when every batch is left out, the run stops.
 * :class:`RunLock` -- an exclusive ``flock`` on ``<output_dir>/.lock`` so two jobs never write
   into one run directory; the kernel drops it when the process dies, however it dies, and
   forked children (data-loader workers) do not keep it alive after their parent is gone.
@@ -124,6 +124,51 @@ class SkippedLog:
             os.write(fd, text.encode())
         finally:
             os.close(fd)
+
+
+class SkipBudget:
+    """``data.max_skipped_fraction``: how many of a split's examples may be left out as unusable
+    (unreadable, undecodable, empty, too short for one feature frame) before the run stops.
+
+    Examples left out before training (while a dataset is indexed, or up front) are known to
+    every process alike; those that fail while loaded are seen by the process that loaded them,
+    so the runner sums :meth:`loaded_count` over processes and, only when that sum passes the
+    budget, gathers the ids themselves (a file left out in two epochs by two processes is one)."""
+
+    def __init__(self, fraction: float, log: SkippedLog):
+        self.fraction = float(fraction)
+        self.log = log
+        self.sizes: dict[str, int] = {}
+        self.up_front: dict[str, dict[object, str]] = {}
+        self.loaded: dict[str, dict[object, str]] = {}
+
+    def allowed(self, split: str) -> int:
+        return int(self.fraction * self.sizes.get(split, 0))
+
+    def add(self, split: str, rows: list[tuple[object, str]], *, up_front: bool = False) -> None:
+        (self.up_front if up_front else self.loaded).setdefault(split, {}).update(rows)
+
+    def loaded_count(self, split: str) -> int:
+        return len(self.loaded.get(split, {}))
+
+    def total(self, split: str, loaded: int | None = None) -> int:
+        """Examples of ``split`` left out so far (``loaded``: the load-time count, e.g. summed
+        over processes, instead of this process's own)."""
+        return len(self.up_front.get(split, {})) + (self.loaded_count(split) if loaded is None else int(loaded))
+
+    def check(self, split: str, loaded: int | None = None, *, examples: dict[object, str] | None = None) -> None:
+        """Raise a :class:`SpecError` (exit 2) when ``split`` left out more than it may."""
+        left_out = self.total(split, loaded)
+        if left_out <= self.allowed(split):
+            return
+        shown = {**self.up_front.get(split, {}), **self.loaded.get(split, {}), **(examples or {})}
+        some = "; ".join(f"'{name}': {str(reason).rstrip('.')}" for name, reason in list(shown.items())[:3])
+        size = self.sizes.get(split, 0)
+        raise SpecError(
+            f"data.{split}: {left_out} of {size} examples could not be used ({100 * left_out / max(size, 1):.2g}%), more "
+            f"than data.max_skipped_fraction: {self.fraction:g} allows ({self.allowed(split)}); e.g. {some}. All are "
+            f"listed in {self.log.path}. Repair or remove those files, or raise data.max_skipped_fraction."
+        )
 
 
 class EmptyBatches:

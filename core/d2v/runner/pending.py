@@ -91,16 +91,20 @@ class PendingUpdate:
         losses = torch.stack([item.loss.float().to(device) for item in self.items])
         return host + F.pad((~torch.isfinite(losses)).sum().reshape(1).double(), (0, 2))
 
-    def settle(self, grad_norm: Tensor | float, window: dict[str, Any], extra: Tensor | None = None) -> tuple[Settled, float]:
-        """Read the losses, the gradient norm and ``extra`` (e.g. the all-reduced count of bad
-        losses) back in one transfer; add the finite micro-batches to the logging ``window``
-        and forget them. Returns the update's :class:`Settled` and ``extra`` as a float."""
-        values = [torch.as_tensor(grad_norm, dtype=torch.float32).reshape(())]
-        values += [item.loss.float().reshape(()).to(values[0].device) for item in self.items]
+    def settle(self, grad_norm: Tensor | float, window: dict[str, Any],
+               extra: Tensor | None = None) -> tuple[Settled, list[float]]:
+        """Read the losses, the gradient norm and ``extra`` (numbers the update decides on, e.g.
+        the all-reduced count of bad losses) back in one transfer; add the finite micro-batches
+        to the logging ``window`` and forget them. Returns the update's :class:`Settled` and
+        ``extra``'s values."""
+        values = [torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1)]
+        values += [item.loss.float().reshape(1).to(values[0].device) for item in self.items]
+        extra_count = 0 if extra is None else extra.numel()
         if extra is not None:
-            values.append(extra.float().reshape(()).to(values[0].device))
-        read = torch.stack(values).tolist()
-        extra_value = read.pop() if extra is not None else 0.0
+            values.append(extra.float().reshape(-1).to(values[0].device))
+        read = torch.cat(values).tolist()
+        extra_values = read[len(read) - extra_count:]
+        read = read[:len(read) - extra_count]
         settled = Settled(grad_norm=read[0])
         for item, loss in zip(self.items, read[1:]):
             if not math.isfinite(loss):
@@ -115,4 +119,4 @@ class PendingUpdate:
                     if key != "loss":  # counted above
                         window[key] += value.detach() if isinstance(value, Tensor) else value
         self.items.clear()
-        return settled, extra_value
+        return settled, extra_values

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from d2v import plugins
-from d2v.config import EvaluateConfig, LoaderConfig, Spec, TrainerConfig, dump_spec, validate
+from d2v.config import MAX_SKIPPED_FRACTION, EvaluateConfig, LoaderConfig, Spec, TrainerConfig, dump_spec, validate
 from d2v.data import (Collate, ProcessedDataset, batch_sampler_for, check_policy, drop_featureless,
                       filter_training_examples, make_loader, set_epoch)
 from d2v.distill2 import frame_lengths_fn
@@ -32,7 +32,7 @@ from d2v.interfaces import Head
 from d2v.model import build_component, build_model, load_initial_weights
 from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quarantine_after, save_checkpoint,
                                    trim_metrics, write_text_atomic)
-from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkippedLog, StopSignals,
+from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkipBudget, SkippedLog, StopSignals,
                                stop_with_launcher)
 from d2v.runner.layer_options import apply_layer_options
 from d2v.runner.parallel import (DeepSpeedLoss, check_checkpoint_layout, configure_deepspeed, declare_fsdp_units,
@@ -145,6 +145,7 @@ class Run:
         data = spec["data"]
         self.on_bad_example = check_policy(data.get("on_bad_example", "skip"))
         self.skipped_log = SkippedLog(self.output_dir / "skipped.tsv")
+        self.skip_budget = SkipBudget(data.get("max_skipped_fraction", MAX_SKIPPED_FRACTION), self.skipped_log)
         # data first: a missing corpus is the cheapest mistake to report
         self.datasets = {
             split: build_component(self.registry, "dataset", data[split], f"data.{split}",
@@ -153,10 +154,14 @@ class Run:
             if data.get(split) is not None and (self.task != "evaluate" or split == self._eval_split())
         }
         for split, dataset in self.datasets.items():
+            self.skip_budget.sizes[split] = len(dataset) + len(getattr(dataset, "skipped", None) or [])
             left_out = list(getattr(dataset, "skipped", None) or [])
-            if left_out and self.is_main:
-                self.skipped_log.write(split, left_out)
+            if left_out:
+                self.skip_budget.add(split, left_out, up_front=True)
+                if self.is_main:
+                    self.skipped_log.write(split, left_out)
                 self.print(f"data.{split}: {len(left_out)} unreadable examples left out (listed in {self.skipped_log.path})")
+                self.skip_budget.check(split)
         self.processor = build_component(self.registry, "processor", data["processor"], "data.processor")
         self.model = build_model(spec["model"], self.registry, self.task)
         check_vocabulary(self.processor, self.model)
@@ -210,10 +215,12 @@ class Run:
         if feature_extractor is not None:
             train_set, too_short = drop_featureless(train_set, self.processor, frame_lengths_fn(feature_extractor))
             if too_short:
+                self.skip_budget.add("train", too_short, up_front=True)
                 if self.is_main:
                     self.skipped_log.write("train", too_short)
                 self.print(f"data.train: {len(too_short)} examples too short for a single feature frame left out "
                            f"(listed in {self.skipped_log.path})")
+                self.skip_budget.check("train")
         train_loader = make_loader(train_set, self.processor, self.loader_cfg, train=True, seed=self.seed,
                                    where="data.train", transform=transform, on_bad_example=self.on_bad_example)
         optimizer = build_component(self.registry, "optimizer", self.spec["optim"], "optim", model=self.model)
@@ -280,6 +287,7 @@ class Run:
                         if left_out:
                             window["skipped_examples"] += len(left_out)
                             self.skipped_log.write("train", left_out)
+                            self.skip_budget.add("train", left_out)
                         empty_batches.seen(batch, left_out)
                         with acc.accumulate(model):
                             if batch:
@@ -361,9 +369,10 @@ class Run:
         self.save_final(model)
         if "valid" in self.datasets:
             last_eval = self.evaluate_split("valid", model, step=step)
+        skipped = self._check_skip_budget("train") + sum(self.skip_budget.total(s) for s in self.datasets if s != "train")
         if cfg.trackers:
             acc.end_training()
-        return last_eval
+        return {**last_eval, **({"skipped_examples": float(skipped)} if skipped else {})}  # in the final summary
 
     def _set_find_unused_parameters(self, train_set, transform) -> None:
         """Tell DDP to look for unused parameters only when some can be unused: LayerDrop, or
@@ -405,7 +414,8 @@ class Run:
         losses is summed (in the same all-reduce as the update's sample size). The losses, the
         norm and that count reach the host in one read."""
         acc, cfg = self.accelerator, self.trainer
-        counts = pending.counts(acc.device)
+        skipped = torch.tensor([float(self.skip_budget.loaded_count("train"))], dtype=torch.float64).to(acc.device)
+        counts = torch.cat([pending.counts(acc.device), skipped])  # [bad losses, weighted, sample size, left out]
         if acc.num_processes > 1:
             counts = acc.reduce(counts, reduction="sum")
         if not self.deepspeed:  # DeepSpeed has stepped already, normalised in backward (DeepSpeedLoss)
@@ -413,7 +423,9 @@ class Run:
             normalize_gradients([p.grad for p in trainable if p.grad is not None], counts[1], counts[2], averaged_over)
         max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(trainable, max_norm)  # DeepSpeed: the norm its step saw (it clipped there)
-        settled, bad_count = pending.settle(grad_norm, window, counts[0] if acc.num_processes > 1 else None)
+        settled, (bad_count, left_out) = pending.settle(grad_norm, window, counts[[0, 3]])
+        if self.skip_budget.total("train", left_out) > self.skip_budget.allowed("train"):
+            self._check_skip_budget("train")  # every process: the sum is the same everywhere
         reason = settled.bad_loss
         if reason is None and bad_count > 0:
             reason = "a non-finite loss on another process"
@@ -608,6 +620,7 @@ class Run:
             if left_out and index < own:
                 left_out_count += len(left_out)
                 self.skipped_log.write(split, left_out)
+                self.skip_budget.add(split, left_out)
             if not batch or index >= own:
                 if in_step and (batch or stand_in):  # run, not counted
                     with self._autocast():
@@ -646,6 +659,7 @@ class Run:
         self.print(f"[{split}{'' if step is None else f' @ step {step}'}] {shown}")
         if keep_predictions:
             self._write_predictions(gather_object(rows))
+        self.skip_budget.check(split, int(all_counts.get("skipped_examples", 0)))  # the metrics are written first
         return metrics
 
     def _autocast(self):
@@ -676,6 +690,17 @@ class Run:
         if self.is_main:
             write_text_atomic(self.output_dir / f"{cfg.split}_metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
+
+    def _check_skip_budget(self, split: str) -> int:
+        """Stop (SpecError, exit 2) when ``split`` left out more examples than
+        ``data.max_skipped_fraction`` allows, counting each file once over all processes and
+        epochs; returns how many it left out. Every process must call it (it gathers the ids)."""
+        loaded = dict(self.skip_budget.loaded.get(split, {}))
+        if self.accelerator.num_processes > 1:
+            for part in gather_object([loaded]):
+                loaded.update(part)
+        self.skip_budget.check(split, len(loaded), examples=loaded)
+        return self.skip_budget.total(split, len(loaded))
 
 
 def _close_process_group(accelerator: Accelerator, *, in_step: bool) -> None:
