@@ -39,7 +39,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     validate(spec)
     model = resolve_model_section(spec.get("model") or {}, plugins.registry())
     parts = [f"{k}={model[k]['name']}" for k in ("feature_extractor", "encoder", "head", "objective") if k in model]
-    print(f"ok: {args.spec} ({spec.get('task', 'finetune')}; {', '.join(parts)})")
+    print(f"ok: {args.spec} ({spec.get('task', 'finetune')}; {', '.join(parts)}); "
+          f"trainer.output_dir: {spec['trainer']['output_dir']}")
     return 0
 
 

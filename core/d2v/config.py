@@ -59,6 +59,7 @@ class LoaderConfig:
 class TrainerConfig:
     """The runner's knobs (``trainer:`` in a spec)."""
 
+    #: a spec loaded from a file defaults to ``runs/<file name without .yaml>`` (:func:`load_spec`)
     output_dir: str = "runs/experiment"
     max_steps: int = 1000
     grad_accum: int = 1
@@ -162,7 +163,8 @@ class Spec(dict):
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
-    """Read a YAML spec and apply ``key.path=value`` overrides (values parsed as YAML)."""
+    """Read a YAML spec and apply ``key.path=value`` overrides (values parsed as YAML). A spec
+    that sets no ``trainer.output_dir`` gets ``runs/<file name without .yaml>``."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file '{path}' does not exist (looked at {path.resolve()}).")
@@ -181,6 +183,10 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     for item in overrides:
         apply_override(spec, item)
         spec.overridden[item.partition("=")[0]] = item
+    if spec.get("trainer") is None:
+        spec["trainer"] = {}
+    if isinstance(spec["trainer"], dict):
+        spec["trainer"].setdefault("output_dir", f"runs/{path.stem}")
     return spec
 
 

@@ -65,6 +65,25 @@ def _toy_spec_file(toy, path: Path, output_dir: Path | None, **trainer) -> Path:
     return path
 
 
+def test_a_spec_without_output_dir_runs_in_runs_slash_its_name(toy_plugin, tmp_path, monkeypatch, capsys):
+    """d2v check says where a run goes, d2v-run writes there, d2v runs finds it there: two specs
+    without trainer.output_dir never collide."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("toy_a", "toy_b"):
+        _toy_spec_file(toy_plugin, tmp_path / f"{name}.yaml", None, max_steps=2)
+    assert main(["check", "toy_a.yaml"]) == 0
+    assert "trainer.output_dir: runs/toy_a" in capsys.readouterr().out
+    assert main(["run", "toy_a.yaml"]) == 0 and main(["run", "toy_b.yaml"]) == 0
+    for name in ("toy_a", "toy_b"):
+        assert (tmp_path / "runs" / name / "final" / "model.safetensors").is_file()
+        saved = yaml.safe_load((tmp_path / "runs" / name / "spec.yaml").read_text())
+        assert saved["trainer"]["output_dir"] == f"runs/{name}"
+    capsys.readouterr()
+    assert main(["runs"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert any(row.startswith("toy_a ") for row in rows) and any(row.startswith("toy_b ") for row in rows)
+
+
 def test_resume_flag_is_trainer_resume_true(toy_plugin, tmp_path, monkeypatch, capsys):
     """`--resume` is an alias of `trainer.resume=true`: the same error when there is nothing to
     resume; the same resumed run (same weights, same saved spec, no 'the spec differs' copy)."""

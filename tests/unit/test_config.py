@@ -106,3 +106,23 @@ def test_full_precision_written_as_a_bare_no_means_no(tmp_path):
     assert TrainerConfig(**spec["trainer"]).mixed_precision == "no"
     with pytest.raises(SpecError, match="expected one of auto, no, fp16, bf16; got True"):
         validate(load_spec(asr, ["trainer.mixed_precision=yes"]))
+
+
+def test_output_dir_defaults_to_runs_slash_the_spec_file_stem(tmp_path):
+    """Two demo specs without trainer.output_dir never write into one directory."""
+    from d2v.config import TrainerConfig
+
+    first = load_spec(_write(tmp_path, GOOD.replace("trainer: {max_steps: 10}", "")))
+    other = tmp_path / "keywords_try.yaml"
+    other.write_text(textwrap.dedent(GOOD))
+    second = load_spec(other)
+    validate(first)
+    assert TrainerConfig(**first["trainer"]).output_dir == "runs/spec"
+    assert TrainerConfig(**second["trainer"]).output_dir == "runs/keywords_try"
+    assert second["trainer"]["max_steps"] == 10
+    assert load_spec(other, ["trainer.output_dir=elsewhere"])["trainer"]["output_dir"] == "elsewhere"
+    assert load_spec(other, ["trainer={max_steps: 3}"])["trainer"]["output_dir"] == "runs/keywords_try"
+    explicit = GOOD.replace("{max_steps: 10}", "{max_steps: 10, output_dir: runs/mine}")
+    assert load_spec(_write(tmp_path, explicit))["trainer"]["output_dir"] == "runs/mine"
+    # a spec built in Python has no file to be named after
+    assert TrainerConfig(**(spec_from_dict({"trainer": {}})["trainer"])).output_dir == "runs/experiment"
