@@ -4,6 +4,8 @@
   own audio/text/vision modalities and heads arrive exactly this way.
 * ``D2V_LOAD_PLUGINS=a,b`` loads only the entry points named ``a`` and ``b`` (hermetic tests).
 * ``D2V_TRACE_PLUGINS=1`` prints every hook call and which plugin answered to stderr.
+* A plugin that fails to import is reported once on stderr (with how to uninstall it) and left
+  out; the others load. A spec naming a component the registry lacks then names that plugin.
 * Core's own components (masking, optimizers, schedules, ...) are registered by
   :mod:`d2v.builtins` through the same hook, under the plugin name ``d2v``.
 """
@@ -20,12 +22,14 @@ import pluggy
 
 from d2v import hookspecs
 from d2v.errors import SpecError
-from d2v.registry import Registry
+from d2v.registry import Registry, did_you_mean
 
 GROUP = "d2v"
 _manager: pluggy.PluginManager | None = None
 # plugin name -> name of the distribution that installed it ("d2v" for d2v's own plugins)
 distributions: dict[str, str] = {"d2v": "d2v"}
+# plugin name -> why it is missing: its import error and how to fix it (one line)
+broken: dict[str, str] = {}
 _registry: Registry | None = None
 
 
@@ -69,13 +73,39 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         if pm.get_plugin(name) is not None:
             continue
         _trace(f"loading entry point {name} = {ep.value}")
+        dist = getattr(ep, "dist", None)
+        distributions[name] = dist.name if dist is not None else ep.value.partition(":")[0].partition(".")[0]
         try:
             module = ep.load()
-        except Exception as exc:  # a broken third-party plugin must say which one it is
-            raise SpecError(f"plugin '{name}' ({ep.value}) failed to import: {exc!r}") from exc
+        except Exception as exc:  # one broken plugin must not stop every d2v command
+            _report_broken(name, ep.value, exc)
+            continue
         pm.register(module, name=name)
-        dist = getattr(ep, "dist", None)
-        distributions[name] = dist.name if dist is not None else "?"
+
+
+def _report_broken(name: str, target: str, exc: Exception) -> None:
+    """Remember why plugin ``name`` is missing and say so once on stderr."""
+    lines = str(exc).strip().splitlines()
+    error = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+    distribution = distributions[name]
+    fix = "reinstall d2v" if distribution == "d2v" else \
+        f"fix its installation or uninstall it: pip uninstall {distribution}"
+    broken[name] = f"plugin '{name}' ({target}) failed to import: {error}; {fix}"
+    print(f"d2v: warning: {broken[name]}. Going on without it.", file=sys.stderr)
+
+
+class PluginRegistry(Registry):
+    """The live registry: a name it lacks while a plugin failed to import blames that plugin
+    (the likely provider) instead of calling the name unknown."""
+
+    def get(self, kind: str, name: str, *, where: str = ""):
+        if not broken or not isinstance(name, str) or name in self.names(kind):
+            return super().get(kind, name, where=where)
+        available = self.names(kind)
+        at = f"{where}: " if where else ""
+        raise SpecError(f"{at}{kind} '{name}' is not registered{did_you_mean(name, available) or '.'} It may come "
+                        f"from a broken plugin: {'; '.join(broken.values())}. "
+                        f"Available {kind} components: {', '.join(available) or 'none'}.")
 
 
 def registry() -> Registry:
@@ -83,7 +113,7 @@ def registry() -> Registry:
     global _registry
     if _registry is None:
         pm = plugin_manager()
-        reg = Registry()
+        reg = PluginRegistry()
         for plugin_name, plugin in pm.list_name_plugin():
             _register_from(reg, plugin_name, plugin)
         _registry = reg
@@ -124,3 +154,4 @@ def reset() -> None:
     global _manager, _registry
     _manager = None
     _registry = None
+    broken.clear()

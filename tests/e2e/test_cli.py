@@ -1,5 +1,7 @@
 """The command line as a user meets it: clear one-line errors with exit code 2, listings."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,9 @@ from d2v.runner import train as train_module
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def d2v(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "d2v.cli", *args], capture_output=True, text=True, cwd=cwd)
+def d2v(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", "d2v.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env)
 
 
 def test_list_shows_every_kind():
@@ -55,6 +58,32 @@ def test_missing_spec_file_exit_2():
     result = subprocess.run([sys.executable, "-c", "import sys; from d2v.cli import run_main; sys.exit(run_main(['nope.yaml']))"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "d2v-run: error: spec file 'nope.yaml' does not exist" in result.stderr
+
+
+def test_a_broken_plugin_is_reported_once_and_every_command_still_works(tmp_path):
+    """The example third-party plugin, installed with a dependency missing: `d2v list` names it
+    once (with how to uninstall it) and lists the rest; a spec using its head names the plugin."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(ROOT / "tests" / "plugins" / "d2v-word-count" / "d2v_word_count", site / "d2v_word_count")
+    init = site / "d2v_word_count" / "__init__.py"
+    init.write_text("import d2v_word_count_missing_dependency  # noqa: F401\n" + init.read_text())
+    dist_info = site / "d2v_word_count-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: d2v-word-count\nVersion: 0.1.0\n")
+    (dist_info / "entry_points.txt").write_text("[d2v]\nword-count = d2v_word_count\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    listed = d2v("list", "head", env=env)
+    assert listed.returncode == 0 and "ctc" in listed.stdout and "Traceback" not in listed.stderr
+    assert listed.stderr.count("plugin 'word-count'") == 1
+    assert "No module named 'd2v_word_count_missing_dependency'" in listed.stderr
+    assert "pip uninstall d2v-word-count" in listed.stderr
+    spec = tmp_path / "count.yaml"
+    spec.write_text((ROOT / "experiments" / "asr_demo.yaml").read_text())
+    checked = d2v("check", str(spec), "model.head={name: word_count}", env=env)
+    assert checked.returncode == 2 and "Traceback" not in checked.stderr
+    assert "model.head.name: head 'word_count'" in checked.stderr and "plugin 'word-count'" in checked.stderr
+    assert "unknown head" not in checked.stderr
 
 
 def _toy_spec_file(toy, path: Path, output_dir: Path | None, **trainer) -> Path:

@@ -116,3 +116,44 @@ def test_every_hook_is_documented_with_its_signature():
         assert signature in doc, f"docs/writing-a-plugin.md does not document `{signature}`"
     for name in set(re.findall(r"\bd2v_[a-z_]+(?=\()", doc)):
         assert name in hooks, f"docs mention hook {name} which does not exist"
+
+
+@pytest.fixture
+def broken_plugin(tmp_path, monkeypatch):
+    """A plugin installed beside d2v (a module and its dist-info on sys.path, as pip lays them
+    out) that fails to import: its dependency is missing. Only it and one head load."""
+    site = tmp_path / "site-packages"
+    (site / "d2v_counting").mkdir(parents=True)
+    (site / "d2v_counting" / "__init__.py").write_text(
+        "import d2v_counting_missing_dependency  # noqa: F401\n"
+        "from d2v import hookimpl\n\n\n"
+        "@hookimpl\ndef d2v_register(register):\n"
+        "    register('head', 'word_count', 'd2v_counting.head:WordCountHead')\n")
+    dist_info = site / "d2v_counting-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: d2v-counting\nVersion: 0.1.0\n")
+    (dist_info / "entry_points.txt").write_text("[d2v]\ncounting = d2v_counting\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("D2V_LOAD_PLUGINS", "counting,head-ctc")
+    plugins.reset()
+    yield
+    monkeypatch.delenv("D2V_LOAD_PLUGINS")
+    plugins.reset()
+
+
+def test_a_plugin_that_fails_to_import_is_reported_once_and_the_others_load(broken_plugin, capsys):
+    registry = plugins.registry()
+    assert registry.get("head", "ctc").plugin == "head-ctc"
+    assert plugins.registry() is registry and plugins.plugin_manager().get_plugin("counting") is None
+    err = capsys.readouterr().err
+    assert err.count("plugin 'counting'") == 1
+    assert "ModuleNotFoundError: No module named 'd2v_counting_missing_dependency'" in err
+    assert "pip uninstall d2v-counting" in err
+    with pytest.raises(SpecError) as error:
+        registry.get("head", "word_count", where="model.head.name")
+    message = str(error.value)
+    assert message.startswith("model.head.name: head 'word_count'") and "unknown" not in message
+    assert "plugin 'counting'" in message and "pip uninstall d2v-counting" in message
+    assert "Available head components: ctc." in message
+    with pytest.raises(SpecError, match=r"did you mean 'ctc'\?"):
+        registry.get("head", "ctcc")
