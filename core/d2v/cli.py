@@ -3,7 +3,8 @@
 
 Bad input (spec, data, checkpoint, plugin) prints one clear message and exits with 2;
 a training collapse (or too many non-finite updates in a row) exits with 3; a run stopped by
-SIGTERM / SIGINT / SIGUSR1 after saving a checkpoint exits with 75 (EX_TEMPFAIL: resume it). Tracebacks are for bugs only.
+SIGTERM / SIGINT / SIGUSR1 after saving a checkpoint exits with 75 (EX_TEMPFAIL: resume it); ``d2v predict``
+exits with 1 when an input got no result (:data:`d2v.predict.EXIT_STATUS`). Tracebacks are for bugs only.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ are files, directories (searched for the files the model's processor reads) or g
 picks another it serves, or checks it). Results go to stdout or ``--out`` as JSON lines in input
 order; a result that is a file (a segmentation mask) is written beside them and named in its
 line. An input that cannot be read is reported on stderr and in its line (``"error"``), and the
-others go on.
+others go on; the exit status is then 1 (:data:`FAILED_INPUTS_EXIT_CODE`), or 0 with
+``--allow-failures`` as long as one input got a result.
 """
 
 from __future__ import annotations
@@ -23,13 +24,19 @@ from typing import Any
 
 from d2v.errors import SpecError
 
+#: ``d2v predict``'s exit status when an input had no result (unreadable, missing, wrong kind)
+FAILED_INPUTS_EXIT_CODE = 1
+EXIT_STATUS = (f"exit status: 0 when every input got a result; {FAILED_INPUTS_EXIT_CODE} when any input failed "
+               "(unreadable, missing, wrong kind: listed on stderr and as \"error\" in its line), or with "
+               "--allow-failures only when none got a result; 2 for a bad request (model, options).")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``d2v predict`` subcommand."""
     p = subparsers.add_parser(
         "predict", help="run a trained model on your own files (JSON lines out)",
         description="Transcribe, classify, fill masks, generate text, segment images, embed or verify speakers "
-                    "with a trained model: one JSON line per input.")
+                    "with a trained model: one JSON line per input.", epilog=EXIT_STATUS)
     p.add_argument("model", help="a run directory (runs/<name>), its final/ checkpoint or a Hugging Face "
                                  "checkpoint directory")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
@@ -47,6 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="where result files (segmentation masks) go; default: beside --out, else ./predictions")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch (batched by length; default 8)")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 when some inputs failed (they stay listed), as long as one got a result")
     p.add_argument("--top-k", type=int, default=5, help="candidates listed per result (labels, tokens); with "
                                                         "--sample, the sampling pool")
     p.add_argument("--max-new-tokens", type=int, default=None, help="text generation: most new tokens (default 20)")
@@ -170,7 +179,7 @@ def use_decoder(head: Any, text: str) -> None:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    """Run ``d2v predict``; exit 0 when at least one input got a result, 1 when none could be read."""
+    """Run ``d2v predict``; the exit status is :data:`EXIT_STATUS`."""
     from d2v.pipeline import pipeline
 
     if not (args.inputs or args.text or args.verify):
@@ -222,7 +231,11 @@ def predict_command(args: argparse.Namespace) -> int:
     finally:
         if out_path:
             stream.close()
-    return 0 if any("error" not in r for r in records) else 1
+    failed = sum("error" in r for r in records)
+    if failed:
+        print(f"d2v predict: {failed} of {len(records)} inputs failed", file=sys.stderr)
+    return FAILED_INPUTS_EXIT_CODE if failed and not (args.allow_failures and failed < len(records)) else 0
 
 
-__all__ = ["ResultWriter", "add_parser", "expand_inputs", "predict_command"]
+__all__ = ["EXIT_STATUS", "FAILED_INPUTS_EXIT_CODE", "ResultWriter", "add_parser", "expand_inputs",
+           "predict_command"]

@@ -101,7 +101,7 @@ def test_audio_classification_resamples_mixes_down_and_skips_a_corrupt_file(tmp_
             "head": {"name": "audio_classification", "label_names": KEYWORDS, "classifier_proj_size": 16}}
     model = save_checkpoint(tmp_path / "run" / "final", spec, AUDIO)
     code, records, err = cli([str(tmp_path / "run"), str(audio_files), "--top-k", "3", "--device", "cpu"], capsys)
-    assert code == 0
+    assert code == 1  # corrupt.wav failed
     by_input = {Path(r["input"]).name: r for r in records}
     assert list(by_input) == ["corrupt.wav", "stereo44k.wav", "tone16k.wav"]  # directory order, nothing dropped
     assert "corrupt.wav" in by_input["corrupt.wav"]["error"] and "corrupt.wav" in err
@@ -192,7 +192,7 @@ def test_speaker_embeddings_and_verify(tmp_path, audio_files, capsys):
     tone, stereo, corrupt = (str(audio_files / n) for n in ("tone16k.wav", "stereo44k.wav", "corrupt.wav"))
     code, records, err = cli([str(tmp_path / "final"), "--verify", tone, stereo, "--verify", tone, tone,
                               "--verify", tone, corrupt], capsys)
-    assert code == 0
+    assert code == 1  # the pair with corrupt.wav failed
     embeddings = pipeline(model=str(tmp_path / "final"), device="cpu")([tone, stereo])
     with torch.no_grad():
         by_hand = model({"inputs": by_hand_16k(audio_files / "tone16k.wav")}).head_output.extras["embeddings"][0]
@@ -341,7 +341,8 @@ def test_image_classification_on_pngs_of_any_size_and_mode(tmp_path, image_files
     names = ["circle", "cross", "square", "triangle"]
     spec = {"preset": "data2vec-vision-tiny", "head": {"name": "image_classification", "label_names": names}}
     model = save_checkpoint(tmp_path / "final", spec, IMAGE, seed=10)
-    code, records, err = cli([str(tmp_path / "final"), str(image_files / "*.png"), "--top-k", "4"], capsys)
+    code, records, err = cli([str(tmp_path / "final"), str(image_files / "*.png"), "--top-k", "4",
+                              "--allow-failures"], capsys)
     assert code == 0 and "broken.png" in err
     by_name = {Path(r["input"]).name: r for r in records}
     assert "error" in by_name["broken.png"]
@@ -405,3 +406,20 @@ def test_bad_requests_are_one_clear_error(tmp_path, audio_files, capsys):
         pipeline(model=str(tmp_path / "empty"))
     code, records, err = cli([str(tmp_path / "final"), str(tmp_path / "missing.wav")], capsys)
     assert code == 1 and "missing.wav" in records[0]["error"] and "missing.wav" in err
+
+
+def test_exit_status_is_1_when_any_input_failed_unless_failures_are_allowed(tmp_path, audio_files, capsys):
+    """A script sees failed inputs in the exit status (1), not only in the JSON lines; with
+    --allow-failures a partly failed run exits 0, one where nothing could be read still 1."""
+    spec = {"preset": "data2vec-audio-tiny", "head": {"name": "audio_classification", "label_names": KEYWORDS,
+                                                      "classifier_proj_size": 16}}
+    save_checkpoint(tmp_path / "final", spec, AUDIO)
+    good, bad, missing = (str(audio_files / "tone16k.wav"), str(audio_files / "corrupt.wav"),
+                          str(tmp_path / "missing.wav"))
+    code, records, err = cli([str(tmp_path / "final"), good, bad, missing], capsys)
+    assert code == 1
+    assert [("error" in r) for r in records] == [False, True, True]  # the failures stay listed
+    assert "corrupt.wav" in err and "missing.wav" in err
+    assert cli([str(tmp_path / "final"), good, bad, "--allow-failures"], capsys)[0] == 0
+    assert cli([str(tmp_path / "final"), bad, missing, "--allow-failures"], capsys)[0] == 1
+    assert cli([str(tmp_path / "final"), good], capsys)[0] == 0
