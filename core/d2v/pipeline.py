@@ -196,8 +196,9 @@ def _device(device: str | torch.device | None) -> torch.device:
 class Pipeline:
     """A loaded model, its processor and a task: call it on inputs for one result dict each.
 
-    ``options`` go to the head's ``predict_step`` (generation: ``max_new_tokens``, ``strategy``,
-    ``temperature``, ``top_p``, ``seed``).
+    ``top_k`` is how many candidates a result lists; ``options`` go to the head's ``predict_step``
+    (generation: ``max_new_tokens``, ``strategy``, ``temperature``, ``sample_top_k`` (the sampling
+    pool), ``top_p``, ``seed``).
     """
 
     def __init__(self, model: nn.Module, processor: Any, *, task: str | None = None,

@@ -56,11 +56,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch (batched by length; default 8)")
     p.add_argument("--allow-failures", action="store_true",
                    help="exit 0 when some inputs failed (they stay listed), as long as one got a result")
-    p.add_argument("--top-k", type=int, default=5, help="candidates listed per result (labels, tokens); with "
-                                                        "--sample, the sampling pool")
+    p.add_argument("--top-k", type=int, default=5, help="candidates listed per result (labels, tokens, next "
+                                                        "tokens; default 5)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="text generation: most new tokens (default 20)")
     p.add_argument("--sample", action="store_true", help="text generation: sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="text generation with --sample")
+    p.add_argument("--sample-top-k", type=int, default=None,
+                   help="text generation with --sample: draw from the K most probable tokens (default 50, as "
+                        "Hugging Face's generate; 0: no limit)")
     p.add_argument("--top-p", type=float, default=None, help="text generation with --sample: nucleus mass")
     p.add_argument("--seed", type=int, default=None, help="text generation with --sample: random seed")
     p.add_argument("--decoder", default=None,
@@ -156,7 +159,7 @@ class ResultWriter:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Generation options the user set (the others keep the head's defaults)."""
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-               "seed": args.seed, "strategy": "sample" if args.sample else None}
+               "sample_top_k": args.sample_top_k, "seed": args.seed, "strategy": "sample" if args.sample else None}
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -113,18 +113,22 @@ class CausalLMHead(LanguageModelHead):
 
     def predict_step(self, model: nn.Module, batch: dict[str, Any], *, task: str, top_k: int = 5,
                      decode: Any = None, max_new_tokens: int = 20, strategy: str = "greedy",
-                     temperature: float = 1.0, top_p: float | None = None, seed: int | None = None) -> list[dict]:
+                     temperature: float = 1.0, sample_top_k: int = 50, top_p: float | None = None,
+                     seed: int | None = None) -> list[dict]:
         """``text-generation``: continue each prompt with :func:`generate` (greedy, or sampling
-        from the ``top_k`` / ``top_p`` pool with ``seed``) until ``</s>`` or ``max_new_tokens``:
+        from the ``sample_top_k`` / ``top_p`` pool with ``seed``; ``sample_top_k`` 50 as Hugging
+        Face's default, 0 = no limit) until ``</s>`` or ``max_new_tokens``:
         ``{"generated_text": prompt + continuation, "new_tokens": [...ids]}``. ``next-token``:
-        one forward pass and :meth:`describe`."""
+        one forward pass and :meth:`describe` with ``top_k`` candidates."""
         if task != "text-generation":
             return self.describe(model(batch).head_output, batch, top_k=top_k, decode=decode)
+        if int(sample_top_k) < 0:
+            raise SpecError(f"sample_top_k must be >= 0 (0: no limit), got {sample_top_k}.")
         inputs, padding = batch["inputs"], batch.get("padding_mask")
         attention = None if padding is None else ~padding.bool()
         generator = None if seed is None else torch.Generator(device=inputs.device).manual_seed(int(seed))
         sequences = generate(model, inputs, attention, max_new_tokens=int(max_new_tokens), strategy=strategy,
-                             top_k=top_k if strategy == "sample" else None, top_p=top_p, temperature=temperature,
+                             top_k=int(sample_top_k), top_p=top_p, temperature=temperature,
                              eos_token_id=batch.get("eos_token_id"), generator=generator)
         out = []
         for b in range(inputs.shape[0]):

@@ -261,6 +261,26 @@ def test_text_generation_and_next_token(tmp_path, capsys):
     assert [t["token_id"] for t in nxt["next_tokens"]] == logits[0, -1].topk(3).indices.tolist()
 
 
+def test_top_k_and_the_sampling_pool_are_separate_options(tmp_path, capsys):
+    """--top-k is how many candidates a result lists; --sample-top-k is generation's sampling pool:
+    setting one never changes what the other does."""
+    spec = {"preset": "data2vec-text-tiny", "encoder": {"is_decoder": True}, "head": {"name": "causal_lm"}}
+    save_checkpoint(tmp_path / "final", spec, TEXT, seed=5)
+    model = str(tmp_path / "final")
+    prompt = ["--text", "one two three", "--max-new-tokens", "8"]
+    sampled = ["--sample", "--seed", "0", "--temperature", "2.0"]
+    tokens = {top_k: cli([model, *prompt, *sampled, "--top-k", top_k], capsys)[1][0]["new_tokens"]
+              for top_k in ("1", "5", "50")}
+    assert tokens["1"] == tokens["5"] == tokens["50"]
+    greedy = cli([model, *prompt], capsys)[1][0]["new_tokens"]
+    assert cli([model, *prompt, *sampled, "--sample-top-k", "1"], capsys)[1][0]["new_tokens"] == greedy
+    assert cli([model, *prompt, *sampled, "--sample-top-k", "0"], capsys)[1][0]["new_tokens"] != greedy
+    for pool in ("1", "40"):
+        code, records, _ = cli([model, "--task", "next-token", "--text", "one two", "--top-k", "3",
+                                "--sample-top-k", pool], capsys)
+        assert code == 0 and len(records[0]["next_tokens"]) == 3
+
+
 def test_text_classification_scores_are_the_softmax_of_the_logits(tmp_path, capsys):
     from d2v_text.tokenizer import load_tokenizer
 
