@@ -14,6 +14,9 @@ A converter is any object with::
     from_hf(config: dict, state_dict: dict) -> nn.Module  # the native model, weights loaded
     to_hf(model) -> (config: dict, state_dict: dict)   # config.json dict and HF-named weights
     extra_files(model) -> dict[str, str | bytes]       # optional: more files to write (vocab.json)
+    hf_forward: dict[str, str | None]                  # the HF class's forward parameters in its
+                                                       # order: None if implemented, else why not
+                                                       # (see keyword_table and check_keywords)
     hf_outputs(out: ModelOutput) -> dict               # optional: the HF output fields, in HF's
                                                        # order (default: see default_hf_outputs)
     hf_batch(model, batch: dict) -> dict               # optional: the HF class's call defaults
@@ -27,6 +30,7 @@ side files such as ``vocab.json``.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -62,6 +66,75 @@ def default_hf_outputs(model: nn.Module, out: Any) -> dict[str, Any]:
     return fields
 
 
+#: why d2v's drop-in refuses ``output_attentions=True`` (the classes that name it take this reason)
+NO_ATTENTIONS = ("d2v runs attention through PyTorch's scaled_dot_product_attention, which keeps no attention "
+                 "weights; load the checkpoint with transformers (attn_implementation='eager') to inspect them")
+_PACKED = "d2v attends over padded batches, not packed ones (flash-attention varlen); pad the batch and pass attention_mask"
+
+#: keywords transformers 5 takes on every ``Data2Vec*`` forward besides the class's own parameters
+#: (``**kwargs: TransformersKwargs`` and its output decorators), plus ``head_mask``, which
+#: transformers 4 took and pipelines still pass as None: None where d2v implements one, else why not
+COMMON_KEYWORDS: dict[str, str | None] = {
+    "output_hidden_states": None,
+    "return_dict": None,
+    "output_attentions": NO_ATTENTIONS,
+    "head_mask": "transformers 5 removed head masking too; prune the heads in the weights instead",
+    "num_items_in_batch": ("the loss is the mean over this batch; to normalise over several accumulated batches, "
+                           "scale it by this batch's share of the items"),
+    "output_router_logits": "data2vec has no mixture-of-experts router",
+    "position_ids": "this model computes its positions from its inputs",
+    "is_causal": "attention is causal exactly when config.json sets is_decoder",
+    "cu_seq_lens_q": _PACKED, "cu_seq_lens_k": _PACKED, "max_length_q": _PACKED, "max_length_k": _PACKED,
+    "seq_idx": _PACKED,
+}
+#: the "off" value of refused keywords whose default is not None (pipelines pass these)
+_OFF = {"output_attentions": False, "output_router_logits": False, "logits_to_keep": 0}
+
+
+def keyword_table(*names: str, **refused: str) -> dict[str, str | None]:
+    """A transformers forward's parameters in its order (positional calls bind to them): None
+    where d2v implements one, the reason given in ``refused`` where it does not."""
+    return {name: refused.get(name) for name in names}
+
+
+def _shown(value: Any) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+
+
+def check_keywords(architecture: str, own: dict[str, str | None], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a drop-in call that d2v implements, positional ones bound in the
+    transformers class's order (``own``, a :func:`keyword_table`).
+
+    A keyword that class does not take is Python's TypeError (with a did-you-mean); one d2v does
+    not implement is a TypeError saying why, unless it has its default value (pipelines pass
+    ``output_attentions=False``, ``head_mask=None``): the model never silently ignores an argument.
+    """
+    table = {**COMMON_KEYWORDS, **own}
+    if len(args) > len(own):
+        raise TypeError(f"{architecture}.forward() takes {len(own)} positional arguments but {len(args)} were given")
+    for name, value in zip(own, args):
+        if name in kwargs:
+            raise TypeError(f"{architecture}.forward() got multiple values for argument '{name}'")
+        kwargs[name] = value
+    if "cache" in own and "past_key_values" in kwargs:  # transformers 5's old name, still taken
+        if kwargs.get("cache") is not None:
+            raise TypeError(f"{architecture}.forward(): pass the cache as cache or past_key_values, not both")
+        kwargs["cache"] = kwargs.pop("past_key_values")
+    implemented = {}
+    for name, value in kwargs.items():
+        if name not in table:
+            close = difflib.get_close_matches(name, table, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise TypeError(f"{architecture}.forward() got an unexpected keyword argument '{name}'{hint}")
+        reason = table[name]
+        if reason is None:
+            implemented[name] = value
+        elif value is not None and not (name in _OFF and not isinstance(value, Tensor) and value == _OFF[name]):
+            raise TypeError(f"{architecture}.forward(): {name}={_shown(value)} is not supported by d2v's drop-in: "
+                            f"{reason}.")
+    return implemented
+
+
 class PretrainedOutput(dict):
     """Output with Hugging Face field names: ``out.logits``, ``out["logits"]``, ``out[0]``.
 
@@ -70,6 +143,8 @@ class PretrainedOutput(dict):
     """
 
     def __getattr__(self, name: str) -> Any:
+        if name == "cache":  # transformers 5's name for past_key_values
+            name = "past_key_values"
         if name in self:
             return self[name]
         if name in OUTPUT_FIELDS:
@@ -102,39 +177,45 @@ class PretrainedModel(nn.Module):
     def architecture(self) -> str:
         return self.config["architectures"][0]
 
-    def forward(
-        self,
-        input_values: Tensor | None = None,
-        input_ids: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        output_hidden_states: bool | None = False,
-        return_dict: bool | None = True,
-        mask_time_indices: Tensor | None = None,
-        **batch_extras: Any,
-    ) -> PretrainedOutput | tuple:
-        given = [x for x in (input_values, input_ids, pixel_values) if x is not None]
-        if len(given) != 1:
-            raise SpecError("pass exactly one of input_values, input_ids or pixel_values.")
-        batch: dict[str, Any] = {"inputs": given[0], **batch_extras}
+    def forward(self, *args: Any, **kwargs: Any) -> PretrainedOutput | tuple:
+        """The transformers class's call: its own arguments (``converter.hf_forward``, positional
+        ones in its order), ``output_hidden_states`` and ``return_dict``; see :func:`check_keywords`."""
+        own = self.converter.hf_forward
+        given = check_keywords(self.architecture, own, args, kwargs)
+        output_hidden_states = bool(given.pop("output_hidden_states", False))
+        return_dict = given.pop("return_dict", None) is not False
+        main = next(iter(own))  # input_values, input_ids or pixel_values
+        if given.get(main) is None:
+            raise TypeError(f"{self.architecture}.forward() missing required argument: '{main}'")
+        batch: dict[str, Any] = {"inputs": given.pop(main)}
+        attention_mask = given.pop("attention_mask", None)
         if attention_mask is not None:
             batch["padding_mask"] = attention_mask == 0  # HF: 1 = keep; d2v: True = padding
-        if labels is not None:
-            batch["labels"] = labels
+        mask_time_indices = given.pop("mask_time_indices", None)
         if mask_time_indices is not None:
             batch["mask"] = mask_time_indices.bool()
+        cache = given.pop("cache", None)
+        if cache is not None:
+            batch["past_key_values"] = cache
+        # the rest keep their names in d2v's batch (labels, token_type_ids, ...)
+        batch.update((k, v) for k, v in given.items() if v is not None)
         hf_batch = getattr(self.converter, "hf_batch", None)
         if callable(hf_batch):
             batch = hf_batch(self.model, batch)
 
-        out = self.model(batch, output_hidden_states=bool(output_hidden_states))
+        out = self.model(batch, output_hidden_states=output_hidden_states)
+        if "labels" in own and batch.get("labels") is None:
+            out.loss = None  # transformers' loss needs labels (a d2v LM head would score the inputs)
         custom = getattr(self.converter, "hf_outputs", None)
         fields = dict(custom(out)) if callable(custom) else default_hf_outputs(self.model, out)
+        if "cache" not in own:  # only the classes that take a cache return one
+            fields.pop("past_key_values", None)
         if output_hidden_states:
             fields["hidden_states"] = out.hidden_states
+            if getattr(self.model, "head", None) is None:  # HF's base-model outputs: the cache comes last
+                fields["past_key_values"] = fields.pop("past_key_values", None)
         result = PretrainedOutput((k, v) for k, v in fields.items() if v is not None)
-        return result if return_dict or return_dict is None else result.to_tuple()
+        return result if return_dict else result.to_tuple()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (and any converter side files)."""

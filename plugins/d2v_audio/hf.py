@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.hf import config_label_names, load_strict, rename_weight
+from d2v.hf import config_label_names, keyword_table, load_strict, rename_weight
 from d2v.model import TaskModel, build_task_model
 from d2v.plugins import registry
 
@@ -206,6 +206,8 @@ class AudioModelConverter:
 
     architecture = "Data2VecAudioModel"
     head_renames: list[tuple[str, str]] = []
+    #: ``Data2VecAudioModel.forward``'s parameters (the drop-in's call, see :func:`d2v.hf.check_keywords`)
+    hf_forward = keyword_table("input_values", "attention_mask", "mask_time_indices")
 
     # -- config ---------------------------------------------------------------------------
 
@@ -222,6 +224,13 @@ class AudioModelConverter:
 
     def head_config(self, head: nn.Module | None) -> dict[str, Any]:
         return {}
+
+    def hf_batch(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """Hugging Face applies ``mask_time_indices`` only with ``apply_spec_augment`` (d2v's
+        encoder applies an explicit mask always: self-supervised students need it)."""
+        if not model.encoder.apply_spec_augment:
+            batch = {k: v for k, v in batch.items() if k != "mask"}
+        return batch
 
     # -- import ---------------------------------------------------------------------------
 
@@ -356,6 +365,7 @@ class AudioCTCConverter(AudioModelConverter):
 
     architecture = "Data2VecAudioForCTC"
     head_renames = HEAD_RENAMES
+    hf_forward = keyword_table("input_values", "attention_mask", "labels")
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         spec = _backbone_spec(config)
@@ -404,6 +414,7 @@ class _AudioHeadConverter(AudioModelConverter):
     head_name = ""
     head_class = ""
     reject_adapter = False
+    hf_forward = keyword_table("input_values", "attention_mask", "labels")
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         c = full_config(config)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.hf import config_label_names, load_strict, rename_weight
+from d2v.hf import config_label_names, keyword_table, load_strict, rename_weight
 from d2v.layers import ACTIVATIONS
 from d2v.model import TaskModel, build_task_model
 from d2v.plugins import registry
@@ -87,6 +87,14 @@ DERIVED = ("embeddings.position_ids", "embeddings.token_type_ids", "lm_head.deco
 #: files of a tokenizer that travel with the weights (RoBERTa BPE, HF fast tokenizer, sentencepiece)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
+
+
+#: why the drop-ins refuse these transformers keywords (see :func:`d2v.hf.check_keywords`)
+REFUSED = {"inputs_embeds": "the text embeddings start from token ids; pass input_ids",
+           "logits_to_keep": "the logits of every position are computed; slice them yourself (out.logits[:, -n:])"}
+#: the first parameters of every ``Data2VecText*.forward``
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+DECODER_INPUTS = ("encoder_hidden_states", "encoder_attention_mask")
 
 
 def full_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +178,7 @@ class TextModelConverter:
     ``add_pooling_layer=False``)."""
 
     architecture = "Data2VecTextModel"
+    hf_forward = keyword_table(*INPUTS, *DECODER_INPUTS, "cache", "use_cache", **REFUSED)
     head_name: str | None = None
     head_class: str | None = None
     head_renames: list[tuple[str, str]] = []
@@ -350,6 +359,7 @@ class TextMaskedLMConverter(_TextLMConverter):
     """``Data2VecTextForMaskedLM`` <-> ``TaskModel(..., MaskedLMHead)`` (decoder tied to the word embeddings)."""
 
     architecture = "Data2VecTextForMaskedLM"
+    hf_forward = keyword_table(*INPUTS, *DECODER_INPUTS, "labels", **REFUSED)
     head_name = "masked_lm"
     head_class = "MaskedLMHead"
 
@@ -360,13 +370,16 @@ class TextCausalLMConverter(_TextLMConverter):
     ``is_decoder`` is false, and so does d2v)."""
 
     architecture = "Data2VecTextForCausalLM"
+    hf_forward = keyword_table(*INPUTS, *DECODER_INPUTS, "labels", "cache", "use_cache",
+                               "logits_to_keep", **REFUSED)
     head_name = "causal_lm"
     head_class = "CausalLMHead"
 
     def hf_batch(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """HF's call: with labels the cache is off; without labels there is no loss (the d2v head
-        would score the inputs themselves) and a decoder returns its cache. ``use_cache`` in the
-        batch tells the head it is generating; only a decoder builds a cache from it."""
+        would score the inputs themselves; ``PretrainedModel`` drops it) and a decoder returns its
+        cache. ``use_cache`` in the batch tells the head it is generating, so it skips that loss;
+        only a decoder builds a cache from it."""
         if batch.get("labels") is not None:
             return {**batch, "use_cache": False}
         if batch.get("use_cache") is None:
@@ -378,6 +391,7 @@ class TextSequenceClassificationConverter(TextModelConverter):
     """``Data2VecTextForSequenceClassification`` <-> ``TaskModel(..., TextClassificationHead)``."""
 
     architecture = "Data2VecTextForSequenceClassification"
+    hf_forward = keyword_table(*INPUTS, "labels", **REFUSED)
     head_name = "text_classification"
     head_class = "TextClassificationHead"
     head_renames = [("head.dense.", "classifier.dense."), ("head.out_proj.", "classifier.out_proj.")]
@@ -397,6 +411,8 @@ class TextMultipleChoiceConverter(TextModelConverter):
     keeps its pooler (HF's ``data2vec_text.pooler``)."""
 
     architecture = "Data2VecTextForMultipleChoice"
+    hf_forward = keyword_table("input_ids", "token_type_ids", "attention_mask", "labels", "position_ids",
+                               "inputs_embeds", **REFUSED)
     head_name = "multiple_choice"
     head_class = "MultipleChoiceHead"
     head_renames = [("head.classifier.", "classifier.")]
@@ -414,6 +430,7 @@ class TextTokenClassificationConverter(TextModelConverter):
     the first label (set ``model.head.outside_label`` in a spec to change it)."""
 
     architecture = "Data2VecTextForTokenClassification"
+    hf_forward = keyword_table(*INPUTS, "labels", **REFUSED)
     head_name = "token_classification"
     head_class = "TokenClassificationHead"
     head_renames = [("head.classifier.", "classifier.")]
@@ -436,6 +453,7 @@ class TextQuestionAnsweringConverter(TextModelConverter):
     outputs are ``loss, start_logits, end_logits`` as HF's ``QuestionAnsweringModelOutput``."""
 
     architecture = "Data2VecTextForQuestionAnswering"
+    hf_forward = keyword_table(*INPUTS, "start_positions", "end_positions", **REFUSED)
     head_name = "question_answering"
     head_class = "QuestionAnsweringHead"
     head_renames = [("head.qa_outputs.", "qa_outputs.")]

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.errors import SpecError
-from d2v.hf import config_label_names, load_strict, rename_weight
+from d2v.hf import NO_ATTENTIONS, config_label_names, keyword_table, load_strict, rename_weight
 from d2v.model import TaskModel, build_task_model
 from d2v.plugins import registry
 
@@ -52,6 +52,8 @@ RENAMES: list[tuple[str, str]] = [
     ("encoder.pooler_norm.", "pooler.layernorm."),
 ]
 BACKBONE_PREFIX = "data2vec_vision."
+#: the output options every ``Data2VecVision*.forward`` names after its inputs
+OUTPUT_OPTIONS = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding", "return_dict")
 
 
 def full_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +96,7 @@ class VisionModelConverter:
     """``Data2VecVisionModel`` <-> ``TaskModel(patches, transformer, head=None)`` (no pooler)."""
 
     architecture = "Data2VecVisionModel"
+    hf_forward = keyword_table("pixel_values", "bool_masked_pos", *OUTPUT_OPTIONS, output_attentions=NO_ATTENTIONS)
     head_class: str | None = None
     add_pooling_layer = False
     #: (d2v name, HF name) of the head's weights, at the top level of the HF class
@@ -224,6 +227,7 @@ class VisionImageClassificationConverter(VisionModelConverter):
     """``Data2VecVisionForImageClassification`` <-> ``TaskModel(..., ImageClassificationHead)``."""
 
     architecture = "Data2VecVisionForImageClassification"
+    hf_forward = keyword_table("pixel_values", "labels", *OUTPUT_OPTIONS, output_attentions=NO_ATTENTIONS)
     head_class = "ImageClassificationHead"
     add_pooling_layer = True
     head_renames = [("head.classifier.", "classifier.")]
@@ -243,6 +247,7 @@ class VisionSemanticSegmentationConverter(VisionModelConverter):
     """``Data2VecVisionForSemanticSegmentation`` <-> ``TaskModel(..., SemanticSegmentationHead)``."""
 
     architecture = "Data2VecVisionForSemanticSegmentation"
+    hf_forward = keyword_table("pixel_values", "labels", *OUTPUT_OPTIONS, output_attentions=NO_ATTENTIONS)
     head_class = "SemanticSegmentationHead"
     head_renames = [("head.", "")]
 
