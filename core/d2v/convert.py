@@ -101,7 +101,9 @@ def _export_hf(model: nn.Module, source: Path, destination: Path, extra: dict | 
                 if not (destination / name).exists():
                     target = destination / name
                     target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
-            return f"wrote Hugging Face {component.name} checkpoint {destination}"
+            notes = getattr(converter, "export_notes", lambda m: [])(model)  # what config.json cannot say
+            return f"wrote Hugging Face {component.name} checkpoint {destination}" + "".join(
+                f"\n  note: {note}" for note in notes)
     known = ", ".join(registry.names("hf_converter"))
     raise SpecError(f"no Hugging Face architecture matches the model in '{source}' (known: {known}); "
                     f"convert it to a d2v checkpoint instead (--to d2v).")

@@ -14,6 +14,8 @@ A converter is any object with::
     from_hf(config: dict, state_dict: dict) -> nn.Module  # the native model, weights loaded
     to_hf(model) -> (config: dict, state_dict: dict)   # config.json dict and HF-named weights
     extra_files(model) -> dict[str, str | bytes]       # optional: more files to write (vocab.json)
+    export_notes(model) -> list[str]                   # optional: what ``d2v convert --to hf`` reports
+                                                       # about an export (what config.json cannot say)
     hf_forward: dict[str, str | None]                  # the HF class's forward parameters in its
                                                        # order: None if implemented, else why not
                                                        # (see keyword_table and check_keywords)

@@ -92,6 +92,12 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 #: why the drop-ins refuse these transformers keywords (see :func:`d2v.hf.check_keywords`)
 REFUSED = {"inputs_embeds": "the text embeddings start from token ids; pass input_ids",
            "logits_to_keep": "the logits of every position are computed; slice them yourself (out.logits[:, -n:])"}
+NO_POOLER_NOTE = (
+    "this model has no pooler, so pooler.dense is not in the checkpoint, and transformers cannot be told so in "
+    "config.json: Data2VecTextModel.from_pretrained(DIR) initialises pooler.dense randomly and its pooler_output "
+    "is not meaningful. Load it with Data2VecTextModel.from_pretrained(DIR, add_pooling_layer=False) (nothing "
+    "newly initialised) and use last_hidden_state[:, 0] as the sentence vector, or fine-tune a classification head "
+    "(Data2VecTextForSequenceClassification has no pooler); d2v.from_pretrained(DIR) gives pooler_output None")
 #: the first parameters of every ``Data2VecText*.forward``
 INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 DECODER_INPUTS = ("encoder_hidden_states", "encoder_attention_mask")
@@ -190,7 +196,7 @@ class TextModelConverter:
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         c = full_config(config)
-        pooler = self.uses_pooler and bool(config.get("add_pooling_layer", True))
+        pooler = self.uses_pooler and bool(config.get("_add_pooling_layer", True))
         spec = _backbone_spec(c, pooler=pooler)
         if self.head_name is not None:
             spec["head"] = {"name": self.head_name, **self.head_fields(c)}
@@ -231,8 +237,9 @@ class TextModelConverter:
     def from_hf(self, config: dict[str, Any], state_dict: dict[str, Tensor]) -> TaskModel:
         if self.architecture == "Data2VecTextModel" and not any(
                 k.endswith("pooler.dense.weight") for k in state_dict):
-            # saved with add_pooling_layer=False; remembered so export and convert agree
-            config["add_pooling_layer"] = False
+            # saved with add_pooling_layer=False; remembered (privately: never written to a
+            # config.json, see _hf_config) so that d2v convert's spec has no pooler either
+            config["_add_pooling_layer"] = False
         model = self.build(config)
         tied = self._tied(config)
         renamed, unknown = self.rename_from_hf(state_dict, tied)
@@ -307,8 +314,8 @@ class TextModelConverter:
             "is_decoder": bool(enc["is_decoder"]),
             "add_cross_attention": bool(enc["add_cross_attention"]),
         }
-        if self.head_name is None and not enc["add_pooling_layer"]:
-            config["add_pooling_layer"] = False
+        # without a pooler, config.json says nothing: transformers reads no add_pooling_layer from it
+        # (it builds a random pooler), and one there would swallow from_pretrained(DIR, add_pooling_layer=False)
         config.update(self._head_config(head, config))
         return {"model_type": "data2vec-text", "architectures": [self.architecture], **config}
 
@@ -335,6 +342,13 @@ class TextModelConverter:
         for name, data in _read_side_files(getattr(model, "checkpoint_directory", None)).items():
             files.setdefault(name, data)
         return files
+
+    def export_notes(self, model: nn.Module) -> list[str]:
+        """What ``d2v convert --to hf`` reports about the export: a bare model without a pooler
+        (data2vec text is pretrained without one) cannot say so in config.json."""
+        if self.head_class is not None or model.encoder.pooler is not None:
+            return []
+        return [NO_POOLER_NOTE]
 
     def exports(self, model: nn.Module) -> bool:
         """Whether this converter is the right one to export ``model`` (used by ``d2v convert``)."""

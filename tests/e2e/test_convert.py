@@ -41,3 +41,21 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "d2v"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_a_text_model_without_pooler_says_so(tmp_path, capsys):
+    """A bare Data2VecTextModel without a pooler (data2vec text has none) exports without
+    pooler.dense; config.json cannot tell transformers so, the report does, and its advice loads
+    the export with nothing newly initialised."""
+    config = transformers.Data2VecTextConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=20)
+    transformers.Data2VecTextModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "d2v"), "--to", "d2v"]) == 0
+    assert "pooler" not in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "d2v"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    report = capsys.readouterr().out
+    assert "note: this model has no pooler, so pooler.dense is not in the checkpoint" in report
+    assert "pooler_output is not meaningful" in report and "last_hidden_state[:, 0]" in report
+    _, info = transformers.Data2VecTextModel.from_pretrained(tmp_path / "back", add_pooling_layer=False,
+                                                             output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info

@@ -29,6 +29,7 @@ from fairseq_reference.text_multi import (
     fairseq_text_classifier_state,
     make_targets,
 )
+from text_pooler import assert_pooler_is_reported
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ATOL = 1e-5
@@ -140,7 +141,8 @@ def test_convert_cli_and_hugging_face_export_equal_fairseq(tmp_path, capsys):
     close("convert_cli", backbone({"inputs": ids, "padding_mask": ids.eq(PAD)}).last_hidden_state, want)
     # the student is a Hugging Face Data2VecTextModel (no token types: a zero row is exported)
     assert main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
-    hf = transformers.Data2VecTextModel.from_pretrained(tmp_path / "hf").eval()
+    assert_pooler_is_reported(tmp_path / "hf", capsys.readouterr().out)
+    hf = transformers.Data2VecTextModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
     with torch.no_grad():
         got = hf(input_ids=ids, attention_mask=ids.ne(PAD).long()).last_hidden_state
     close("to_hf", got, want)

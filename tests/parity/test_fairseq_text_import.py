@@ -20,6 +20,7 @@ from d2v.convert import load_d2v_checkpoint
 from d2v.errors import SpecError
 from d2v.fairseq import import_fairseq
 from fairseq_fixtures import save_fairseq_checkpoint
+from text_pooler import assert_pooler_is_reported
 
 transformers = pytest.importorskip("transformers")
 
@@ -180,7 +181,8 @@ def test_pretrained_backbone_matches_and_round_trips_through_hugging_face(tmp_pa
     assert "task pretrain" in capsys.readouterr().out
     close("backbone_cli", load_d2v_checkpoint(tmp_path / "out")(d2v_batch(ids)).last_hidden_state, want)
     assert main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
-    again = transformers.Data2VecTextModel.from_pretrained(tmp_path / "hf").eval()
+    assert_pooler_is_reported(tmp_path / "hf", capsys.readouterr().out)
+    again = transformers.Data2VecTextModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
     with torch.no_grad():
         close("backbone_to_hf", again(**hf_inputs(ids)).last_hidden_state, want)
 

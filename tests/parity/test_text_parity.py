@@ -133,7 +133,13 @@ def test_model_without_pooler_and_without_mask(tmp_path):
     compare(got, expected, ("last_hidden_state",))
     assert got.pooler_output is None
     ours.save_pretrained(tmp_path / "export")
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["add_pooling_layer"] is False
+    # config.json cannot say "no pooler" to transformers; it must not say add_pooling_layer either, which
+    # would swallow from_pretrained's add_pooling_layer=False (a config field, not the model's argument)
+    assert "add_pooling_layer" not in json.loads((tmp_path / "export" / "config.json").read_text())
+    back, info = Data2VecTextModel.from_pretrained(tmp_path / "export", add_pooling_layer=False,
+                                                   output_loading_info=True)
+    assert back.pooler is None and not info["missing_keys"] and not info["unexpected_keys"], info
+    assert d2v.from_pretrained(tmp_path / "export").model.encoder.pooler is None
 
 
 def test_left_padding_keeps_positions(tmp_path):
