@@ -71,7 +71,7 @@ def test_a_broken_plugin_is_reported_once_and_every_command_still_works(tmp_path
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: d2v-word-count\nVersion: 0.1.0\n")
     (dist_info / "entry_points.txt").write_text("[d2v]\nword-count = d2v_word_count\n")
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
 
     listed = d2v("list", "head", env=env)
     assert listed.returncode == 0 and "ctc" in listed.stdout and "Traceback" not in listed.stderr
