@@ -222,15 +222,15 @@ def test_incremental_decoding_with_cache(tmp_path, cross):
     ours_out = run(ours, input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True, **extra)
     hf_out = run(theirs, input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True, **extra)
     assert_close("cached prompt", ours_out.logits, full[:, :prompt])
-    cache, hf_cache = ours_out.past_key_values, hf_out.past_key_values
+    cache, hf_cache = ours_out.past_key_values, hf_out.cache
     for step in range(prompt, ids.shape[1]):
         kwargs = {"input_ids": ids[:, step:step + 1], "attention_mask": mask[:, :step + 1], "use_cache": True, **extra}
-        ours_out = run(ours, past_key_values=cache, **kwargs)
-        hf_out = run(theirs, past_key_values=hf_cache, **kwargs)
+        ours_out = run(ours, past_key_values=cache, **kwargs)  # transformers 4's name, still taken
+        hf_out = run(theirs, cache=hf_cache, **kwargs)
         assert cache.get_seq_length() == step + 1
         assert_close("cached step vs full", ours_out.logits[:, 0], full[:, step])
         assert_close("cached step vs HF cached step", ours_out.logits, hf_out.logits)
-        cache, hf_cache = ours_out.past_key_values, hf_out.past_key_values
+        cache, hf_cache = ours_out.past_key_values, hf_out.cache
 
 
 def test_greedy_generation_matches_hf_forward(tmp_path):
