@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput
+from d2v.interfaces import EncoderOutput, HeadOutput
 from d2v_audio.frame_labels import num_label_frames, segments_to_frames, shift_segments
 from d2v_audio.labelled_datasets import AudioFolder, AudioSegments, VoxCeleb
 from d2v_audio.processor import AudioProcessor
@@ -157,7 +157,12 @@ def test_frame_head_bce_ignores_padding_and_aligns_frames():
     clean = aligned.clamp(min=0)
     hf = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), clean.reshape(-1, 2).argmax(-1))
     assert torch.allclose(ce(out, {"labels": clean}).loss, hf)
-    assert head.predict(result, {})[0].count("-") >= 0  # segments render
+    # predict: each run of frames whose sigmoid passes 0.5, as "label start-end" in seconds (50 Hz frames)
+    activity = torch.full((2, 10, 2), -4.0)
+    activity[0, 1:4, 0] = activity[0, 6:, 0] = 4.0  # A: frames 1-3 and 6-9 (to the end)
+    activity[0, 4, 1] = 0.1  # B: frame 4, just past the threshold
+    activity[0, 5, 1] = -0.1  # just below it
+    assert head.predict(HeadOutput(logits=activity), {}) == ["A 0.02-0.08; A 0.12-0.20; B 0.08-0.10", ""]
     with pytest.raises(SpecError, match="loss"):
         AudioFrameClassificationHead(input_dim=8, num_labels=2, loss="focal")
 
@@ -172,7 +177,14 @@ def test_xvector_head_pooling_and_all_pair_scoring():
     batch = {"ids": ["u1", "u2", "u3"], "speakers": ["s1", "s1", "s2"]}
     counts = head.eval_counts(result, batch)
     metrics = head.summarize(counts)
-    assert metrics["trials"] == 3.0 and 0.0 <= metrics["eer"] <= 100.0
+    # every pair of utterances is a trial (same speaker: target), scored by the cosine of the x-vectors
+    emb = result.extras["embeddings"].detach().double()
+    cos = [float(torch.nn.functional.cosine_similarity(emb[i], emb[j], dim=0)) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert metrics["trials"] == 3.0 and metrics["eer"] == pytest.approx(equal_error_rate(cos, [1, 0, 0]))
+    # hand-made x-vectors: u1 and u2 point the same way, u3 is orthogonal to both
+    counts = {"xv_ids": ["u1", "u2", "u3"], "xv_embeddings": [[1.0, 0, 0], [1.0, 0.1, 0], [0, 1.0, 0]]}
+    assert head.summarize({**counts, "xv_speakers": ["s1", "s1", "s2"]})["eer"] == 0.0  # the target pair is closest
+    assert head.summarize({**counts, "xv_speakers": ["s1", "s2", "s1"]})["eer"] == 100.0  # the target pair is farthest
     assert all_pair_trials(["a", "b", "c"], ["x", "x", "y"]) == [(1, "a", "b"), (0, "a", "c"), (0, "b", "c")]
     with pytest.raises(SpecError, match="TDNN frame"):
         head(encoder_output(lengths=(20, 13, 4)), {})
