@@ -104,9 +104,10 @@ def prepare_run_dir(output_dir: Path, *, resume: bool | str) -> list[Path] | Non
         resume = True
     if resume:
         if not candidates:
+            finished = " (it holds a finished run's final/ weights)" if (output_dir / "final").exists() else ""
             raise SpecError(
-                f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}; "
-                f"run without --resume to start fresh."
+                f"--resume / trainer.resume: no complete checkpoint under {checkpoints_dir(output_dir)}{finished}; "
+                f"start fresh without --resume and with trainer.resume: false, in another trainer.output_dir."
             )
         return candidates
     if candidates or (output_dir / "final").exists():
