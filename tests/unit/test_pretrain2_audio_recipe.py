@@ -1,14 +1,16 @@
 """experiments/pretrain2_audio_ls960.yaml is fairseq's published data2vec 2.0 Base speech recipe
 (examples/data2vec/config/v2/base_audio_only_task.yaml), key by key; the values below are that
 file's (or, where it is silent, the defaults of its dataclasses -- Data2VecMultiConfig,
-D2vModalityConfig, D2vAudioConfig, D2vDecoderConfig -- named in the comments). Also: the demo
-uses the same encoder options, and the spec builds a student whose teacher EMAs ``alibi_scale``."""
+D2vModalityConfig, D2vAudioConfig, D2vDecoderConfig -- named in the comments). The objective's
+values are read off the model the spec builds (32 wide), its masks drawn. Also: the demo uses the
+same encoder options, and the spec builds a student whose teacher EMAs ``alibi_scale``."""
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,30 +74,54 @@ def test_encoder_is_the_published_one(backbone):
     assert enc.get("add_adapter", False) is False
 
 
-def test_objective_is_the_published_one(spec):
-    obj = spec["model"]["objective"]
-    assert obj["name"] == "data2vec2" and obj["clone_batch"] == 8                 # clone_batch: 8
-    assert obj["target"]["top_k"] == 8                                           # average_top_k_layers: 8
-    assert obj["target"]["layer_norm"] == "instance"                             # instance_norm_target_layer: true
-    assert obj["target"]["final_norm"] is None                                   # layer_norm_targets: false
-    assert obj["target"]["loss"] == "l2"                                         # loss_beta: 0
-    assert obj["target"]["loss_scale"] is None                                   # loss_scale: null (1/sqrt(dim))
-    # mask_prob: 0.5, mask_length: 5, mask_prob_adjust: 0.05, inverse_mask: false (precompute_mask_config: {})
-    assert obj["masking"] == {"name": "inverse_block", "dims": 1, "inverse": False, "mask_prob": 0.5,
-                              "mask_length": 5, "mask_prob_adjust": 0.05}
+@pytest.fixture(scope="module")
+def built(spec):
+    """The recipe built as it is but 32 wide (conv channels and model dimension)."""
+    from d2v.model import build_model
+
+    model = dict(spec["model"])
+    model["encoder"] = {**model["encoder"], "dim": 32, "heads": 4, "ffn_dim": 64}
+    model["feature_extractor"] = {**model.get("feature_extractor", {}), "conv_dim": [32] * 7}
+    torch.manual_seed(0)
+    return build_model(model, plugins.registry(), "pretrain")
+
+
+def test_objective_is_the_published_one(built):
+    """The built objective (not the YAML): its masks, decoder, target, loss scale and teacher."""
+    from d2v.distill2 import Data2Vec2
+
+    model = built
+    assert isinstance(model, Data2Vec2)
+    # 8 masked copies per example (clone_batch: 8), each with exactly int(T * 0.5) of its T frames
+    # masked (compute_block_mask_1d, mask_prob: 0.5, mask_length: 5, mask_prob_adjust: 0.05, not inverted)
+    inputs = torch.randn(2, 32000)
+    masks = model.make_batch_transform()({"inputs": inputs, "padding_mask": torch.zeros_like(inputs, dtype=torch.bool)},
+                                         rng=np.random.default_rng(0))["precomputed_mask"]
+    frames = model.feature_extractor(inputs).features.shape[1]
+    assert masks.shape == (2, 8, frames) and bool((masks.sum(-1) == int(frames * 0.5)).all())
+    assert (model.masking.mask_length, model.masking.mask_prob_adjust, model.masking.inverse) == (5, 0.05, False)
     # decoder: decoder_dim 384, decoder_kernel 7, decoder_layers 4, decoder_groups 16, input_dropout 0.1;
     # decoder_residual true and projection_layers 1 are D2vDecoderConfig defaults
-    assert (obj["decoder_type"], obj["decoder_dim"], obj["decoder_kernel"], obj["decoder_layers"],
-            obj["decoder_groups"], obj["decoder_input_dropout"]) == ("1d", 384, 7, 4, 16, 0.1)
-    assert obj["decoder_residual"] is True and obj["decoder_projection_layers"] == 1
-    assert obj["mask_noise_std"] == 0.01                                         # mask_noise_std: 0.01
-    assert obj["encoder_zero_mask"] is True                                      # encoder_zero_mask default
-    assert obj["cls_loss"] == 0.0                                                # cls_loss default
-    assert obj["ema_scope"] == "encoder"                # ema_encoder_only: false, ema_local_encoder: false
-    assert obj["copy_keys"] == []
-    assert (obj["ema_decay"], obj["ema_end_decay"], obj["ema_anneal_end_step"]) == (0.999, 0.99999, 75000)
-    assert obj["target_feature"] == "ffn"                                        # end_of_block_targets default false
-    assert obj["min_target_std"] == 0.1 and obj["min_pred_std"] == 0.01          # min_target_var, min_pred_var defaults
+    convs = [block.conv for block in model.decoder.blocks]
+    assert len(convs) == 4 and all((c.out_channels, c.kernel_size, c.groups) == (384, (7,), 16) for c in convs)
+    assert model.decoder.residual is True and isinstance(model.decoder.proj, torch.nn.Linear)
+    assert model.decoder_input_dropout == 0.1 and model.mask_noise_std == 0.01  # mask_noise_std: 0.01
+    assert model.encoder_zero_mask is True and model.cls_loss == 0.0            # encoder_zero_mask, cls_loss defaults
+    # average_top_k_layers: 8, instance_norm_target_layer: true, layer_norm_targets: false, loss_beta: 0,
+    # loss_scale: null (1/sqrt(dim))
+    target = model.target
+    assert (target.top_k, target.layer_norm, target.final_norm, target.loss_type) == (8, "instance", None, "l2")
+    assert target.scale_for(32) == pytest.approx(32 ** -0.5) and model.target_feature == "ffn"
+    # ema_encoder_only: false, ema_local_encoder: false: the teacher averages the Transformer (with its
+    # own conv positional encoder: nothing copied) and reuses the student's CNN
+    assert type(model.teacher.model) is type(model.encoder) and model.teacher.copy_keys == ()
+    # ema_decay 0.999 -> ema_end_decay 0.99999, linearly over ema_anneal_end_step 75000
+    for updates, decay in ((0, 0.999), (37500, 0.999495), (75000, 0.99999), (400000, 0.99999)):
+        model.num_updates.fill_(updates)
+        assert model.current_decay() == pytest.approx(decay, abs=1e-12), updates
+    model.num_updates.fill_(0)
+    # min_target_var, min_pred_var defaults, checked after 5000 updates
+    assert (model.min_target_std, model.min_pred_std, model.collapse_check_after) == (0.1, 0.01, 5000)
 
 
 def test_optimisation_and_data_are_the_published_ones(spec):

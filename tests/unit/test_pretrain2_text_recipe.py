@@ -1,12 +1,14 @@
 """experiments/pretrain2_text_base.yaml is fairseq's published data2vec 2.0 text Base recipe
 (examples/data2vec/config/v2/base_text_only_task.yaml), key by key; the values below are that
-file's (or, where it is silent, its dataclass defaults', named in the comments). The fairseq
-importer, reading the same yaml's model section, arrives at the same objective."""
+file's (or, where it is silent, its dataclass defaults', named in the comments); the objective's
+are read off the model the spec builds (32 wide), its masks drawn. The fairseq importer, reading
+the same yaml's model section, arrives at the same objective."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,22 +53,49 @@ def test_backbone_is_fairseqs_text_encoder(spec):
     assert enc.get("add_pooling_layer", False) is False
 
 
-def test_objective_is_the_published_one(spec):
-    obj = spec["model"]["objective"]
-    assert obj["name"] == "data2vec2" and obj["clone_batch"] == 8
-    assert obj["target"] == {"name": "data2vec", "top_k": 12, "layer_norm": "instance", "final_norm": None,
-                             "loss": "l2", "loss_scale": 1.0}
-    assert obj["masking"] == {"name": "random", "mask_prob": 0.48}             # mask_length 1
-    assert (obj["decoder_type"], obj["decoder_dim"], obj["decoder_kernel"], obj["decoder_layers"],
-            obj["decoder_groups"], obj["decoder_residual"], obj["decoder_projection_layers"],
-            obj["decoder_input_dropout"]) == ("1d", 768, 9, 5, 1, False, 2, 0.1)
-    assert obj["mask_noise_std"] == 0.01 and obj["encoder_zero_mask"] is True  # D2vModalityConfig default
-    assert obj["ema_scope"] == "encoder" and obj["copy_keys"] == []            # ema_encoder_only
-    assert (obj["ema_decay"], obj["ema_end_decay"], obj["ema_anneal_end_step"]) == (0.9999, 0.99999, 100000)
-    assert obj["target_feature"] == "ffn"                                      # end_of_block_targets false
-    assert obj["min_target_std"] == 0.1 and obj["min_pred_std"] == 0.01        # min_target_var, min_pred_var
-    assert obj["collapse_check_after"] == 5000                                 # "if self.num_updates > 5000"
-    assert obj.get("cls_loss", 0.0) == 0.0
+@pytest.fixture(scope="module")
+def built(spec):
+    """The recipe built as it is but 32 wide."""
+    model = dict(spec["model"])
+    model["encoder"] = {**model["encoder"], "dim": 32, "heads": 4, "ffn_dim": 64}
+    torch.manual_seed(0)
+    return build_model(model, plugins.registry(), "pretrain")
+
+
+def test_objective_is_the_published_one(built):
+    """The built objective (not the YAML): its masks, decoder, target, loss scale and teacher."""
+    from d2v.distill2 import Data2Vec2
+
+    model = built
+    assert isinstance(model, Data2Vec2)
+    # 8 masked copies per sequence (clone_batch: 8); mask_length 1 = MAE's random_masking with
+    # mask_prob 0.48: it keeps int(T * 0.52) tokens, i.e. 18 of 37 masked (int(37 * 0.48) would be 17)
+    masks = model.make_batch_transform()({"inputs": torch.randint(4, 100, (2, 37))},
+                                         rng=np.random.default_rng(0))["precomputed_mask"]
+    assert masks.shape == (2, 8, 37) and bool((masks.sum(-1) == 18).all())
+    # decoder: decoder_dim 768, decoder_kernel 9, decoder_layers 5, decoder_groups 1, no residual,
+    # projection_layers 2 with projection_ratio 2.0 (Linear 768 -> 1536, GELU, Linear -> dim), input_dropout 0.1
+    convs = [block.conv for block in model.decoder.blocks]
+    assert len(convs) == 5 and all((c.out_channels, c.kernel_size, c.groups) == (768, (9,), 1) for c in convs)
+    assert model.decoder.residual is False
+    assert [type(m).__name__ for m in model.decoder.proj] == ["Linear", "GELU", "Linear"]
+    assert (model.decoder.proj[0].in_features, model.decoder.proj[0].out_features, model.decoder.proj[2].out_features) == (
+        768, 1536, 32)
+    assert model.decoder_input_dropout == 0.1 and model.mask_noise_std == 0.01  # mask_noise_std: 0.01
+    assert model.encoder_zero_mask is True and model.cls_loss == 0.0            # D2vModalityConfig defaults
+    # average_top_k_layers 12, instance_norm_target_layer, no layer_norm_targets, loss_beta 0, loss_scale 1
+    target = model.target
+    assert (target.top_k, target.layer_norm, target.final_norm, target.loss_type) == (12, "instance", None, "l2")
+    assert target.scale_for(32) == 1.0 and model.target_feature == "ffn"         # end_of_block_targets false
+    # ema_encoder_only: only the Transformer blocks are averaged, nothing copied
+    assert type(model.teacher.model) is type(model.encoder) and model.teacher.copy_keys == ()
+    # ema_decay 0.9999 -> ema_end_decay 0.99999, linearly over ema_anneal_end_step 100000
+    for updates, decay in ((0, 0.9999), (50000, 0.999945), (100000, 0.99999), (10 ** 6, 0.99999)):
+        model.num_updates.fill_(updates)
+        assert model.current_decay() == pytest.approx(decay, abs=1e-12), updates
+    model.num_updates.fill_(0)
+    # min_target_var, min_pred_var; "if self.num_updates > 5000"
+    assert (model.min_target_std, model.min_pred_std, model.collapse_check_after) == (0.1, 0.01, 5000)
 
 
 def test_the_importer_reads_the_published_yaml_to_the_same_objective(spec):

@@ -1,12 +1,15 @@
 """experiments/pretrain2_vision_in1k.yaml is fairseq's published data2vec 2.0 ViT-B recipe
 (examples/data2vec/config/v2/base_images_only_task.yaml), key by key; the values below are that
-file's (or, where it is silent, its dataclass defaults', named in the comments)."""
+file's (or, where it is silent, its dataclass defaults', named in the comments); the objective's
+are read off the model the spec builds (32 wide), its masks drawn."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from d2v import plugins
 from d2v.config import load_spec, resolve_model_section
@@ -32,22 +35,48 @@ def test_backbone_is_the_published_vit_b(spec):
     assert enc.get("layer_norm_first", False) is False                           # layer_norm_first default
 
 
-def test_objective_is_the_published_one(spec):
-    obj = spec["model"]["objective"]
-    assert obj["name"] == "data2vec2" and obj["clone_batch"] == 16
-    assert obj["target"] == {"name": "data2vec", "top_k": 10, "layer_norm": "instance", "final_norm": "layer",
-                             "loss": "l2", "loss_scale": None}  # average_top_k_layers, instance_norm_target_layer,
-    #                                                          layer_norm_targets, loss_beta 0, loss_scale None
-    assert obj["masking"] == {"name": "inverse_block", "dims": 2, "inverse": True, "mask_prob": 0.8,
-                              "mask_length": 3, "mask_prob_adjust": 0.07}
-    assert (obj["decoder_type"], obj["decoder_dim"], obj["decoder_kernel"], obj["decoder_layers"],
-            obj["decoder_groups"], obj["decoder_input_dropout"]) == ("2d", 768, 3, 6, 16, 0.0)
-    assert obj["decoder_residual"] is True                                       # decoder_residual default
-    assert obj["mask_noise_std"] == 0.01 and obj["cls_loss"] == 0.01
-    assert obj["ema_scope"] == "all"                      # ema_encoder_only: false, ema_local_encoder: true
-    assert (obj["ema_decay"], obj["ema_end_decay"], obj["ema_anneal_end_step"]) == (0.9998, 0.99999, 100000)
-    assert obj["target_feature"] == "ffn"                                        # end_of_block_targets: false
-    assert obj["min_target_std"] == 0.0 and obj["min_pred_std"] == 0.0           # min_target_var, min_pred_var
+@pytest.fixture(scope="module")
+def built(spec):
+    """The recipe built as it is but 32 wide."""
+    from d2v.model import build_model
+
+    model = dict(spec["model"])
+    model["encoder"] = {**model["encoder"], "dim": 32, "heads": 4, "ffn_dim": 64}
+    torch.manual_seed(0)
+    return build_model(model, plugins.registry(), "pretrain")
+
+
+def test_objective_is_the_published_one(built):
+    """The built objective (not the YAML): its masks, decoder, target, loss scale and teacher."""
+    from d2v.distill2 import Data2Vec2
+
+    model = built
+    assert isinstance(model, Data2Vec2)
+    # 16 masked copies per image (clone_batch: 16); inverse block masking of the 14 x 14 patches
+    # (mask_prob 0.8, mask_length 3, mask_prob_adjust 0.07, inverse_mask): exactly int(196 * 0.2) = 39 kept
+    masks = model.make_batch_transform()({"inputs": torch.zeros(2, 3, 224, 224)},
+                                         rng=np.random.default_rng(0))["precomputed_mask"]
+    assert masks.shape == (2, 16, 196) and bool((masks.sum(-1) == 196 - 39).all())
+    assert (model.masking.mask_length, model.masking.mask_prob_adjust, model.masking.dims) == (3, 0.07, 2)
+    # decoder: decoder_dim 768, decoder_kernel 3, decoder_layers 6, decoder_groups 16, input_dropout 0,
+    # residual (default), 1 projection layer
+    convs = [block.conv for block in model.decoder.blocks]
+    assert len(convs) == 6 and all((c.out_channels, c.kernel_size, c.groups) == (768, (3, 3), 16) for c in convs)
+    assert model.decoder.residual is True and isinstance(model.decoder.proj, torch.nn.Linear)
+    assert model.decoder_input_dropout == 0.0 and model.mask_noise_std == 0.01
+    assert model.cls_loss == 0.01                                                # cls_loss: 0.01
+    # average_top_k_layers 10, instance_norm_target_layer, layer_norm_targets, loss_beta 0, loss_scale None
+    target = model.target
+    assert (target.top_k, target.layer_norm, target.final_norm, target.loss_type) == (10, "instance", "layer", "l2")
+    assert target.scale_for(32) == pytest.approx(32 ** -0.5) and model.target_feature == "ffn"
+    # ema_encoder_only: false, ema_local_encoder: true: the teacher has its own patch embedding too
+    assert set(dict(model.teacher.model.named_children())) == {"feature_extractor", "encoder"}
+    # ema_decay 0.9998 -> ema_end_decay 0.99999, linearly over ema_anneal_end_step 100000
+    for updates, decay in ((0, 0.9998), (50000, 0.999895), (100000, 0.99999), (375300, 0.99999)):
+        model.num_updates.fill_(updates)
+        assert model.current_decay() == pytest.approx(decay, abs=1e-12), updates
+    model.num_updates.fill_(0)
+    assert (model.min_target_std, model.min_pred_std) == (0.0, 0.0)             # min_target_var, min_pred_var: 0
 
 
 def test_optimisation_and_data_are_the_published_ones(spec):
