@@ -246,28 +246,6 @@ def test_loss_decreases_on_a_tiny_synthetic_task():
     assert model.current_decay() == pytest.approx(0.999)
 
 
-def test_ls960_recipe_is_the_reference_one():
-    """experiments/pretrain2_audio_ls960.yaml = REFERENCE.md §2.2, audio base column."""
-    from pathlib import Path
-
-    from d2v.config import load_spec, resolve_model_section
-
-    spec = load_spec(Path(__file__).resolve().parents[2] / "experiments" / "pretrain2_audio_ls960.yaml")
-    model = resolve_model_section(spec["model"], plugins.registry())
-    obj = model["objective"]
-    assert (obj["name"], model["encoder"]["layers"], model["encoder"]["dim"], obj["clone_batch"]) == ("data2vec2", 12, 768, 8)
-    assert (obj["target"]["top_k"], obj["target"]["layer_norm"], obj["target"]["final_norm"], obj["target"]["loss"],
-            obj["target"]["loss_scale"]) == (8, "instance", None, "l2", None)
-    m = obj["masking"]
-    assert (m["name"], m["dims"], m["inverse"], m["mask_prob"], m["mask_length"], m["mask_prob_adjust"]) == (
-        "inverse_block", 1, False, 0.5, 5, 0.05)
-    assert (obj["decoder_dim"], obj["decoder_kernel"], obj["decoder_layers"], obj["decoder_groups"]) == (384, 7, 4, 16)
-    assert (obj["ema_decay"], obj["ema_end_decay"], obj["ema_anneal_end_step"]) == (0.999, 0.99999, 75000)
-    assert (spec["optim"]["lr"], spec["schedule"]["name"], spec["schedule"]["warmup_steps"]) == (7.5e-4, "cosine", 8000)
-    assert spec["trainer"]["max_steps"] == 400000
-    assert spec["data"]["loader"]["max_batch_seconds"] * 16000 == 1e6
-
-
 def test_inputs_corrupted_by_the_processor_are_refused():
     """data2vec 2.0 drops tokens itself; BERT-masked inputs from the processor would leak
     corrupted tokens into the student, so the spec mistake is named."""
