@@ -4,7 +4,6 @@ baseline, and its checkpoint exports to Hugging Face with ``d2v convert``."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,21 @@ from d2v.runner import run
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-# spec, steps, metric, whether higher is better, the HF architecture its checkpoint exports to
+# spec, steps, metric, the least improvement over the untrained model (negative: lower is better),
+# the HF architecture its checkpoint exports to. Measured (seed 1): keywords accuracy 16.7 (chance,
+# 6 words) -> 58.3, frames F1 35.8 -> 52.0, speakers EER 45.8 -> 31.2; the margins are about half that.
 DEMOS = {
-    "keywords": ("keywords_demo.yaml", 60, "accuracy", True, "Data2VecAudioForSequenceClassification"),
-    "frames": ("frames_demo.yaml", 60, "frame_f1", True, "Data2VecAudioForAudioFrameClassification"),
-    "speakers": ("speakers_demo.yaml", 300, "eer", False, "Data2VecAudioForXVector"),
+    "keywords": ("keywords_demo.yaml", 60, "accuracy", 20.0, "Data2VecAudioForSequenceClassification"),
+    "frames": ("frames_demo.yaml", 60, "frame_f1", 8.0, "Data2VecAudioForAudioFrameClassification"),
+    "speakers": ("speakers_demo.yaml", 300, "eer", -7.0, "Data2VecAudioForXVector"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(DEMOS))
-def test_demo_improves_its_metric(name, tmp_path):
-    spec, steps, metric, higher, architecture = DEMOS[name]
+def test_demo_improves_its_metric(name, tmp_path, monkeypatch):
+    spec, steps, metric, margin, architecture = DEMOS[name]
     out = tmp_path / "run"
-    os.chdir(ROOT)
+    monkeypatch.chdir(ROOT)
     final = run(load_spec(ROOT / "experiments" / spec, [
         f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
         "trainer.progress_bar=false", "trainer.log_every=10"]))
@@ -36,7 +37,8 @@ def test_demo_improves_its_metric(name, tmp_path):
     before = next(r for r in records if r.get("split") == "valid" and r["step"] == 0)[metric]
     train = [r["loss"] for r in records if r.get("split") == "train"]
     assert train[-1] < train[0]
-    assert (final[metric] > before) if higher else (final[metric] < before), (metric, before, final[metric])
+    improved = final[metric] > before + margin if margin > 0 else final[metric] < before + margin
+    assert improved, (metric, before, final[metric])
 
     convert(out / "final", tmp_path / "hf", to="hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
