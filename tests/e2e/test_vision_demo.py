@@ -1,7 +1,6 @@
 """Vision demos end to end: data2vec 1.0 / 2.0 pretraining lowers the loss without collapse and
 its checkpoint initialises the classification demo; the segmentation demo learns to segment (its
-mIoU rises well above the untrained model's and above any constant class map); every exported
-head loads back through d2v."""
+mIoU rises well above the untrained model's and above any constant class map)."""
 
 import json
 from pathlib import Path
