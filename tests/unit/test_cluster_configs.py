@@ -231,10 +231,6 @@ def test_sbatch_script_on_sigusr1_stops_the_trainers_then_requeues_the_job(tmp_p
     assert "trainer.resume=auto" in args
 
 
-@pytest.mark.xfail(strict=True, reason="bug in experiments/slurm/pretrain.sbatch: under set -o pipefail, "
-                   "MASTER_ADDR=$(scontrol show hostnames ... | head -n 1) stops the script (status 141) when "
-                   "scontrol writes after head has exited (a host list longer than one stdio buffer, hundreds "
-                   "of nodes): scontrol dies of SIGPIPE and set -e ends the job before srun")
 def test_sbatch_script_starts_on_a_large_allocation(tmp_path):
     log, args, status = run_sbatch(tmp_path, signal_after_start=False, MANY_NODES="1")
     assert status == 0 and "trainer finished" in log.splitlines()
