@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None, prog: str = "d2v") -> int:
     try:
         return args.fn(args)
     except SpecError as exc:
+        if os.environ.get("D2V_DEBUG"):  # the traceback (and its cause) for a bug report
+            raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingCollapse as exc:

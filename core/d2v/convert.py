@@ -8,6 +8,8 @@ and what ``model.init.checkpoint`` and ``evaluate.checkpoint`` accept.
 
 from __future__ import annotations
 
+import shutil
+import traceback
 from pathlib import Path
 
 import yaml
@@ -115,11 +117,39 @@ def d2v_to_hf(source: Path, destination: Path) -> str:
 
 def convert(source: str | Path, destination: str | Path, *, to: str | None, source_format: str = "auto",
             options: dict | None = None) -> str:
+    """Convert, or raise a ``SpecError`` that names the source and the cause; what this call wrote
+    into the destination is removed again on failure (a half-written checkpoint would load as damaged)."""
     source, destination = Path(source), Path(destination)
+    created = not destination.exists()
+    was_empty = created or (destination.is_dir() and not any(destination.iterdir()))
+    try:
+        return _convert(source, destination, to, source_format, options or {})
+    except BaseException as exc:
+        if was_empty and destination.is_dir():  # only what this call wrote; a non-empty one is refused untouched
+            for child in destination.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if created:
+                destination.rmdir()
+        if isinstance(exc, (SpecError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            raise
+        raise SpecError(_unexpected_failure(source, exc)) from exc
+
+
+def _unexpected_failure(source: Path, exc: Exception) -> str:
+    """One message for a failure no importer anticipated: what failed, where in d2v, what to do."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/d2v" in f.filename]
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"could not convert '{source}': {type(exc).__name__}{where}: {message}. The file is in a layout "
+            f"d2v's converters do not handle; nothing was written. Rerun with D2V_DEBUG=1 for the traceback "
+            f"and report it with the checkpoint's config (its 'cfg' entry) so the converter can name the cause.")
+
+
+def _convert(source: Path, destination: Path, to: str | None, source_format: str, options: dict) -> str:
     if not source.exists():
         raise SpecError(f"source '{source}' does not exist.")
     if source_format == "fairseq" or (source.is_file() and source.suffix == ".pt"):
-        return (fairseq_to_hf if to == "hf" else fairseq_to_d2v)(source, destination, options or {})
+        return (fairseq_to_hf if to == "hf" else fairseq_to_d2v)(source, destination, options)
     if to is None:
         raise SpecError("d2v convert: say --to d2v (from a Hugging Face directory) or --to hf (from a d2v checkpoint).")
     return hf_to_d2v(source, destination) if to == "d2v" else d2v_to_hf(source, destination)

@@ -59,3 +59,32 @@ def test_a_text_model_without_pooler_says_so(tmp_path, capsys):
     _, info = transformers.Data2VecTextModel.from_pretrained(tmp_path / "back", add_pooling_layer=False,
                                                              output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_an_unanticipated_failure_is_a_named_error_and_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    """A converter bug or an unknown layout: one line naming the source, the exception and where in
+    d2v it happened; the half-written destination is removed (it would load as a damaged model)."""
+    import d2v.convert
+
+    _tiny_hf_ctc(tmp_path / "hf")
+    capsys.readouterr()
+
+    def broken_save(state, path, metadata=None):
+        raise RuntimeError("The size of tensor a (32) must match the size of tensor b (16) at dimension 0\nmore")
+
+    monkeypatch.setattr(d2v.convert, "save_file", broken_save)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "d2v"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"could not convert '{tmp_path / 'hf'}': RuntimeError in convert.py:" in err
+    assert "(hf_to_d2v): The size of tensor a (32) must match" in err and "D2V_DEBUG=1" in err
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "empty").mkdir()  # an empty destination the user made stays, emptied again
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "empty"), "--to", "d2v"]) == 2
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+    monkeypatch.setenv("D2V_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(Exception, match="could not convert") as info:
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "d2v"])
+    assert isinstance(info.value.__cause__, RuntimeError)
