@@ -63,6 +63,9 @@ def _deepcopy_computed_weights() -> None:
 
 def load_fairseq():
     """Import fairseq and make its data2vec examples importable as ``examples.data2vec``."""
+    # TensorFlow, when the borrowed site-packages hold it, is pulled in by fairseq's optional
+    # imports and segfaults beside torch's triton import; fairseq's data2vec code never uses it
+    sys.modules.setdefault("tensorflow", None)
     dataclasses.dataclass = _tolerant_dataclass
     _deepcopy_computed_weights()
     for alias, real in (("float", float), ("int", int), ("bool", bool)):  # NumPy 2 removed these
