@@ -195,11 +195,30 @@ def main(argv: list[str] | None = None, prog: str = "d2v") -> int:
         return 130
 
 
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="d2v-run", usage="d2v-run SPEC [key.path=value ...] [--resume]",
+        description="Run a spec (finetune, pretrain or evaluate); the same as 'd2v run'.",
+        epilog="example: d2v-run experiments/asr_demo.yaml trainer.max_steps=10 optim.lr=1e-4")
+    parser.add_argument("spec", help="the YAML spec file")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.max_steps=10")
+    parser.add_argument("--resume", action="store_true", help="the same as trainer.resume=true")
+    return parser
+
+
 def run_main(argv: list[str] | None = None) -> int:
-    """``d2v-run SPEC [k=v ...] [--resume]``."""
+    """``d2v-run SPEC [key.path=value ...] [--resume]``: its own usage and errors, then ``d2v run``."""
+    from d2v.config import override_for_option
+
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        _parser("d2v-run").parse_args(["run", "--help"])
+    parser = _run_parser()
+    if not [a for a in argv if not a.startswith("-")] and not {"-h", "--help"} & set(argv):
+        parser.error("say which spec to run, e.g. d2v-run experiments/asr_demo.yaml")
+    _, unknown = parser.parse_known_args(argv)
+    for option in (u for u in unknown if u.startswith("-")):
+        meant = override_for_option(option)
+        hint = f"; did you mean the override '{meant}'?" if meant else ""
+        parser.error(f"unknown option '{option}': spec values are set as key.path=value{hint}")
     return main(["run", *argv], prog="d2v-run")
 
 

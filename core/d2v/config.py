@@ -155,9 +155,10 @@ class Spec(dict):
     overridden: dict[str, str]
 
     def where(self, path: str) -> str:
-        override = (getattr(self, "overridden", None) or {}).get(path)
-        if override is not None:
-            return f"command-line override '{override}': {path}"
+        for key, override in (getattr(self, "overridden", None) or {}).items():
+            # the override set this key, a key inside it, or a section around it
+            if key == path or key.startswith(path + ".") or path.startswith(key + "."):
+                return f"command-line override '{override}': {path}"
         line = self.lines.get(path) if hasattr(self, "lines") else None
         return f"{self.source}:{line}: {path}" if line else f"{self.source}: {path}"
 
@@ -173,7 +174,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         data = _yaml(text) or {}
         lines = _line_map(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        raise SpecError(_yaml_error(path, exc)) from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a spec must be a YAML mapping at the top level, got {type(data).__name__}.")
     spec = Spec(data)
@@ -188,6 +189,33 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if isinstance(spec["trainer"], dict):
         spec["trainer"].setdefault("output_dir", f"runs/{path.stem}")
     return spec
+
+
+def override_for_option(option: str) -> str | None:
+    """The ``key.path=value`` override a user probably meant by ``--max_steps=10`` or ``--lr 1e-4``
+    (a spec key written as a command-line option); None when no spec key has that name."""
+    name, _, value = option.lstrip("-").partition("=")
+    name = name.replace("-", "_")
+    sections = {"trainer": TrainerConfig, "data.loader": LoaderConfig, "evaluate": EvaluateConfig}
+    paths = [f"{section}.{name}" for section, cls in sections.items()
+             if name in {f.name for f in dataclasses.fields(cls)}]
+    paths += [f"data.{name}" for key in DATA_KEYS if key == name] + [f"model.{name}" for key in MODEL_KEYS if key == name]
+    paths += {"lr": ["optim.lr"], "seed": ["seed"], "task": ["task"]}.get(name, [])
+    return f"{paths[0]}={value or '...'}" if paths else None
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """``FILE:LINE:COLUMN: not valid YAML: problem``, with the construct it was inside and the
+    offending line (PyYAML's own text names ``<unicode string>``, not the file)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {exc}"
+    problem = getattr(exc, "problem", None) or "syntax error"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    inside = f" ({context} that starts at line {context_mark.line + 1})" if context and context_mark else ""
+    source_line = mark.buffer.splitlines()[mark.line] if mark.buffer and mark.line < len(mark.buffer.splitlines()) else ""
+    pointer = f"\n    {source_line}\n    {' ' * mark.column}^" if source_line else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}{inside}{pointer}"
 
 
 def spec_from_dict(data: dict, source: str = "<dict>") -> Spec:

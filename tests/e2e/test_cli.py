@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -58,6 +59,26 @@ def test_missing_spec_file_exit_2():
     result = subprocess.run([sys.executable, "-c", "import sys; from d2v.cli import run_main; sys.exit(run_main(['nope.yaml']))"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "d2v-run: error: spec file 'nope.yaml' does not exist" in result.stderr
+
+
+def test_d2v_run_speaks_of_its_own_usage(capsys):
+    """`d2v-run --help` shows d2v-run's usage (not `d2v-run run`), and a spec key written as an
+    option gets the override the user meant instead of d2v's subcommand list."""
+    from d2v.cli import run_main
+
+    with pytest.raises(SystemExit) as info:
+        run_main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.startswith("usage: d2v-run SPEC [key.path=value ...] [--resume]")
+    for option, meant in (["--max_steps=10"], "'trainer.max_steps=10'"), (["--lr", "1e-4"], "'optim.lr=...'"):
+        with pytest.raises(SystemExit) as info:
+            run_main(["experiments/sst2_demo.yaml", *option])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"did you mean the override {meant}?" in err
+        assert "{run,check" not in err and "d2v-run run" not in err
+    with pytest.raises(SystemExit):
+        run_main([])
+    assert "say which spec to run" in capsys.readouterr().err
 
 
 def test_a_broken_plugin_is_reported_once_and_every_command_still_works(tmp_path):

@@ -87,6 +87,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_spec(_write(tmp_path, "model: [unclosed"))
 
 
+def test_a_yaml_syntax_error_is_located_in_the_file(tmp_path):
+    """FILE:LINE:COLUMN and the offending line, not PyYAML's 'in "<unicode string>", line 5'."""
+    path = _write(tmp_path, "task: finetune\nmodel:\n  head: {name: ctc\ntrainer:\n  max_steps: 3\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:4:8: not valid YAML: expected ',' or '}}', but got ':'")
+    assert "(while parsing a flow mapping that starts at line 3)" in message
+    assert "\n    trainer:\n           ^" in message and "<unicode string>" not in message
+
+
+def test_a_problem_inside_an_override_is_reported_against_the_override(tmp_path):
+    spec = load_spec(_write(tmp_path, GOOD), ["modle.head.num_labels=3"])
+    with pytest.raises(SpecError, match=r"command-line override 'modle.head.num_labels=3': modle: unknown key; "
+                                        r"did you mean 'model'"):
+        validate(spec)
+    assert spec.where("trainer.max_steps").startswith(str(tmp_path))  # keys from the file keep their line
+
+
 def test_scientific_notation_is_a_float(tmp_path):
     spec = load_spec(_write(tmp_path, GOOD.replace("lr: 1.0e-4", "lr: 5e-4")), ["optim.eps=1e-8"])
     assert spec["optim"]["lr"] == 5e-4 and spec["optim"]["eps"] == 1e-8
