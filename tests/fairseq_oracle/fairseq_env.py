@@ -26,6 +26,7 @@ DATA2VEC_MODULES = (
     "examples.data2vec.models.data2vec_image_classification",
     "examples.data2vec.models.mae_image_classification",
     "examples.data2vec.tasks",
+    "examples.data2vec.tasks.mae_image_classification",  # not imported by tasks/__init__.py
 )
 
 
