@@ -17,13 +17,14 @@ head in the file) the backbone alone is imported and a note says why.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
+from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
 from d2v_audio import fairseq_ctc, fairseq_v1, fairseq_v2
 from d2v_audio.fairseq_names import Rename, collect, prefixed, rebased
 
@@ -162,6 +163,9 @@ class Wav2VecCtcImporter:
         inner_cfg = _pretrained_cfg(ckpt)
         where = "cfg.model.w2v_args.model"
         encoder_fields, fe_fields = fairseq_ctc.finetune_settings(outer)
+        if inner_cfg.get("_name") not in ("data2vec_audio", "data2vec_multi"):
+            raise SpecError(f"'{ckpt.path}' fine-tunes a fairseq {inner_cfg.get('_name')!r} model ({where}._name); d2v "
+                            f"reads CTC fine-tunings of data2vec_audio and data2vec_multi speech models.")
         if inner_cfg.get("_name") == "data2vec_audio":
             inner = ConfigReader(inner_cfg, where, fairseq_v1.DATA2VEC_AUDIO_FIELDS, notes)
             spec = fairseq_v1.backbone_spec(inner)
@@ -200,13 +204,11 @@ class Wav2VecCtcImporter:
 
 def _pretrained_cfg(ckpt: FairseqCheckpoint) -> dict[str, Any]:
     """The pretrained model's config inside a fine-tuning config (``cfg.model.w2v_args.model``,
-    or a legacy flat ``Namespace``)."""
+    or a legacy flat ``Namespace``); without ``w2v_args``, the config of the pretrained file at
+    ``cfg.model.w2v_path``, where fairseq itself reads it from."""
     args = ckpt.model_cfg.get("w2v_args")
     if not isinstance(args, dict):
-        raise SpecError(
-            f"'{ckpt.path}': cfg.model.w2v_args (the pretrained model's config, which fairseq stores when it "
-            f"fine-tunes) is missing, so the encoder's architecture is unknown."
-        )
+        args = _config_at_w2v_path(ckpt)
     if isinstance(args.get("model"), dict):
         return args["model"]
     if args.get("arch"):
@@ -214,9 +216,26 @@ def _pretrained_cfg(ckpt: FairseqCheckpoint) -> dict[str, Any]:
     raise SpecError(f"'{ckpt.path}': cfg.model.w2v_args has no 'model' section.")
 
 
+def _config_at_w2v_path(ckpt: FairseqCheckpoint) -> dict[str, Any]:
+    w2v_path = ckpt.model_cfg.get("w2v_path")
+    if w2v_path and Path(str(w2v_path)).is_file():
+        return read_fairseq_checkpoint(str(w2v_path)).cfg
+    guess = {"data2vec_multi": "data2vec 2.0", "data2vec_audio": "data2vec 1.0 or wav2vec 2.0"}[_pretrained_name(ckpt)]
+    raise SpecError(
+        f"'{ckpt.path}' is a fairseq wav2vec_ctc fine-tuning (of a {guess} speech model, by its weights) whose "
+        f"cfg.model.w2v_args -- the pretrained model's config, which fairseq stores when it fine-tunes -- is "
+        f"missing, so the encoder's architecture (depth, width, conv stack, ALiBi) is unknown. fairseq would read it "
+        f"from the pretrained checkpoint at cfg.model.w2v_path ({str(w2v_path)!r}), which is not a file here: put "
+        f"that pretrained checkpoint at that path and convert again."
+    )
+
+
 def _pretrained_name(ckpt: FairseqCheckpoint) -> str:
+    """``data2vec_audio`` or ``data2vec_multi``: named by ``w2v_args``, else told by the weights."""
     args = ckpt.model_cfg.get("w2v_args")
     if not isinstance(args, dict):
+        if fairseq_v2.has_audio(ckpt.model, fairseq_ctc.PREFIX):
+            return "data2vec_multi"
         return "data2vec_audio" if any(k.startswith(fairseq_ctc.PREFIX + "encoder.layers.") for k in ckpt.model) else ""
     model = args.get("model") if isinstance(args.get("model"), dict) else args
     return str(model.get("_name") or model.get("arch") or "")

@@ -10,6 +10,7 @@ and lets every tensor the table does not mention be reported as not imported.
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,11 +26,13 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_n
 @dataclass(frozen=True)
 class Rename:
     """d2v weight ``ours`` comes from fairseq weight ``theirs`` (through ``take``, e.g. one
-    third of a fused ``qkv``)."""
+    third of a fused ``qkv``); ``decided_by`` names the config settings that fix the shape
+    ``take`` expects, for the error when the file's tensor has another."""
 
     ours: str
     theirs: str
     take: Callable[[Tensor], Tensor] | None = None
+    decided_by: str = ""
 
 
 def linear(ours: str, theirs: str, bias: bool = True) -> list[Rename]:
@@ -40,7 +43,7 @@ def linear(ours: str, theirs: str, bias: bool = True) -> list[Rename]:
 
 def prefixed(table: Iterable[Rename], ours: str = "", theirs: str = "") -> list[Rename]:
     """``table`` with both sides' names prefixed (a backbone inside a CTC model, a teacher)."""
-    return [Rename(ours + r.ours, theirs + r.theirs, r.take) for r in table]
+    return [Rename(ours + r.ours, theirs + r.theirs, r.take, r.decided_by) for r in table]
 
 
 def rebased(table: Iterable[Rename], ours_from: str, ours_to: str, theirs_from: str, theirs_to: str) -> list[Rename]:
@@ -49,8 +52,13 @@ def rebased(table: Iterable[Rename], ours_from: str, ours_to: str, theirs_from: 
     out = []
     for r in table:
         if r.ours.startswith(ours_from) and r.theirs.startswith(theirs_from):
-            out.append(Rename(ours_to + r.ours[len(ours_from):], theirs_to + r.theirs[len(theirs_from):], r.take))
+            out.append(Rename(ours_to + r.ours[len(ours_from):], theirs_to + r.theirs[len(theirs_from):], r.take,
+                              r.decided_by))
     return out
+
+
+class ShapeMismatch(ValueError):
+    """A ``take`` got a tensor of another size than the config implies (message: the shape it needs)."""
 
 
 def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], set[str]]:
@@ -67,8 +75,18 @@ def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str) -> 
     state = {}
     for r in table:
         tensor = weights[r.theirs]
-        state[r.ours] = (r.take(tensor) if r.take else tensor).detach().clone().float().contiguous()
+        if r.take:
+            try:
+                tensor = r.take(tensor)
+            except ShapeMismatch as err:
+                raise SpecError(
+                    f"{where}: {r.theirs} has shape {tuple(tensor.shape)}, but the config ({r.decided_by}) implies "
+                    f"{err}. The config does not describe this tensor: correct those settings to match the file "
+                    f"(or use the file the config belongs to)."
+                ) from None
+        state[r.ours] = tensor.detach().clone().float().contiguous()
     return state, {r.theirs for r in table}
+
 
 
 def chunk(index: int, parts: int) -> Callable[[Tensor], Tensor]:
@@ -81,7 +99,11 @@ def chunk(index: int, parts: int) -> Callable[[Tensor], Tensor]:
 
 
 def reshaped(*shape: int) -> Callable[[Tensor], Tensor]:
+    """The tensor viewed as ``shape`` (a :class:`ShapeMismatch` when the sizes differ)."""
+
     def take(tensor: Tensor) -> Tensor:
+        if tensor.numel() != math.prod(shape):
+            raise ShapeMismatch(f"{math.prod(shape)} values, viewed as {shape}")
         return tensor.reshape(*shape)
 
     return take

@@ -233,7 +233,10 @@ def backbone_names(arch: AudioArch) -> list[Rename]:
     if arch.alibi:
         rows = arch.layers if arch.alibi_per_layer else 1
         cols = arch.heads if arch.alibi_per_head else 1
-        table.append(Rename("encoder.alibi_scale", f"{AUDIO}alibi_scale", reshaped(rows, cols)))
+        settings = (f"learned_alibi_scale_per_layer={arch.alibi_per_layer}, "
+                    f"learned_alibi_scale_per_head={arch.alibi_per_head}, {arch.layers} layers, {arch.heads} heads "
+                    f"in {arch.audio.where}")
+        table.append(Rename("encoder.alibi_scale", f"{AUDIO}alibi_scale", reshaped(rows, cols), settings))
     return table
 
 
@@ -294,9 +297,9 @@ def teacher_names(table: list[Rename], encoder_only: bool) -> tuple[list[Rename]
             continue
         ours = "teacher.model." + r.ours[len("encoder."):]
         if not encoder_only:
-            ema.append(Rename(ours, r.theirs, r.take))
+            ema.append(Rename(ours, r.theirs, r.take, r.decided_by))
         elif r.theirs.startswith("blocks."):
-            ema.append(Rename(ours, r.theirs[len("blocks."):], r.take))
+            ema.append(Rename(ours, r.theirs[len("blocks."):], r.take, r.decided_by))
         else:
             student.append(Rename(ours, r.ours))
     return ema, student

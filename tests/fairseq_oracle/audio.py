@@ -1,0 +1,265 @@
+"""Speech fixtures made by fairseq's own data2vec code (run through ``make_fixtures.py``).
+
+Families (``fixtures/<name>/``):
+
+* ``audio1``: data2vec 1.0 pretraining (``data2vec_audio``, post-LN as released);
+* ``audio1_preln``: the same with ``layer_norm_first: true`` (d2v must refuse it by name);
+* ``audio1_ctc``: ``wav2vec_ctc`` fine-tuned from ``audio1`` (``audio_finetuning``, 32 letters);
+* ``audio2``: data2vec 2.0 (``data2vec_multi``, AUDIO) with ALiBi, a learned scale per head;
+* ``audio2_layer_scale``: a prenet block and a learned ALiBi scale per layer, shared by the heads;
+* ``audio2_ctc``: ``wav2vec_ctc`` fine-tuned from ``audio2``.
+
+Every weight is randomised (LayerNorm gains and biases too) so a misplaced tensor shows, the
+models train two updates through fairseq's ``Trainer`` (Adam state, EMA teacher) and the EMA
+teacher is then moved away from the student, as after a long run. ``outputs.pt`` holds:
+
+* ``source``/``padding_mask``: a padded batch; ``hidden`` (pretraining) or ``logits`` (CTC):
+  fairseq's output on it in eval mode, ``hidden_padding_mask`` its frame-rate padding;
+* pretraining, for the next update (train mode, every dropout 0, an unpadded batch as
+  fairseq's pretraining crops its batches): ``update_source``, the mask fairseq used
+  (``update_mask``; 2.0: ``(B * clone_batch, T)``, given to fairseq as ``precomputed_mask``),
+  ``targets`` and ``predictions`` at the masked frames, the criterion's ``loss`` (a sum) and
+  ``sample_size`` (fairseq's update divides the one by the other).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+import oracle_trainer as ot
+
+DIM, FFN, HEADS, LAYERS = 32, 32, 4, 2
+CONV_1 = "[(8, 10, 5)] + [(8, 3, 2)] * 2"
+LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
+NO_DROPOUT_1 = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
+                "dropout_input": 0.0, "dropout_features": 0.0}
+
+
+def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
+    """Every parameter perturbed (norm gains around 1), so no weight keeps a constant init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _move_teacher(model, seed: int) -> None:
+    """Perturb fairseq's EMA teacher (model and its fp32 copy, which is what gets saved)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in model.ema.model.state_dict().items()}
+    model.ema.restore(state, build_fp32_params=True)
+
+
+def _batches(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([800, 600, 400])
+    source = torch.randn(3, 800, generator=g)
+    padding = torch.arange(800)[None, :] >= lengths[:, None]
+    return {"source": source.masked_fill(padding, 0.0), "padding_mask": padding,
+            "update_source": torch.randn(2, 640, generator=g)}
+
+
+def _train_two_steps(trainer, source: torch.Tensor) -> None:
+    sample = {"id": torch.arange(source.shape[0]), "net_input": {"source": source, "padding_mask": None}}
+    for _ in range(2):
+        trainer.train_step([sample])
+
+
+def _save(out: Path, trainer, outputs: dict) -> None:
+    ot.save(trainer, str(out / "checkpoint.pt"))
+    torch.save(outputs, out / "outputs.pt")
+
+
+# --------------------------------------------------------------------------- data2vec 1.0
+
+
+def _audio1_cfg(**overrides):
+    model = {"encoder_layers": LAYERS, "encoder_embed_dim": DIM, "encoder_ffn_embed_dim": FFN,
+             "encoder_attention_heads": HEADS, "conv_feature_layers": CONV_1, "conv_pos": 10, "conv_pos_groups": 8,
+             "pos_conv_depth": 2, "extractor_mode": "layer_norm", "layer_norm_first": False,
+             "average_top_k_layers": 2, "instance_norm_target_layer": True, "mask_prob": 0.65, "mask_length": 3,
+             "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 1000, **NO_DROPOUT_1, **overrides}
+    return ot.fairseq_config("audio_pretraining", {"data": "/tmp", "normalize": True}, "data2vec_audio", model)
+
+
+def _audio1_model(seed: int, trained: bool, **overrides):
+    torch.manual_seed(seed)
+    task, model, criterion, trainer = ot.build(_audio1_cfg(**overrides))
+    _randomise(model, seed)
+    batches = _batches(seed)
+    if trained:
+        _train_two_steps(trainer, batches["update_source"])
+        _move_teacher(model, seed + 1)
+    return model, criterion, trainer, batches
+
+
+def _audio1_hidden(model, batches: dict) -> dict:
+    model.eval()
+    with torch.no_grad():
+        res = model.extract_features(batches["source"], batches["padding_mask"], mask=False)
+    return {"hidden": res["x"], "hidden_padding_mask": res["padding_mask"]}
+
+
+def audio1(out: Path, **overrides) -> Path:
+    """The released shape; with ``overrides`` a variant saved untrained (smaller: no Adam state,
+    no EMA teacher) and without the update."""
+    model, criterion, trainer, batches = _audio1_model(11, not overrides, **overrides)
+    outputs = {**batches, **_audio1_hidden(model, batches)}
+    if not overrides:
+        outputs.update(_audio1_update(model, criterion, batches["update_source"]))
+    _save(out, trainer, outputs)
+    return out / "checkpoint.pt"
+
+
+def _audio1_update(model, criterion, source: torch.Tensor) -> dict:
+    """The next update's loss under a fixed span mask (``mask_indices``), with the targets and
+    predictions fairseq's forward hands to ``compute_var`` (targets first)."""
+    from fairseq.data.data_utils import compute_mask_indices
+
+    with torch.no_grad():
+        frames = model.feature_extractor(source).shape[-1]
+    mask = torch.from_numpy(compute_mask_indices((source.shape[0], frames), None, 0.65, 3, min_masks=1, seed=5,
+                                                 epoch=1, indices=torch.arange(source.shape[0])))
+    seen = []
+    compute_var = model.compute_var
+    model.compute_var = lambda y: seen.append(y.detach().clone()) or compute_var(y)
+    model.train()
+    sample = {"id": torch.arange(source.shape[0]),
+              "net_input": {"source": source, "padding_mask": None, "mask_indices": mask}}
+    with torch.no_grad():
+        loss, sample_size, _ = criterion(model, sample)
+    del model.compute_var
+    return {"update_mask": mask, "targets": seen[0], "predictions": seen[1], "loss": float(loss),
+            "sample_size": int(sample_size)}
+
+
+def audio1_preln(out: Path) -> Path:
+    return audio1(out, layer_norm_first=True)
+
+
+def _letters_dir() -> str:
+    folder = tempfile.mkdtemp(prefix="fairseq_ltr_")
+    Path(folder, "dict.ltr.txt").write_text("".join(f"{s} {1000 - i}\n" for i, s in enumerate(LETTERS)))
+    return folder
+
+
+def _ctc(out: Path, pretrained: Path, seed: int, **overrides) -> None:
+    """``wav2vec_ctc`` built from a pretrained fixture (fairseq reads it through ``w2v_path``)."""
+    data = _letters_dir()
+    model_args = {"w2v_path": str(pretrained), "apply_mask": True, "mask_prob": 0.5, "mask_channel_prob": 0.1,
+                  "mask_channel_length": 8, "layerdrop": 0.1, "dropout": 0.0, "attention_dropout": 0.0,
+                  "activation_dropout": 0.1, "final_dropout": 0.0, "feature_grad_mult": 0.0, "normalize": True,
+                  **overrides}
+    cfg = ot.fairseq_config("audio_finetuning", {"data": data, "labels": "ltr", "normalize": True}, "wav2vec_ctc",
+                            model_args, criterion="ctc", criterion_args={"zero_infinity": True})
+    torch.manual_seed(seed)
+    task, model, criterion, trainer = ot.build(cfg)
+    _randomise(model.w2v_encoder.proj, seed)
+    batches = _batches(seed)
+    model.eval()
+    with torch.no_grad():
+        res = model(source=batches["source"], padding_mask=batches["padding_mask"])
+    pad = res["padding_mask"]
+    _save(out, trainer, {"source": batches["source"], "padding_mask": batches["padding_mask"],
+                         "logits": res["encoder_out"].transpose(0, 1).contiguous(),
+                         "hidden_padding_mask": pad if pad is not None else torch.zeros(0)})
+
+
+def audio1_ctc(out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _ctc(out, audio1(Path(tmp)), seed=13)
+
+
+# --------------------------------------------------------------------------- data2vec 2.0
+
+
+def _audio2_cfg(**audio):
+    modality = {"prenet_depth": 0, "feature_encoder_spec": CONV_1, "conv_pos_width": 10, "conv_pos_depth": 2,
+                "conv_pos_groups": 8, "use_alibi_encoder": True, "learned_alibi_scale": True,
+                "learned_alibi_scale_per_head": True, "alibi_scale": 1.0, "mask_prob": 0.5, "mask_length": 3,
+                "mask_noise_std": 0.0, "prenet_dropout": 0.0, "prenet_layerdrop": 0.0,
+                "decoder.decoder_dim": 16, "decoder.decoder_groups": 4, "decoder.decoder_kernel": 5,
+                "decoder.decoder_layers": 2, "decoder.input_dropout": 0.0, **audio}
+    model = {"embed_dim": DIM, "depth": LAYERS, "num_heads": HEADS, "mlp_ratio": 1.0, "encoder_dropout": 0.0,
+             "attention_dropout": 0.0, "activation_dropout": 0.0, "post_mlp_drop": 0.0, "layerdrop": 0.0,
+             "dropout_input": 0.0, "average_top_k_layers": 2, "instance_norm_target_layer": True,
+             "clone_batch": 2, "ema_decay": 0.999, "ema_end_decay": 0.99999, "ema_anneal_end_step": 1000,
+             "ema_encoder_only": False, "supported_modality": "AUDIO",
+             **{f"modalities.audio.{key}": value for key, value in modality.items()}}
+    return ot.fairseq_config("audio_pretraining", {"data": "/tmp", "normalize": True}, "data2vec_multi", model)
+
+
+def audio2(out: Path, **audio) -> Path:
+    """The base recipe's shape; with ``audio`` overrides a variant saved untrained (no Adam
+    state; the EMA teacher, which 2.0 builds with the model, is still moved away)."""
+    seed = 21
+    torch.manual_seed(seed)
+    task, model, criterion, trainer = ot.build(_audio2_cfg(**audio))
+    _randomise(model, seed)
+    with torch.no_grad():  # a learned ALiBi scale with negative entries exercises fairseq's clamp
+        scale = model.modality_encoders["AUDIO"].alibi_scale
+        scale.copy_(torch.linspace(-0.2, 1.5, scale.numel()).reshape(scale.shape))
+    batches = _batches(seed)
+    if not audio:
+        _train_two_steps(trainer, batches["update_source"])
+    _move_teacher(model, seed + 1)
+
+    model.eval()
+    with torch.no_grad():
+        res = model(batches["source"], padding_mask=batches["padding_mask"], mask=False, features_only=True)
+    pad = res["padding_mask"]
+    outputs = {**batches, "hidden": res["x"], "hidden_padding_mask": pad if pad is not None else torch.zeros(0)}
+    outputs.update(_audio2_update(model, criterion, batches["update_source"]))
+    _save(out, trainer, outputs)
+    return out / "checkpoint.pt"
+
+
+def _audio2_update(model, criterion, source: torch.Tensor) -> dict:
+    """The next update with ``clone_batch`` masks per example given as ``precomputed_mask``;
+    the decoder's predictions and the targets are read off ``d2v_loss`` (fairseq's loss call)."""
+    from fairseq.data.data_utils import compute_mask_indices
+
+    encoder = model.modality_encoders["AUDIO"]
+    clones = model.cfg.clone_batch
+    with torch.no_grad():
+        frames = encoder.local_features(source).shape[1]
+    rows = source.shape[0] * clones
+    mask = torch.from_numpy(compute_mask_indices((rows, frames), None, 0.5, 3, min_masks=1, require_same_masks=True,
+                                                 seed=7, epoch=1, indices=torch.arange(rows)))
+    seen = []
+    d2v_loss = model.d2v_loss
+    model.d2v_loss = lambda x, y: seen.append((x.detach().clone(), y.detach().clone())) or d2v_loss(x, y)
+    model.train()
+    sample = {"id": torch.arange(source.shape[0]),
+              "net_input": {"source": source, "padding_mask": None, "precomputed_mask": mask}}
+    with torch.no_grad():
+        loss, sample_size, _ = criterion(model, sample)
+    del model.d2v_loss
+    (predictions, targets), = seen
+    return {"update_mask": mask, "targets": targets, "predictions": predictions, "loss": float(loss),
+            "sample_size": int(sample_size), "clone_batch": clones}
+
+
+def audio2_layer_scale(out: Path) -> Path:
+    """A prenet block and one ALiBi scale per layer shared by the heads (fairseq splits the
+    per-layer scales between prenet and shared blocks)."""
+    return audio2(out, prenet_depth=1, learned_alibi_scale_per_head=False, learned_alibi_scale_per_layer=True)
+
+
+def audio2_ctc(out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _ctc(out, audio2(Path(tmp)), seed=23, update_alibi=False, zero_mask=False)
+
+
+FAMILIES = {
+    "audio1": audio1,
+    "audio1_preln": audio1_preln,
+    "audio1_ctc": audio1_ctc,
+    "audio2": audio2,
+    "audio2_layer_scale": audio2_layer_scale,
+    "audio2_ctc": audio2_ctc,
+}

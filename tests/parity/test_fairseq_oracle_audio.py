@@ -1,0 +1,230 @@
+"""fairseq's own speech checkpoints -> d2v, against the outputs fairseq itself computed.
+
+The fixtures in ``tests/fairseq_oracle/fixtures/audio*/`` were written by fairseq-fixed 0.12.3.1
+(its ``data2vec_audio``, ``data2vec_multi`` and ``wav2vec_ctc`` models, saved by its ``Trainer``)
+with ``tests/fairseq_oracle/audio.py``; ``outputs.pt`` holds what fairseq computed. Regenerate
+them in the oracle venv (``tests/fairseq_oracle/README.md``)::
+
+    python tests/fairseq_oracle/make_fixtures.py audio1 audio1_preln audio1_ctc audio2 audio2_layer_scale audio2_ctc
+
+Each checkpoint is imported as a user would (``d2v convert``, then the converted directory is
+loaded) and run on the recorded inputs: encoder outputs (or CTC logits) on a padded batch, and
+for pretraining checkpoints the first continued update -- fairseq's batch and mask fed to d2v's
+objective built from the import (student, EMA teacher, regression head or decoder): targets,
+predictions and loss must be fairseq's. Tolerance 1e-5 (fp32; the loss relative).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fairseq_fixtures import save_fairseq_checkpoint
+
+import d2v.cli
+from d2v import plugins
+from d2v.convert import load_d2v_checkpoint
+from d2v.errors import SpecError
+from d2v.fairseq import import_fairseq, read_fairseq_checkpoint
+from d2v.model import TaskModel, build_model, load_initial_weights
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fairseq_oracle" / "fixtures"
+ATOL = 1e-5
+MAX_DIFF: dict[str, float] = {}
+PRETRAINED = ("audio1", "audio2", "audio2_layer_scale")
+
+
+def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = ATOL) -> None:
+    assert ours.shape == theirs.shape, f"{name}: {tuple(ours.shape)} vs {tuple(theirs.shape)}"
+    diff = (ours.float() - theirs.float()).abs().max().item()
+    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
+    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol}"
+
+
+def teardown_module(module):
+    print("\nfairseq oracle, audio, max abs diff:")
+    for name, diff in sorted(MAX_DIFF.items()):
+        print(f"  {name:45s} {diff:.2e}")
+
+
+def fixture(family: str) -> tuple[Path, dict]:
+    folder = FIXTURES / family
+    return folder / "checkpoint.pt", torch.load(folder / "outputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """``d2v convert`` of each fixture (once per family), loaded back: a fine-tuned model as
+    ``load_d2v_checkpoint`` gives it; a pretraining one whole (student, teacher, head or
+    decoder), as a run with ``model.init.checkpoint: DIR`` and the directory's spec builds it."""
+    folders: dict[str, Path] = {}
+
+    def load(family: str) -> torch.nn.Module:
+        if family not in folders:
+            out = tmp_path_factory.mktemp(family) / "d2v"
+            assert d2v.cli.main(["convert", str(FIXTURES / family / "checkpoint.pt"), str(out)]) == 0
+            folders[family] = out
+        out = folders[family]
+        spec = yaml.safe_load((out / "spec.yaml").read_text())
+        if spec["task"] != "pretrain":
+            return load_d2v_checkpoint(out)
+        model = build_model(spec["model"], plugins.registry(), "pretrain")
+        load_initial_weights(model, out, strict=True)
+        return model.eval()
+
+    return load
+
+
+def valid_frames(outputs: dict) -> torch.Tensor:
+    pad = outputs["hidden_padding_mask"]
+    return ~pad if pad.numel() else torch.ones(outputs["hidden"].shape[:2] if "hidden" in outputs
+                                               else outputs["logits"].shape[:2], dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------- encoder outputs
+
+
+@pytest.mark.parametrize("family", PRETRAINED)
+def test_encoder_output_on_a_padded_batch(family, converted):
+    path, outputs = fixture(family)
+    model = converted(family)
+    backbone = TaskModel(model.feature_extractor, model.encoder).eval()
+    with torch.no_grad():
+        out = backbone({"inputs": outputs["source"], "padding_mask": outputs["padding_mask"]})
+    assert_close(f"{family} encoder output", out.last_hidden_state, outputs["hidden"])
+    if outputs["hidden_padding_mask"].numel():
+        assert torch.equal(out.padding_mask, outputs["hidden_padding_mask"])
+
+    # the Python API gives the same model
+    imported, _ = import_fairseq(path)
+    with torch.no_grad():
+        again = TaskModel(imported.feature_extractor, imported.encoder).eval()(
+            {"inputs": outputs["source"], "padding_mask": outputs["padding_mask"]})
+    assert_close(f"{family} encoder output (import_fairseq)", again.last_hidden_state, outputs["hidden"])
+
+
+@pytest.mark.parametrize("family", ("audio1_ctc", "audio2_ctc"))
+def test_ctc_logits_on_a_padded_batch(family, converted):
+    path, outputs = fixture(family)
+    model = converted(family).eval()
+    with torch.no_grad():
+        logits = model({"inputs": outputs["source"], "padding_mask": outputs["padding_mask"]}).logits
+    assert_close(f"{family} logits", logits, outputs["logits"])
+    assert model.head.blank_id == 0 and len(model.head.vocab.tokens) == 32
+
+
+# --------------------------------------------------------------------------- the first continued update
+
+
+def capture_regression(model) -> list:
+    """Record (predictions, targets) as the objective hands them to its loss."""
+    seen = []
+    regression_loss = model._regression_loss
+
+    def recording(prediction, targets):
+        seen.append((prediction.detach(), targets.detach()))
+        return regression_loss(prediction, targets)
+
+    model._regression_loss = recording
+    return seen
+
+
+@pytest.mark.parametrize("family", PRETRAINED)
+def test_first_continued_update_equals_fairsesqs(family, converted):
+    """fairseq's batch and mask through d2v's imported objective (train mode, dropout 0 as the
+    fixture's config): the loss fairseq's trainer would divide by ``sample_size`` is d2v's
+    ``loss * sample_size``, from the same targets and predictions."""
+    _, outputs = fixture(family)
+    model = converted(family)
+    source, mask = outputs["update_source"], outputs["update_mask"]
+    batch = {"inputs": source, "padding_mask": None}
+    if "clone_batch" in outputs:  # data2vec 2.0: (B * M, T) rows -> (B, M, T)
+        assert model.clone_batch == outputs["clone_batch"]
+        batch["precomputed_mask"] = mask.view(source.shape[0], model.clone_batch, -1)
+    else:
+        batch["mask"] = mask
+    seen = capture_regression(model)
+    model.train()
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    finally:
+        model.eval()
+        del model._regression_loss
+    (predictions, targets), = seen
+    assert_close(f"{family} update targets", targets, outputs["targets"])
+    assert_close(f"{family} update predictions", predictions, outputs["predictions"])
+    assert out.sample_size == outputs["sample_size"]
+    loss_sum = out.loss.item() * out.sample_size
+    relative = abs(loss_sum - outputs["loss"]) / abs(outputs["loss"])
+    MAX_DIFF[f"{family} update loss (relative)"] = relative
+    assert relative <= 1e-5, f"{family}: loss {loss_sum} vs fairseq's {outputs['loss']}"
+
+
+# --------------------------------------------------------------------------- refusals, named
+
+
+def test_pre_ln_data2vec_audio_is_refused_by_name(tmp_path, capsys):
+    """fairseq's ``layer_norm_first: true`` (pre-LN blocks): d2v's audio encoder is post-LN, so
+    the checkpoint is refused, saying which setting and why -- never imported as another model."""
+    path, _ = fixture("audio1_preln")
+    with pytest.raises(SpecError, match=r"cfg\.model\.layer_norm_first=true \(pre-LN; d2v's audio.transformer is post-LN\)"):
+        import_fairseq(path)
+    assert d2v.cli.main(["convert", str(path), str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "layer_norm_first=true" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def rewrite(family: str, path: Path, edit_cfg=None, drop: tuple[str, ...] = ()) -> Path:
+    """A fixture with its config edited or tensors removed (a damaged or mislabelled file)."""
+    ckpt = read_fairseq_checkpoint(FIXTURES / family / "checkpoint.pt")
+    cfg = ckpt.cfg
+    if edit_cfg:
+        edit_cfg(cfg)
+    weights = {k: v for k, v in ckpt.model.items() if k not in drop}
+    return save_fairseq_checkpoint(path, cfg, weights, ckpt.ema or None)
+
+
+def test_alibi_flag_that_disagrees_with_the_stored_scale_is_named(tmp_path, capsys):
+    """cfg says one ALiBi scale for all heads, the file holds one per head: the error names the
+    tensor, both shapes and the settings that decide them."""
+    def shared_scale(cfg):
+        cfg["model"]["modalities"]["audio"]["learned_alibi_scale_per_head"] = False
+
+    path = rewrite("audio2", tmp_path / "mislabelled.pt", shared_scale)
+    with pytest.raises(SpecError) as err:
+        import_fairseq(path)
+    message = str(err.value)
+    assert "modality_encoders.AUDIO.alibi_scale" in message and "(1, 1, 4, 1, 1)" in message
+    assert "learned_alibi_scale_per_head" in message
+    assert d2v.cli.main(["convert", str(path), str(tmp_path / "out")]) != 0
+    assert "alibi_scale" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ("audio1_ctc", "audio2_ctc"))
+def test_ctc_without_w2v_args_reads_w2v_path_or_says_what_is_missing(family, tmp_path):
+    """No ``cfg.model.w2v_args``: like fairseq, d2v reads the pretrained model's config from
+    ``cfg.model.w2v_path``; when that file is not there either, the error says what is missing."""
+    pretrained = FIXTURES / family.removesuffix("_ctc") / "checkpoint.pt"  # what the fixture was fine-tuned from
+
+    def no_w2v_args(w2v_path):
+        def edit(cfg):
+            del cfg["model"]["w2v_args"]
+            cfg["model"]["w2v_path"] = w2v_path
+        return edit
+
+    lost = rewrite(family, tmp_path / "lost.pt", no_w2v_args("/checkpoints/gone.pt"))
+    with pytest.raises(SpecError, match=r"w2v_args .* is missing.*w2v_path \('/checkpoints/gone.pt'\)"):
+        import_fairseq(lost)
+
+    found = rewrite(family, tmp_path / "found.pt", no_w2v_args(str(pretrained)))
+    model, _ = import_fairseq(found)
+    _, outputs = fixture(family)
+    with torch.no_grad():
+        logits = model({"inputs": outputs["source"], "padding_mask": outputs["padding_mask"]}).logits
+    assert_close(f"{family} logits (config from w2v_path)", logits, outputs["logits"])
