@@ -85,7 +85,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from d2v.convert import convert
 
     print(convert(args.source, args.destination, to=args.to, source_format=args.source_format,
-                  options={"dict": args.dict}))
+                  options={"dict": args.dict, "backbone": args.backbone}))
     return 0
 
 
@@ -148,6 +148,9 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
                    help="'fairseq' reads a fairseq .pt checkpoint (also chosen for any *.pt file)")
     p.add_argument("--dict", default=None, help="fairseq dictionary (e.g. dict.ltr.txt) for the output "
                                                "labels of a fine-tuned fairseq checkpoint")
+    p.add_argument("--backbone", default=None, help="the fairseq pretraining checkpoint a fine-tuned one was trained "
+                                                   "from, for files that do not keep its config (a data2vec 2.0 "
+                                                   "text classifier: fairseq's cfg.model.model_path)")
     p.set_defaults(fn=_cmd_convert)
     from d2v import export_cli, ngram_lm, predict, run_reports_cli
 
