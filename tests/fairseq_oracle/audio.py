@@ -6,7 +6,9 @@ Families (``fixtures/<name>/``):
 * ``audio1_preln``: the same with ``layer_norm_first: true`` (d2v must refuse it by name);
 * ``audio1_ctc``: ``wav2vec_ctc`` fine-tuned from ``audio1`` (``audio_finetuning``, 32 letters);
 * ``audio2``: data2vec 2.0 (``data2vec_multi``, AUDIO) with ALiBi, a learned scale per head;
-* ``audio2_layer_scale``: a prenet block and a learned ALiBi scale per layer, shared by the heads;
+* ``audio2_layer_scale``: a prenet block, a learned ALiBi scale per layer shared by the heads, and
+  an EMA teacher of the shared blocks only (``ema_encoder_only``);
+* ``audio2_preln``: ``layer_norm_first: true`` (d2v must refuse it by name);
 * ``audio2_ctc``: ``wav2vec_ctc`` fine-tuned from ``audio2``.
 
 Every weight is randomised (LayerNorm gains and biases too) so a misplaced tensor shows, the
@@ -177,7 +179,7 @@ def audio1_ctc(out: Path) -> None:
 # --------------------------------------------------------------------------- data2vec 2.0
 
 
-def _audio2_cfg(**audio):
+def _audio2_cfg(model_overrides: dict, **audio):
     modality = {"prenet_depth": 0, "feature_encoder_spec": CONV_1, "conv_pos_width": 10, "conv_pos_depth": 2,
                 "conv_pos_groups": 8, "use_alibi_encoder": True, "learned_alibi_scale": True,
                 "learned_alibi_scale_per_head": True, "alibi_scale": 1.0, "mask_prob": 0.5, "mask_length": 3,
@@ -189,22 +191,24 @@ def _audio2_cfg(**audio):
              "dropout_input": 0.0, "average_top_k_layers": 2, "instance_norm_target_layer": True,
              "clone_batch": 2, "ema_decay": 0.999, "ema_end_decay": 0.99999, "ema_anneal_end_step": 1000,
              "ema_encoder_only": False, "supported_modality": "AUDIO",
-             **{f"modalities.audio.{key}": value for key, value in modality.items()}}
+             **{f"modalities.audio.{key}": value for key, value in modality.items()}, **model_overrides}
     return ot.fairseq_config("audio_pretraining", {"data": "/tmp", "normalize": True}, "data2vec_multi", model)
 
 
-def audio2(out: Path, **audio) -> Path:
-    """The base recipe's shape; with ``audio`` overrides a variant saved untrained (no Adam
-    state; the EMA teacher, which 2.0 builds with the model, is still moved away)."""
+def audio2(out: Path, model_overrides: dict | None = None, **audio) -> Path:
+    """The base recipe's shape; with overrides (of ``cfg.model`` or its audio modality) a
+    variant saved untrained (no Adam state; the EMA teacher, which 2.0 builds with the model, is
+    still moved away), the update recorded unless the variant is one d2v refuses (pre-LN)."""
     seed = 21
+    model_overrides = model_overrides or {}
     torch.manual_seed(seed)
-    task, model, criterion, trainer = ot.build(_audio2_cfg(**audio))
+    task, model, criterion, trainer = ot.build(_audio2_cfg(model_overrides, **audio))
     _randomise(model, seed)
     with torch.no_grad():  # a learned ALiBi scale with negative entries exercises fairseq's clamp
         scale = model.modality_encoders["AUDIO"].alibi_scale
         scale.copy_(torch.linspace(-0.2, 1.5, scale.numel()).reshape(scale.shape))
     batches = _batches(seed)
-    if not audio:
+    if not audio and not model_overrides:
         _train_two_steps(trainer, batches["update_source"])
     _move_teacher(model, seed + 1)
 
@@ -213,7 +217,8 @@ def audio2(out: Path, **audio) -> Path:
         res = model(batches["source"], padding_mask=batches["padding_mask"], mask=False, features_only=True)
     pad = res["padding_mask"]
     outputs = {**batches, "hidden": res["x"], "hidden_padding_mask": pad if pad is not None else torch.zeros(0)}
-    outputs.update(_audio2_update(model, criterion, batches["update_source"]))
+    if not model_overrides.get("layer_norm_first"):
+        outputs.update(_audio2_update(model, criterion, batches["update_source"]))
     _save(out, trainer, outputs)
     return out / "checkpoint.pt"
 
@@ -246,8 +251,14 @@ def _audio2_update(model, criterion, source: torch.Tensor) -> dict:
 
 def audio2_layer_scale(out: Path) -> Path:
     """A prenet block and one ALiBi scale per layer shared by the heads (fairseq splits the
-    per-layer scales between prenet and shared blocks)."""
-    return audio2(out, prenet_depth=1, learned_alibi_scale_per_head=False, learned_alibi_scale_per_layer=True)
+    per-layer scales between prenet and shared blocks), and an EMA of the shared blocks only
+    (``ema_encoder_only``: the teacher runs the student's prenet, positional conv and scales)."""
+    return audio2(out, {"ema_encoder_only": True}, prenet_depth=1, learned_alibi_scale_per_head=False,
+                  learned_alibi_scale_per_layer=True)
+
+
+def audio2_preln(out: Path) -> Path:
+    return audio2(out, {"layer_norm_first": True})
 
 
 def audio2_ctc(out: Path) -> None:
@@ -261,5 +272,6 @@ FAMILIES = {
     "audio1_ctc": audio1_ctc,
     "audio2": audio2,
     "audio2_layer_scale": audio2_layer_scale,
+    "audio2_preln": audio2_preln,
     "audio2_ctc": audio2_ctc,
 }

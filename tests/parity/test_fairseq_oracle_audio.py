@@ -117,6 +117,22 @@ def test_ctc_logits_on_a_padded_batch(family, converted):
     assert model.head.blank_id == 0 and len(model.head.vocab.tokens) == 32
 
 
+def test_the_comparison_is_not_vacuous(converted):
+    """What d2v must match is visible at this tolerance: zeroing padded frames before the
+    positional conv (as Hugging Face and data2vec 1.0 do) or dropping ALiBi moves fairseq 2.0's
+    valid frames by far more than 1e-5."""
+    _, outputs = fixture("audio2")
+    model = converted("audio2")
+    valid = ~outputs["hidden_padding_mask"]
+    for change in ({"zero_padded_frames": True}, {"alibi": False}):
+        encoder = type(model.encoder)(**{**model.encoder.hparams, **change})
+        encoder.load_state_dict(model.encoder.state_dict(), strict=False)
+        with torch.no_grad():
+            out = TaskModel(model.feature_extractor, encoder).eval()(
+                {"inputs": outputs["source"], "padding_mask": outputs["padding_mask"]})
+        assert (out.last_hidden_state - outputs["hidden"])[valid].abs().max() > 1e-3, change
+
+
 # --------------------------------------------------------------------------- the first continued update
 
 
@@ -156,6 +172,8 @@ def test_first_continued_update_equals_fairsesqs(family, converted):
         model.eval()
         del model._regression_loss
     (predictions, targets), = seen
+    if family == "audio2_layer_scale":  # ema_encoder_only: the student's prenet, pos conv and scales
+        assert model.teacher.copy_keys == ("pos_conv", "layer_norm", "alibi_scale", "layers.0")
     assert_close(f"{family} update targets", targets, outputs["targets"])
     assert_close(f"{family} update predictions", predictions, outputs["predictions"])
     assert out.sample_size == outputs["sample_size"]
@@ -168,11 +186,12 @@ def test_first_continued_update_equals_fairsesqs(family, converted):
 # --------------------------------------------------------------------------- refusals, named
 
 
-def test_pre_ln_data2vec_audio_is_refused_by_name(tmp_path, capsys):
+@pytest.mark.parametrize("family", ("audio1_preln", "audio2_preln"))
+def test_pre_ln_checkpoints_are_refused_by_name(family, tmp_path, capsys):
     """fairseq's ``layer_norm_first: true`` (pre-LN blocks): d2v's audio encoder is post-LN, so
     the checkpoint is refused, saying which setting and why -- never imported as another model."""
-    path, _ = fixture("audio1_preln")
-    with pytest.raises(SpecError, match=r"cfg\.model\.layer_norm_first=true \(pre-LN; d2v's audio.transformer is post-LN\)"):
+    path, _ = fixture(family)
+    with pytest.raises(SpecError, match=r"cfg\.model\.layer_norm_first=true \(pre-LN.* is post-LN\)"):
         import_fairseq(path)
     assert d2v.cli.main(["convert", str(path), str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
