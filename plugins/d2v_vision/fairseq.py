@@ -117,6 +117,8 @@ class ImageConfig:
             "name": "vision.vit_transformer", "dim": self.dim, "layers": self.prenet + self.depth,
             "prenet_layers": self.prenet, "heads": self.heads, "ffn_dim": int(self.dim * self.mlp_ratio),
             "layer_norm_eps": self.norm_eps, "layer_norm_first": self.layer_norm_first,
+            # fairseq's pre-LN AltBlock loses the residual around its MLP; reproduce it
+            **({"mlp_residual": False} if self.layer_norm_first else {}),
             "num_extra_tokens": self.extra, **{k: float(v) for k, v in reg.items()},
             **(pooling or {"add_pooling_layer": False}),
         }
@@ -261,7 +263,8 @@ class Data2VecMultiImageImporter:
         state.update(teacher)
         consumed |= used
         state["num_updates"] = torch.zeros((), dtype=torch.long)
-        notes.append("the EMA schedule restarts at objective.ema_decay (num_updates = 0) if pretraining continues")
+        if not ckpt.num_updates:
+            notes.append("the checkpoint records no update count: the EMA schedule restarts at objective.ema_decay")
         notes.append("encoder.mask_embedding set to 0: fairseq has none (data2vec 2.0 drops masked patches; a "
                      "zero vector is fairseq's encoder_zero_mask)")
         self._drift_notes(model, cfg, notes)
@@ -338,8 +341,10 @@ class MaeImageClassificationImporter:
                                                                  "distributed_training", "optimization", "optimizer",
                                                                  "lr_scheduler", "criterion", "bpe", "tokenizer",
                                                                  "ema", "scoring", "generation", "eval_lm",
-                                                                 "interactive", "bmuf", "_name", "job_logging_cfg"))
-        inner = pretrained.section("model", known=MULTI_FIELDS)
+                                                                 "interactive", "bmuf", "_name", "job_logging_cfg",
+                                                                 "common_eval"))
+        # fairseq's classifier writes its drop_path_rate into the backbone's config too
+        inner = pretrained.section("model", known=MULTI_FIELDS + ("drop_path_rate",))
         if inner.values.get("_name") not in (None, "data2vec_multi"):
             raise SpecError(f"{ckpt.path}: mae_image_classification over '{inner.values.get('_name')}' -- only "
                             f"data2vec_multi (data2vec 2.0) backbones import here.")

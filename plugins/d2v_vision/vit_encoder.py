@@ -57,12 +57,22 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """fairseq ``AltBlock``. Post-LN: ``x = LN1(x + attn(x))``, ``y = LN2(x + mlp(x))``; pre-LN:
     ``x = x + attn(LN1(x))``, ``y = x + mlp(LN2(x))``. Returns ``y`` and the MLP output (before
-    the residual: fairseq's ``ffn_targets``)."""
+    the residual: fairseq's ``ffn_targets``).
+
+    ``mlp_residual=False`` (pre-LN only) is what fairseq's ``AltBlock`` computes with
+    ``layer_norm_first: true``: ``r = x = mlp(LN2(x)); x = r + drop(x)``, so the residual around
+    the MLP is lost and ``y = mlp(LN2(x)) + drop_path(dropout(mlp(LN2(x))))``. Checkpoints fairseq
+    trained that way only compute what they learned with it.
+    """
 
     def __init__(self, *, dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout,
-                 post_mlp_dropout, drop_path, eps, layer_norm_first):
+                 post_mlp_dropout, drop_path, eps, layer_norm_first, mlp_residual=True):
         super().__init__()
+        if not mlp_residual and not layer_norm_first:
+            raise SpecError("mlp_residual: false exists only for pre-LN blocks (layer_norm_first: true), where "
+                            "fairseq's AltBlock drops that residual; its post-LN block keeps it.")
         self.layer_norm_first = layer_norm_first
+        self.mlp_residual = mlp_residual
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attention = Attention(dim=dim, heads=heads, attention_dropout=attention_dropout, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -74,7 +84,8 @@ class Block(nn.Module):
         if self.layer_norm_first:
             x = x + self.drop_path(self.attention(self.norm1(x), bias))
             ffn = self.mlp(self.norm2(x))
-            return x + self.drop_path(self.post_mlp_dropout(ffn)), ffn
+            residual = x if self.mlp_residual else ffn
+            return residual + self.drop_path(self.post_mlp_dropout(ffn)), ffn
         x = self.norm1(x + self.drop_path(self.attention(x, bias)))
         ffn = self.mlp(x)
         return self.norm2(x + self.drop_path(self.post_mlp_dropout(ffn))), ffn
@@ -92,6 +103,8 @@ class ViTEncoder(Encoder):
     ``drop_path_rate`` grows linearly from 0 over all blocks. ``num_extra_tokens``: leading
     tokens the mean pooling skips (the feature extractor's CLS). ``use_mean_pooling`` (else the
     first token), ``use_pooler_norm`` (fairseq ``use_fc_norm``), ``add_pooling_layer``.
+    ``mlp_residual``: false reproduces fairseq's pre-LN ``AltBlock`` (no residual around the MLP,
+    see :class:`Block`); the fairseq importer sets it for ``layer_norm_first: true`` checkpoints.
     """
 
     #: exempt from weight decay (never trained by data2vec 2.0; fairseq has no such parameter)
@@ -119,6 +132,7 @@ class ViTEncoder(Encoder):
         drop_path_rate: float = 0.0,
         layer_norm_eps: float = 1e-6,
         layer_norm_first: bool = False,
+        mlp_residual: bool = True,
         num_extra_tokens: int = 1,
         use_mean_pooling: bool = True,
         use_pooler_norm: bool = True,
@@ -145,7 +159,7 @@ class ViTEncoder(Encoder):
             Block(dim=dim, heads=heads, ffn_dim=ffn_dim, activation=activation, dropout=dropout,
                   attention_dropout=attention_dropout, activation_dropout=activation_dropout,
                   post_mlp_dropout=post_mlp_dropout, drop_path=rates[i], eps=layer_norm_eps,
-                  layer_norm_first=layer_norm_first)
+                  layer_norm_first=layer_norm_first, mlp_residual=mlp_residual)
             for i in range(layers)
         )
         self.norm = nn.LayerNorm(dim, eps=layer_norm_eps) if layer_norm_first else None

@@ -56,10 +56,10 @@ def alt_block(x: Tensor, state: dict[str, Tensor], prefix: str, heads: int, eps:
     def mlp(h: Tensor) -> Tensor:  # timm Mlp: fc1 -> GELU (exact) -> fc2
         return linear(F.gelu(linear(h, state, f"{prefix}mlp.fc1")), state, f"{prefix}mlp.fc2")
 
-    if layer_norm_first:
+    if layer_norm_first:  # fairseq: r = x = mlp(norm2(x)); x = r + drop(x) -- no residual around the MLP
         x = x + attention(layer_norm(x, state, f"{prefix}norm1", eps))
         t = mlp(layer_norm(x, state, f"{prefix}norm2", eps))
-        return x + t, t
+        return t + t, t
     x = layer_norm(x + attention(x), state, f"{prefix}norm1", eps)
     t = mlp(x)
     return layer_norm(x + t, state, f"{prefix}norm2", eps), t
