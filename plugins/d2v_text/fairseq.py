@@ -5,12 +5,16 @@ Four ``fairseq_converter`` components (names and shapes: :mod:`d2v_text.fairseq_
 
 * ``data2vec_text``: data2vec 1.0 text (``cfg.model._name: data2vec_text``, e.g. ``nlp_base.pt``)
   and RoBERTa-style GLUE fine-tunings of it (``data2vec_text`` or ``roberta`` with
-  ``classification_heads.<name>.*``) -> the text backbone; with ``encoder.lm_head.*`` a
-  ``masked_lm`` head, with a classification head ``text_classification``.
+  ``classification_heads.<name>.*``) -> the text backbone; with its regression head a ``pretrain``
+  spec with the ``data2vec`` objective (head, EMA teacher, update count), so pretraining goes on;
+  with ``encoder.lm_head.*`` a ``masked_lm`` head, with a classification head ``text_classification``.
 * ``data2vec_multi_text``: data2vec 2.0 text pretraining (``data2vec_multi`` with
   ``modality_encoders.TEXT.*``) -> a ``pretrain`` spec with the ``data2vec2`` objective: student,
   ``Decoder1d`` and the EMA teacher.
 * ``data2vec_text_classification``: a data2vec 2.0 GLUE fine-tuning -> ``text_classification``.
+  fairseq's ``sentence_prediction`` task saves it without the backbone config (only ``model_path``):
+  the config then comes from the pretraining checkpoint (``--backbone PATH``, or ``model_path``
+  where that file exists), checked against the classifier's tensors.
 
 The tokenizer is not in the checkpoint: fairseq's ``dict.txt`` maps GPT-2 BPE ids to model ids
 (``<s>=0 <pad>=1 </s>=2 <unk>=3``, then the dictionary's lines, then ``<mask>``), and data2vec
@@ -28,7 +32,7 @@ import torch
 from torch import Tensor
 
 from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
+from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
 from d2v_text import fairseq_v1 as v1
 from d2v_text import fairseq_v2 as v2
 
@@ -43,7 +47,7 @@ CFG_SECTIONS = ("_name", "common", "common_eval", "distributed_training", "datas
                 "generation", "eval_lm", "interactive", "bmuf", "job_logging_cfg", "job_launcher_cfg")
 CLASSIFIER_FIELDS = ("pooler_dropout", "pooler_activation_fn", "quant_noise_pq", "quant_noise_pq_block_size",
                      "spectral_norm_classification_head", "model_path", "no_pretrained_weights",
-                     "pretrained_model_args")
+                     "pretrained_model_args", "max_positions")
 
 
 def check_dictionary(options: dict[str, Any], vocab: int, notes: list[str]) -> None:
@@ -145,17 +149,50 @@ class Data2VecTextImporter:
             task = "finetune"
             notes.append(f"encoder.lm_head (RobertaLMHead) -> masked_lm head ({'tied to' if tied else 'untied from'} "
                          f"the word embeddings)")
-        regression = [k for k in weights if k.startswith("encoder.regression_head.")
-                      or (k.startswith("encoder.lm_head.") and k.split(".")[2].isdigit())]
-        if regression:  # fairseq renames an old ``lm_head`` Sequential to ``regression_head`` on load
-            notes.append(f"{regression[0].rsplit('.', 2)[0]}.* is data2vec 1.0's pretraining regression head and the "
-                         f"EMA teacher (encoder._ema) its target network; neither is part of the imported model")
+        if task == "pretrain" and not roberta:
+            objective, used = self.objective(ckpt, model, arch, weights, state, notes)
+            if objective is not None:
+                spec["objective"] = objective
+                consumed |= {renamed[name] for name in used if name in renamed} | {n for n in used if n.startswith("_ema.")}
         notes.append("fairseq zeroes the embeddings of padding tokens before the first layer; outputs at real tokens "
                      "are the same, outputs at padding positions are not used")
         notes += arch.notes()
         notes.append(TOKENIZER_NOTE)
         model.finish()
         return FairseqImport(spec=spec, task=task, state_dict=state, consumed=consumed, notes=notes)
+
+    @staticmethod
+    def objective(ckpt: FairseqCheckpoint, model: ConfigReader, arch: v1.TextV1Arch, weights: dict[str, Tensor],
+                  state: dict[str, Tensor], notes: list[str]) -> tuple[dict[str, Any] | None, set[str]]:
+        """data2vec 1.0's pretraining parts: the regression head and the EMA teacher (``encoder._ema``),
+        added to ``state``; the objective spec (``None`` with a note when d2v has no equivalent) and
+        the fairseq names used."""
+        head = v1.regression_head_names(weights)
+        if head is None:
+            return None, set()
+        objective, reason = v1.objective_spec(model, v1.head_layers(head), _max_update(ckpt))
+        if objective is None:
+            notes.append(f"imported the backbone only (no data2vec objective): {reason}")
+            return None, set()
+        used = {theirs for _, theirs in head}
+        state.update({ours: weights[theirs].float() for ours, theirs in head})
+        pairs = v1.teacher_names(arch)
+        if ckpt.ema:
+            ema = v1.legacy_renamed(ckpt.ema)
+            state.update(v1.collect(ema, pairs, f"{ckpt.path} (its EMA teacher, model['encoder._ema'])"))
+            used |= {f"_ema.{k}" for k in ckpt.ema}  # the teacher's tensors and its version buffer
+        else:
+            notes.append("the checkpoint holds no EMA teacher (encoder._ema); the teacher starts as a copy of the "
+                         "student, as fairseq's make_ema_teacher does")
+            state.update({ours: state[ours[len("teacher.model."):]].clone() for ours, _ in pairs})
+        state["num_updates"] = torch.zeros((), dtype=torch.long)
+        task = ckpt.cfg.get("task") or {}
+        notes.append(f"the data2vec objective regresses the positions the processor masks: set data.processor.masking "
+                     f"to {{name: bert, mask_prob: {task.get('mask_prob', 0.15)}, mask_length: "
+                     f"{task.get('mask_multiple_length', 1)}, replace_prob: "
+                     f"{1 - float(task.get('leave_unmasked_prob', 0.1)) - float(task.get('random_token_prob', 0.1)):g}, "
+                     f"random_prob: {task.get('random_token_prob', 0.1)}}} as fairseq's masked_lm task had it")
+        return objective, used
 
     @staticmethod
     def lm_head(weights: dict[str, Tensor], embeddings: Tensor) -> tuple[dict[str, Tensor], bool, set[str]]:
@@ -217,13 +254,13 @@ class Data2VecTextClassificationImporter:
     def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
         notes: list[str] = []
         top = ConfigReader(ckpt.model_cfg, "cfg.model", known=CLASSIFIER_FIELDS, notes=notes)
-        pretrained = top.section("pretrained_model_args", known=CFG_SECTIONS)
-        inner = pretrained.section("model", known=v2.MULTI_FIELDS)
+        local = {k[len("model."):]: v for k, v in ckpt.model.items() if k.startswith("model.")}
+        inner = self.backbone_config(ckpt, top, local, options, notes)
         if inner.values.get("_name") not in (None, "data2vec_multi"):
             raise SpecError(f"{ckpt.path}: data2vec_text_classification over '{inner.values.get('_name')}' -- only "
                             f"data2vec_multi (data2vec 2.0) backbones import here.")
         arch = v2.TextV2Arch(inner)
-        local = {k[len("model."):]: v for k, v in ckpt.model.items() if k.startswith("model.")}
+        v2.check_shape(local, arch, str(ckpt.path), inner.where)
         spec = arch.backbone(local)
         state, used = v2.backbone_tensors(local, arch, str(ckpt.path), shown_prefix="model.")
         consumed = {"model." + n for n in used}
@@ -241,3 +278,35 @@ class Data2VecTextClassificationImporter:
         notes.append(TOKENIZER_NOTE)
         top.finish()
         return FairseqImport(spec=spec, task="finetune", state_dict=state, consumed=consumed, notes=notes)
+
+    @staticmethod
+    def backbone_config(ckpt: FairseqCheckpoint, top: ConfigReader, weights: dict[str, Tensor],
+                        options: dict[str, Any], notes: list[str]) -> ConfigReader:
+        """The backbone's ``cfg.model``: ``pretrained_model_args.model`` when the file has it;
+        otherwise (fairseq's ``sentence_prediction`` saves only ``model_path``) the config of the
+        pretraining checkpoint given as ``options["backbone"]`` (``--backbone``) or found at
+        ``model_path``. The tensors give depth and widths, not the head count or LayerNorm eps."""
+        pretrained = top.section("pretrained_model_args", known=CFG_SECTIONS)
+        if pretrained.values:
+            return pretrained.section("model", known=v2.MULTI_FIELDS)
+        model_path = top.values.get("model_path")
+        given = options.get("backbone")
+        source = Path(given) if given else Path(str(model_path)) if model_path else None
+        if source is None or not source.is_file():
+            depth, dim, ffn = v2.tensor_shape(weights)
+            where = (f"--backbone {given} does not exist" if given else
+                     f"its model_path '{model_path}' is not here" if model_path else "it has no model_path")
+            raise SpecError(
+                f"{ckpt.path}: a data2vec 2.0 text classifier saved by fairseq's sentence_prediction task keeps no "
+                f"backbone config (cfg.model.pretrained_model_args is null) and {where}. Its tensors give depth "
+                f"{depth}, width {dim} and FFN width {ffn}, but not the number of attention heads or the LayerNorm "
+                f"eps: pass the data2vec 2.0 pretraining checkpoint it was fine-tuned from, "
+                f"d2v convert {ckpt.path} OUT --backbone PATH (fairseq's cfg.model.model_path).")
+        backbone = read_fairseq_checkpoint(source)
+        if backbone.name != "data2vec_multi":
+            raise SpecError(f"backbone checkpoint {source}: cfg.model._name is '{backbone.name or '?'}', not "
+                            f"data2vec_multi; pass the data2vec 2.0 pretraining checkpoint the classifier was "
+                            f"fine-tuned from.")
+        notes.append(f"cfg.model.pretrained_model_args is null (fairseq's sentence_prediction saves only model_path): "
+                     f"the backbone's config was read from {source}")
+        return ConfigReader(backbone.model_cfg, f"{source}: cfg.model", known=v2.MULTI_FIELDS, notes=notes)

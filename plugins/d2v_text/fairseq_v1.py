@@ -12,7 +12,8 @@ fairseq/modules/transformer_layer.py) under ``encoder.sentence_encoder``::
     version                            a buffer fairseq keeps for upgrades (dropped)
 
 plus ``encoder.lm_head.{dense,layer_norm,weight,bias}`` (RobertaLMHead -> the ``masked_lm`` head),
-``encoder.regression_head.*`` (data2vec's pretraining regression head, not imported) and
+``encoder.regression_head.*`` (data2vec's regression head -> the ``data2vec`` objective's
+``regression_head``), ``encoder._ema`` (the EMA teacher of ``sentence_encoder`` -> ``teacher.model.*``) and
 ``classification_heads.<name>.{dense,out_proj}`` (RobertaClassificationHead -> ``text_classification``).
 There is no token-type embedding (``type_vocab_size: 0``) and fairseq's LayerNorm eps is 1e-5.
 
@@ -192,3 +193,69 @@ def collect(weights: dict[str, Tensor], pairs: list[tuple[str, str]], where: str
                         f"describes: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}. Is the file "
                         f"complete (download it again), and does its cfg.model match its weights?")
     return {ours: weights[theirs].float() for ours, theirs in pairs}
+
+
+# --------------------------------------------------------------------------- the 1.0 objective
+
+
+def target_spec(model: ConfigReader) -> tuple[dict[str, Any] | None, str | None]:
+    """d2v's ``data2vec`` target for ``Data2VecTextConfig``'s target options, or ``None`` and why.
+
+    fairseq's text loss is ``sum(loss) * loss_scale``, or ``/ sqrt(D)`` when ``loss_scale <= 0``
+    (d2v's ``loss_scale: null``)."""
+    per_layer = [name for key, name in (("instance_norm_target_layer", "instance"), ("layer_norm_target_layer", "layer"))
+                 if model.get(key, False)]
+    final = [name for key, name in (("layer_norm_targets", "layer"), ("instance_norm_targets", "instance"))
+             if model.get(key, False)]
+    if model.get("batch_norm_target_layer", False) or len(per_layer) > 1 or len(final) > 1:
+        return None, ("its target normalisation (batch norm, or two norms at one place) has no d2v equivalent "
+                      "(d2v's data2vec target: instance or layer norm per layer, instance or layer norm on the average)")
+    beta = float(model.get("loss_beta", 0.0))
+    scale = model.get("loss_scale", None)
+    return {"name": "data2vec", "top_k": int(model.get("average_top_k_layers", 8)),
+            "layer_norm": per_layer[0] if per_layer else None, "final_norm": final[0] if final else None,
+            "loss": "l2" if beta == 0 else "smooth_l1", **({} if beta == 0 else {"beta": beta}),
+            "loss_scale": None if scale is None or float(scale) <= 0 else float(scale), "reduction": "sum"}, None
+
+
+def objective_spec(model: ConfigReader, head_layers: int, max_update: int) -> tuple[dict[str, Any] | None, str | None]:
+    """The ``data2vec`` objective of a ``data2vec_text`` config (or ``None`` and why not).
+
+    The teacher reads the uncorrupted tokens through its own copy of the whole encoder
+    (``ema_scope: all``); ``ema_transformer_layers_only`` copies the embeddings instead of averaging
+    them. The processor masks the tokens (``data.processor.masking``), so the objective has no masking."""
+    target, reason = target_spec(model)
+    if target is None:
+        return None, reason
+    return {
+        "name": "data2vec", "target": target, "head_layers": head_layers, "ema_scope": "all",
+        "copy_keys": ["feature_extractor"] if model.get("ema_transformer_layers_only", True) else [],
+        "ema_decay": float(model.get("ema_decay", 0.999)), "ema_end_decay": float(model.get("ema_end_decay", 0.9999)),
+        "ema_anneal_end_step": int(model.get("ema_anneal_end_step", max_update) or max_update or 0),
+        "target_feature": "ffn",
+    }, None
+
+
+def regression_head_names(weights: dict[str, Tensor]) -> list[tuple[str, str]] | None:
+    """(d2v name, fairseq name) of the regression head: ``encoder.regression_head.{i}`` (old files:
+    ``encoder.lm_head.{i}``, which fairseq renames on load); ``None`` when the file has none.
+    One layer is d2v's plain ``Linear``, more keep the Sequential's indices."""
+    for prefix in ("encoder.regression_head.", "encoder.lm_head."):
+        indices = sorted({int(k[len(prefix):].split(".")[0]) for k in weights
+                          if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()})
+        if indices:
+            if indices == [0]:
+                return [(f"regression_head.{k}", f"{prefix}0.{k}") for k in ("weight", "bias")]
+            return [(f"regression_head.{i}.{k}", f"{prefix}{i}.{k}") for i in indices for k in ("weight", "bias")]
+    return None
+
+
+def head_layers(pairs: list[tuple[str, str]]) -> int:
+    """How many Linear layers the stored head has (fairseq: Linear, GELU, Linear, ...)."""
+    return len(pairs) // 2
+
+
+def teacher_names(arch: TextV1Arch) -> list[tuple[str, str]]:
+    """(d2v teacher name, name in ``encoder._ema``): the EMA copy of ``sentence_encoder``, whose
+    names :func:`d2v.fairseq.read_fairseq_checkpoint` prefixes with ``encoder.``."""
+    return [(f"teacher.model.{ours}", theirs) for ours, theirs in backbone_names(arch, prefix="encoder.")]

@@ -111,6 +111,24 @@ class TextV2Arch:
         return notes
 
 
+def tensor_shape(weights: dict[str, Tensor]) -> tuple[int, int, int]:
+    """Depth, width and FFN width as the tensors (fairseq names, no prefix) hold them."""
+    depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+    table = weights.get(LOCAL + "embed_tokens.weight")
+    fc1 = weights.get("blocks.0.mlp.fc1.weight")
+    return depth, int(table.shape[1]) if table is not None else 0, int(fc1.shape[0]) if fc1 is not None else 0
+
+
+def check_shape(weights: dict[str, Tensor], arch: TextV2Arch, where: str, config: str) -> None:
+    """A SpecError when the config (``config`` names it) describes another model than the tensors."""
+    depth, dim, ffn = tensor_shape(weights)
+    said = (arch.depth, arch.dim, int(arch.dim * arch.mlp_ratio))
+    if (depth, dim, ffn) != said:
+        raise SpecError(f"{where}: {config} describes depth {said[0]}, width {said[1]}, FFN width {said[2]}, but the "
+                        f"checkpoint's tensors have depth {depth}, width {dim}, FFN width {ffn}; the config belongs "
+                        f"to another model (for a classifier: pass the pretraining checkpoint it was fine-tuned from).")
+
+
 def block_tensors(weights: dict[str, Tensor], theirs: str, ours: str, dim: int) -> tuple[dict[str, Tensor], list[str]]:
     """One AltBlock (``theirs`` = its fairseq prefix) as a ``text.transformer`` layer (``ours``):
     the d2v tensors and the fairseq names used. The fused ``qkv`` rows are q, k, v in that order

@@ -1,5 +1,8 @@
 """fairseq data2vec 1.0 text checkpoints (``data2vec_text``, RoBERTa layout) import exactly.
 
+(fairseq's own checkpoints are checked in test_fairseq_oracle_text.py; this module checks the
+names, legacy layouts and errors, and the round trip through Hugging Face's ``Data2VecText*``.)
+
 A tiny random Hugging Face ``Data2VecText*`` model is written under fairseq's names
 (``encoder.sentence_encoder.*``, ``encoder.lm_head.*``, ``classification_heads.<name>.*``, mapped
 here independently of the importer, with no token-type table: HF's conversion zeroed it) into
@@ -163,6 +166,13 @@ def d2v_batch(ids):
     return {"inputs": ids, "padding_mask": ids.eq(PAD)}
 
 
+def student(model, ids):
+    """The last hidden state of a pretraining model's student (or of a backbone)."""
+    with torch.no_grad():
+        fe = model.feature_extractor(ids, ids.eq(PAD))
+        return model.encoder(fe.features, fe.padding_mask).last_hidden_state
+
+
 def test_pretrained_backbone_matches_and_round_trips_through_hugging_face(tmp_path, capsys):
     hf = hf_model(transformers.Data2VecTextModel, pooler=False)
     path = save_fairseq_checkpoint(tmp_path / "nlp_base.pt", data2vec_text_cfg(), fairseq_state(hf))
@@ -171,11 +181,14 @@ def test_pretrained_backbone_matches_and_round_trips_through_hugging_face(tmp_pa
         want = hf(**hf_inputs(ids)).last_hidden_state
     model, result = import_fairseq(path)
     assert result.task == "pretrain" and "head" not in result.spec
+    assert result.spec["objective"]["name"] == "data2vec" and result.spec["objective"]["head_layers"] == 2
     assert result.spec["feature_extractor"]["type_vocab_size"] == 0
-    close("backbone", model(d2v_batch(ids)).last_hidden_state, want)
+    close("backbone", student(model, ids), want)
     notes = "\n".join(result.notes)
-    assert "regression_head" in notes and "RoBERTa tokenizer" in notes
-    assert "4 fairseq tensors not imported: encoder.regression_head.0.bias" in notes  # named, by design
+    assert "no EMA teacher" in notes and "RoBERTa tokenizer" in notes and "not imported" not in notes
+    with torch.no_grad():  # without encoder._ema the teacher starts as the student, as fairseq's does
+        fe = model.teacher.model["feature_extractor"](ids, ids.eq(PAD))
+        close("teacher_copy", model.teacher.model["encoder"](fe.features, fe.padding_mask).last_hidden_state, want)
 
     assert main(["convert", str(path), str(tmp_path / "out")]) == 0
     assert "task pretrain" in capsys.readouterr().out
@@ -234,7 +247,7 @@ def test_legacy_names_drift_and_missing_tensors(tmp_path):
     assert "cfg.model.transformer.encoder.layerdrop is missing" in notes and "ignored: a_future_option" in notes
     ids = tokens()
     with torch.no_grad():
-        close("legacy", model(d2v_batch(ids)).last_hidden_state, hf(**hf_inputs(ids)).last_hidden_state)
+        close("legacy", student(model, ids), hf(**hf_inputs(ids)).last_hidden_state)
 
     broken = dict(state)
     del broken["encoder.sentence_encoder.layers.1.fc2.weight"]
