@@ -9,7 +9,9 @@ Families (``fixtures/<name>/``):
 * ``audio2_layer_scale``: a prenet block, a learned ALiBi scale per layer shared by the heads, and
   an EMA teacher of the shared blocks only (``ema_encoder_only``);
 * ``audio2_preln``: ``layer_norm_first: true`` (d2v must refuse it by name);
-* ``audio2_ctc``: ``wav2vec_ctc`` fine-tuned from ``audio2``.
+* ``audio2_ctc``: ``wav2vec_ctc`` fine-tuned from a 2.0 model with one ALiBi scale for all layers
+  and heads (``audio2``'s shape otherwise);
+* ``audio_alibi``: fairseq's ALiBi slopes and biases (``outputs.pt`` only).
 
 Every weight is randomised (LayerNorm gains and biases too) so a misplaced tensor shows, the
 models train two updates through fairseq's ``Trainer`` (Adam state, EMA teacher) and the EMA
@@ -263,7 +265,22 @@ def audio2_preln(out: Path) -> Path:
 
 def audio2_ctc(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        _ctc(out, audio2(Path(tmp)), seed=23, update_alibi=False, zero_mask=False)
+        _ctc(out, audio2(Path(tmp), learned_alibi_scale_per_head=False), seed=23, update_alibi=False, zero_mask=False)
+
+
+# --------------------------------------------------------------------------- ALiBi
+
+
+def audio_alibi(out: Path) -> None:
+    """fairseq's ``get_alibi`` itself: the slopes for 1..64 heads (``-bias[h, 0, 1]`` of a
+    two-position bias) and whole biases, 1-D for 4, 8, 12 and 16 heads over 9 positions and 2-D
+    (Manhattan distance on a 3x3 grid) for 4 heads."""
+    from examples.data2vec.models.modalities.base import get_alibi
+
+    outputs = {f"slopes_{heads}": -get_alibi(2, heads)[:, 0, 1] for heads in range(1, 65)}
+    outputs.update({f"bias_1d_{heads}": get_alibi(9, heads) for heads in (4, 8, 12, 16)})
+    outputs["bias_2d_4"] = get_alibi(9, 4, dims=2)
+    torch.save(outputs, out / "outputs.pt")
 
 
 FAMILIES = {
@@ -274,4 +291,5 @@ FAMILIES = {
     "audio2_layer_scale": audio2_layer_scale,
     "audio2_preln": audio2_preln,
     "audio2_ctc": audio2_ctc,
+    "audio_alibi": audio_alibi,
 }

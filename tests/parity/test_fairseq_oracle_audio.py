@@ -229,7 +229,9 @@ def test_alibi_flag_that_disagrees_with_the_stored_scale_is_named(tmp_path, caps
 def test_ctc_without_w2v_args_reads_w2v_path_or_says_what_is_missing(family, tmp_path):
     """No ``cfg.model.w2v_args``: like fairseq, d2v reads the pretrained model's config from
     ``cfg.model.w2v_path``; when that file is not there either, the error says what is missing."""
-    pretrained = FIXTURES / family.removesuffix("_ctc") / "checkpoint.pt"  # what the fixture was fine-tuned from
+    # the pretrained file fairseq would read: only its cfg matters (the CTC file has every weight)
+    stored = read_fairseq_checkpoint(FIXTURES / family / "checkpoint.pt").cfg["model"]["w2v_args"]
+    pretrained = save_fairseq_checkpoint(tmp_path / "pretrained.pt", stored, {})
 
     def no_w2v_args(w2v_path):
         def edit(cfg):

@@ -1,11 +1,14 @@
 """ALiBi (d2v.alibi) and the audio encoder's data2vec 2.0 options (alibi, zero_padded_frames):
-slopes and biases against the published formula, the encoder against a hand-written attention,
+slopes and biases against the published formula and against fairseq's own ``get_alibi`` (its
+values recorded in ``tests/fairseq_oracle/fixtures/audio_alibi/``, regenerated with
+``python tests/fairseq_oracle/make_fixtures.py audio_alibi``), the encoder against a hand-written attention,
 the kept-token path against the full bias gathered at the kept positions, the scale clamp,
 parameter shapes, EMA of the scale, and the Hugging Face exporter's refusal."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +19,12 @@ from hypothesis import strategies as st
 from d2v.alibi import alibi_bias_1d, alibi_bias_2d, alibi_slopes
 from d2v.errors import SpecError
 from d2v_audio.encoder import AudioTransformerEncoder
-from fairseq_reference.audio_multi import alibi_reference, alibi_slopes_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+#: what fairseq's get_alibi computes (tests/fairseq_oracle/audio.py, family audio_alibi)
+FAIRSEQ = torch.load(Path(__file__).resolve().parents[1] / "fairseq_oracle" / "fixtures" / "audio_alibi" / "outputs.pt",
+                     weights_only=True)
 
 TINY = dict(dim=32, layers=2, heads=4, ffn_dim=64, num_pos_conv_layers=2, pos_conv_kernel=5, pos_conv_groups=4,
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
@@ -40,7 +46,7 @@ def test_slopes_for_12_heads_follow_the_non_power_of_two_rule():
 @given(st.integers(1, 64))
 @settings(max_examples=40, deadline=None)
 def test_slopes_match_fairseqs_get_slopes(heads):
-    torch.testing.assert_close(alibi_slopes(heads), torch.tensor(alibi_slopes_reference(heads)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(alibi_slopes(heads), FAIRSEQ[f"slopes_{heads}"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("heads", [4, 8, 12, 16])
@@ -52,7 +58,7 @@ def test_1d_bias_is_slope_times_minus_distance(heads):
         for i in range(T):
             for j in range(T):
                 assert bias[h, i, j].item() == pytest.approx(-slopes[h].item() * abs(i - j), rel=1e-6, abs=1e-7)
-    torch.testing.assert_close(bias, alibi_reference(T, heads))
+    torch.testing.assert_close(bias, FAIRSEQ[f"bias_1d_{heads}"])
 
 
 def test_2d_bias_is_manhattan_distance_on_the_grid():
@@ -63,6 +69,7 @@ def test_2d_bias_is_manhattan_distance_on_the_grid():
         for j in range(9):
             d = abs(i // width - j // width) + abs(i % width - j % width)
             torch.testing.assert_close(bias[:, i, j], -slopes * d)
+    torch.testing.assert_close(bias, FAIRSEQ["bias_2d_4"])
 
 
 def test_bad_heads_or_width_are_spec_errors():
@@ -81,7 +88,7 @@ def hand_written(encoder: AudioTransformerEncoder, x: Tensor, padding: Tensor | 
     b, t, dim = x.shape
     hd = dim // heads
     scales = encoder.alibi_scale.detach().clamp_min(0)
-    slopes = torch.tensor(alibi_slopes_reference(heads))
+    slopes = FAIRSEQ[f"slopes_{heads}"]
     distance = -(positions[:, :, None] - positions[:, None, :]).abs().float()  # (B, T, T)
     for index, layer in enumerate(encoder.layers):
         att = layer.attention
