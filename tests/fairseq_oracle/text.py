@@ -12,6 +12,8 @@ trains it for a few updates (so an EMA teacher and Adam state exist), saves it w
 * ``text2``: ``data2vec_multi`` with the TEXT modality on ``masked_lm`` -- encoder output (eval),
   and for the next update on an unpadded batch (as fairseq's text pretraining batches are) under a
   precomputed mask: targets, decoder predictions, loss, sample size;
+* ``text2_variant``: the same with a residual one-projection decoder, the EMA of the whole model and
+  layer-normed targets;
 * ``text2_cls``: ``data2vec_text_classification`` on ``sentence_prediction`` over the ``text2``
   checkpoint (its cfg keeps only ``model_path``, as fairseq saves it) -- logits (eval);
 * ``text2_preln``: a ``data2vec_multi`` text checkpoint with ``layer_norm_first: true`` (d2v refuses it).
@@ -304,10 +306,10 @@ def train_text2(data: Path, model_args: dict, out: Path):
     return task, model, criterion, trainer, vocab
 
 
-def text2(out: Path) -> None:
-    torch.manual_seed(3)
+def text2(out: Path, seed: int = 3, **model_args) -> None:
+    torch.manual_seed(seed)
     with temp_data() as data:
-        args = text2_model_args()
+        args = text2_model_args(**model_args)
         task, model, criterion, trainer, vocab = train_text2(data, args, out)
         tokens = padded_tokens(vocab - 1, seed=11)
         model.eval()
@@ -327,6 +329,16 @@ def text2(out: Path) -> None:
                 "targets": targets.repeat_interleave(clones, 0)[mask], "predictions": decoded[mask],
                 "loss": float(loss), "sample_size": int(sample_size), "num_updates": trainer.get_num_updates(),
                 "vocab": vocab}, out / "outputs.pt")
+
+
+def text2_variant(out: Path) -> None:
+    """The other decoder (residual convolutions, one projection), the EMA of the whole model
+    (``ema_encoder_only: false``) and layer-normed targets."""
+    text2(out, seed=6, ema_encoder_only=False, instance_norm_target_layer=False, layer_norm_target_layer=True,
+          layer_norm_targets=True, **{"modalities.text.decoder.decoder_residual": True,
+                                      "modalities.text.decoder.projection_layers": 1,
+                                      "modalities.text.decoder.decoder_kernel": 3,
+                                      "modalities.text.decoder.decoder_groups": 4})
 
 
 def text2_preln(out: Path) -> None:
@@ -355,5 +367,5 @@ def text2_cls(out: Path) -> None:
     write_dict(out)
 
 
-FAMILIES = {"text1": text1, "text1_cls": text1_cls, "text2": text2, "text2_cls": text2_cls,
-            "text2_preln": text2_preln}
+FAMILIES = {"text1": text1, "text1_cls": text1_cls, "text2": text2, "text2_variant": text2_variant,
+            "text2_cls": text2_cls, "text2_preln": text2_preln}

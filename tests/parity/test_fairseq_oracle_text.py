@@ -117,13 +117,15 @@ def test_text1_roberta_classifier_logits_match_fairseq(tmp_path):
 # --------------------------------------------------------------------------- data2vec 2.0
 
 
-def test_text2_encoder_matches_fairseq(tmp_path):
-    encoder_matches("text2 encoder", converted("text2", tmp_path), recorded("text2"))
+@pytest.mark.parametrize("family", ["text2", "text2_variant"])
+def test_text2_encoder_matches_fairseq(tmp_path, family):
+    encoder_matches(f"{family} encoder", converted(family, tmp_path), recorded(family))
 
 
-def test_text2_continued_pretraining_matches_fairseqs_next_update(tmp_path):
-    fairseq = recorded("text2")
-    model = pretraining_model(converted("text2", tmp_path))
+@pytest.mark.parametrize("family", ["text2", "text2_variant"])
+def test_text2_continued_pretraining_matches_fairseqs_next_update(tmp_path, family):
+    fairseq = recorded(family)
+    model = pretraining_model(converted(family, tmp_path))
     assert int(model.num_updates) == fairseq["num_updates"]
     tokens = fairseq["update_tokens"]  # unpadded, as fairseq's text pretraining batches are
     batch = {"inputs": tokens, "padding_mask": tokens.eq(PAD), "precomputed_mask": fairseq["mask"]}
@@ -134,11 +136,11 @@ def test_text2_continued_pretraining_matches_fairseqs_next_update(tmp_path):
         targets, _ = model._targets(model._teacher_output(batch, fe.features, fe.padding_mask), mask)
         hidden, _, restore = model.encode_kept(fe.features.repeat_interleave(clones, 0), None, mask)
         predictions = model.decoder(decoder_input(hidden, restore, model.mask_noise_std))[mask]
-    close("text2 targets", targets, fairseq["targets"])
-    close("text2 predictions", predictions, fairseq["predictions"])
+    close(f"{family} targets", targets, fairseq["targets"])
+    close(f"{family} predictions", predictions, fairseq["predictions"])
     update = model(batch)
     assert update.sample_size == fairseq["sample_size"]
-    same_loss("text2 loss (relative)", update.loss, fairseq["loss"], fairseq["sample_size"])
+    same_loss(f"{family} loss (relative)", update.loss, fairseq["loss"], fairseq["sample_size"])
 
 
 def test_text2_classifier_saved_without_its_backbone_config(tmp_path, capsys):
