@@ -249,3 +249,69 @@ def test_ctc_without_w2v_args_reads_w2v_path_or_says_what_is_missing(family, tmp
     with torch.no_grad():
         logits = model({"inputs": outputs["source"], "padding_mask": outputs["padding_mask"]}).logits
     assert_close(f"{family} logits (config from w2v_path)", logits, outputs["logits"])
+
+
+# --------------------------------------------------------------------------- what the import makes of the file
+
+
+def test_2_0_import_reports_nothing_left_behind_and_keeps_fairseqs_objective(capsys, tmp_path):
+    path, _ = fixture("audio2")
+    ckpt = read_fairseq_checkpoint(path)
+    model, result = import_fairseq(path)
+    audio = ckpt.cfg["model"]["modalities"]["audio"]
+    encoder, objective = result.spec["encoder"], result.spec["objective"]
+    assert encoder["alibi"] is True and encoder["zero_padded_frames"] is False
+    assert encoder["alibi_scale_per_head"] is True and encoder["alibi_scale_per_layer"] is False
+    assert objective["name"] == "data2vec2" and objective["ema_scope"] == "encoder" and objective["copy_keys"] == []
+    assert objective["clone_batch"] == ckpt.cfg["model"]["clone_batch"]
+    assert (objective["decoder_dim"], objective["decoder_kernel"], objective["decoder_layers"]) == (
+        audio["decoder"]["decoder_dim"], audio["decoder"]["decoder_kernel"], audio["decoder"]["decoder_layers"])
+    assert objective["masking"]["mask_prob"] == audio["mask_prob"]
+    assert objective["ema_anneal_end_step"] == ckpt.cfg["model"]["ema_anneal_end_step"]
+    assert int(model.num_updates) == ckpt.num_updates == 2  # the EMA decay schedule continues
+    # every tensor of the file used (teacher and decoder included), every config key known
+    assert not any("not imported" in n or "missing" in n or "unknown" in n for n in result.notes), result.notes
+    # Hugging Face's Data2VecAudio has no ALiBi: the export refuses, saying so
+    assert d2v.cli.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) != 0
+    assert "ALiBi" in capsys.readouterr().err
+
+
+def test_2_0_ctc_import_takes_the_fine_tuning_settings():
+    path, _ = fixture("audio2_ctc")
+    model, result = import_fairseq(path)
+    outer = read_fairseq_checkpoint(path).cfg["model"]
+    spec, encoder = result.spec, result.spec["encoder"]
+    assert spec["head"]["vocab"] == "librispeech" and spec["freeze"] == ["feature_extractor.conv_layers"]
+    assert encoder["alibi_learned_scale"] is False and not model.encoder.alibi_scale.requires_grad  # update_alibi
+    assert (encoder["dropout"], encoder["layerdrop"], encoder["mask_time_prob"], encoder["mask_feature_prob"]) == (
+        outer["dropout"], outer["layerdrop"], outer["mask_prob"], outer["mask_channel_prob"])
+    assert any("N(0, mask_noise_std) noise" in n for n in result.notes)
+    assert not any("not imported" in n for n in result.notes), result.notes
+
+
+def test_2_0_config_drift_is_noted_and_damage_named(tmp_path):
+    def drift(cfg):
+        cfg["model"]["modalities"]["audio"]["rebuild_batches"] = True  # a key this fairseq does not know
+        del cfg["model"]["norm_affine"]  # and one it expects
+
+    _, result = import_fairseq(rewrite("audio2", tmp_path / "drift.pt", drift))
+    assert any("cfg.model.modalities.audio: keys unknown" in n and "rebuild_batches" in n for n in result.notes)
+    assert any("cfg.model.norm_affine is missing; fairseq's default True" in n for n in result.notes)
+
+    with pytest.raises(SpecError, match=r"lacks 1 weight\(s\).*blocks\.1\.attn\.qkv\.bias"):
+        import_fairseq(rewrite("audio2", tmp_path / "broken.pt", drop=("blocks.1.attn.qkv.bias",)))
+
+    def pre_ln_conv(cfg):
+        cfg["model"]["modalities"]["audio"]["conv_pos_pre_ln"] = True
+
+    with pytest.raises(SpecError, match=r"conv_pos_pre_ln=true \(a LayerNorm before the positional conv\)"):
+        import_fairseq(rewrite("audio2", tmp_path / "pre_ln_conv.pt", pre_ln_conv))
+
+
+def test_2_0_without_an_ema_teacher_imports_the_backbone_and_says_so(tmp_path):
+    ckpt = read_fairseq_checkpoint(FIXTURES / "audio2" / "checkpoint.pt")
+    path = save_fairseq_checkpoint(tmp_path / "no_ema.pt", ckpt.cfg, ckpt.model)
+    model, result = import_fairseq(path)
+    assert "objective" not in result.spec and isinstance(model, TaskModel)
+    assert any("backbone only" in n and "no EMA teacher" in n for n in result.notes)
+    assert any("not imported" in n and "modality_encoders.AUDIO.decoder.proj.weight" in n for n in result.notes)
