@@ -226,6 +226,7 @@ class Data2VecMultiTextImporter:
         model = ConfigReader(ckpt.model_cfg, "cfg.model", known=v2.MULTI_FIELDS, notes=notes)
         arch = v2.TextV2Arch(model)
         where = str(ckpt.path)
+        v2.check_shape(ckpt.model, arch, where, "cfg.model")
         spec = arch.backbone(ckpt.model)
         spec["objective"] = v2.objective_spec(arch, _max_update(ckpt))
         student, consumed = v2.backbone_tensors(ckpt.model, arch, where)
