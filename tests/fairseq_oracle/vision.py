@@ -4,9 +4,12 @@
   like ``config/v2/base_images_only_task.yaml`` (post-LN blocks, prenet, CLS token and CLS loss,
   inverse block masks, EMA over the patch embedding too, ``Decoder2d``) but 32 wide.
 * ``vision2_prenorm``: the same with ``layer_norm_first: true`` (fairseq's pre-LN ``AltBlock``).
+* ``vision2_ema_blocks``: ``ema_encoder_only: true`` (the teacher averages the shared blocks only)
+  and a patch embedding narrower than the model (modality ``embed_dim`` 24, then a Linear).
 * ``vision2_cls``: ``mae_image_classification`` fine-tuned from a ``vision2``-shaped checkpoint, as
   fairseq's image classification task saves it (the backbone config copied into
   ``cfg.model.pretrained_model_args``); mean pooling + ``fc_norm`` as released.
+* ``vision2_cls_token``: the same classifier with ``prediction_mode: CLS_TOKEN`` and no ``fc_norm``.
 
 Every checkpoint is written by ``Trainer.save_checkpoint`` after two real updates (so there is an
 EMA teacher and an update count), with ``checkpoint.no_save_optimizer_state`` (an option fairseq
@@ -25,6 +28,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import oracle_trainer as ot
@@ -54,16 +58,21 @@ def images(n: int, seed: int) -> torch.Tensor:
 
 
 def trained(cfg, samples: list[dict]):
-    """(model, criterion, trainer) after one update per sample."""
+    """(model, criterion, trainer) after one update per sample, seeded as ``fairseq_cli.train``
+    seeds before building (so a family does not depend on what ran before it)."""
+    from fairseq import utils
+
     cfg.checkpoint.no_save_optimizer_state = True
+    np.random.seed(cfg.common.seed)
+    utils.set_torch_seed(cfg.common.seed)
     _, model, criterion, trainer = ot.build(cfg)
     for sample in samples:
         trainer.train_step([sample])
     return model, criterion, trainer
 
 
-def pretraining(data: str, layer_norm_first: bool):
-    model_args = {**MODEL, "layer_norm_first": layer_norm_first, **{f"modalities.image.{k}": v for k, v in IMAGE.items()}}
+def pretraining(data: str, overrides: dict):
+    model_args = {**MODEL, **{f"modalities.image.{k}": v for k, v in IMAGE.items()}, **overrides}
     cfg = ot.fairseq_config("mae_image_pretraining", {"data": data, "input_size": IMAGE["input_size"]},
                             "data2vec_multi", model_args, lr=1e-3, seed=1)
     samples = [{"id": torch.arange(BATCH), "net_input": {"source": images(BATCH, seed)}} for seed in (10, 11)]
@@ -134,32 +143,29 @@ def resumed(cfg, path: Path):
     return model, criterion
 
 
-def write_pretraining(out: Path, layer_norm_first: bool) -> None:
+def write_pretraining(out: Path, overrides: dict) -> None:
     with tempfile.TemporaryDirectory() as data:
-        _, _, trainer = pretraining(data, layer_norm_first)
+        _, _, trainer = pretraining(data, overrides)
         ot.save(trainer, str(out / "checkpoint.pt"))
         model, criterion = resumed(trainer.cfg, out / "checkpoint.pt")
     assert model.num_updates == 2
     x = images(BATCH, seed=0)
-    student = encoder_outputs(model, x)
-    teacher = encoder_outputs(model.ema.model, x)
+    recorded = {"images": x, "num_updates": 2, **encoder_outputs(model, x)}
+    if not model.cfg.ema_encoder_only:  # else the teacher is the shared blocks alone
+        recorded["teacher_encoder_out"] = encoder_outputs(model.ema.model, x)["encoder_out"]
     patches = (IMAGE["input_size"] // IMAGE["patch_size"]) ** 2
-    recorded = {
-        "images": x, "num_updates": 2, **student, "teacher_encoder_out": teacher["encoder_out"],
-        **next_update(model, criterion, x, block_masks(BATCH * CLONES, patches, seed=5)),
-    }
+    recorded.update(next_update(model, criterion, x, block_masks(BATCH * CLONES, patches, seed=5)))
     torch.save(recorded, out / "outputs.pt")
 
 
-def write_classifier(out: Path) -> None:
+def write_classifier(out: Path, head: dict) -> None:
     with tempfile.TemporaryDirectory() as data:
-        _, _, pretrainer = pretraining(data, layer_norm_first=False)
+        _, _, pretrainer = pretraining(data, {})
         backbone = Path(data) / "pretrained.pt"
         ot.save(pretrainer, str(backbone))
         cfg = ot.fairseq_config("mae_image_classification", {"data": data, "input_size": IMAGE["input_size"]},
                                 "mae_image_classification",
-                                {"model_path": str(backbone), "num_classes": 5, "mixup": 0.0, "cutmix": 0.0,
-                                 "prediction_mode": "MEAN_POOLING", "use_fc_norm": True},
+                                {"model_path": str(backbone), "num_classes": 5, "mixup": 0.0, "cutmix": 0.0, **head},
                                 lr=1e-2, seed=1)
         labels = torch.tensor([0, 3, 4, 1])
         samples = [{"id": torch.arange(4), "net_input": {"imgs": images(4, seed), "labels": labels}} for seed in (20, 21)]
@@ -169,11 +175,16 @@ def write_classifier(out: Path) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(x)
-    torch.save({"images": x, "logits": logits, "num_updates": 2}, out / "outputs.pt")
+        backbone = model.model.extract_features(x, mode="IMAGE", mask=False, remove_extra_tokens=False)["x"]
+    torch.save({"images": x, "logits": logits, "encoder_out": backbone, "num_updates": 2}, out / "outputs.pt")
 
 
 FAMILIES = {
-    "vision2": lambda out: write_pretraining(out, layer_norm_first=False),
-    "vision2_prenorm": lambda out: write_pretraining(out, layer_norm_first=True),
-    "vision2_cls": write_classifier,
+    "vision2": lambda out: write_pretraining(out, {}),
+    "vision2_prenorm": lambda out: write_pretraining(out, {"layer_norm_first": True}),
+    # EMA of the shared blocks only, and a patch embedding narrower than the model (+ a Linear)
+    "vision2_ema_blocks": lambda out: write_pretraining(out, {"ema_encoder_only": True,
+                                                              "modalities.image.embed_dim": 24}),
+    "vision2_cls": lambda out: write_classifier(out, {"prediction_mode": "MEAN_POOLING", "use_fc_norm": True}),
+    "vision2_cls_token": lambda out: write_classifier(out, {"prediction_mode": "CLS_TOKEN", "use_fc_norm": False}),
 }

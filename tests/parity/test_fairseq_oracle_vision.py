@@ -6,13 +6,16 @@ The fixtures in ``tests/fairseq_oracle/fixtures/vision2*/`` came from fairseq's 
 fairseq's ``Trainer``, with fairseq's outputs beside them (``outputs.pt``). Regenerate them in the
 oracle venv (tests/fairseq_oracle/README.md)::
 
-    python tests/fairseq_oracle/make_fixtures.py vision2 vision2_prenorm vision2_cls
+    python tests/fairseq_oracle/make_fixtures.py vision2 vision2_prenorm vision2_ema_blocks vision2_cls vision2_cls_token
 
 * ``vision2`` (post-LN blocks) and ``vision2_prenorm`` (``layer_norm_first: true``): student and
   EMA teacher outputs, the per-block FFN outputs, and the first continued update -- teacher
   targets, ``Decoder2d`` predictions and loss on fairseq's mask, with ``clone_batch`` 2 and the
   CLS loss -- through ``import_fairseq`` and through ``d2v convert``.
-* ``vision2_cls``: a ``mae_image_classification`` model's logits (mean pooling + ``fc_norm``).
+* ``vision2_ema_blocks``: the same for ``ema_encoder_only`` (fairseq's teacher averages the shared
+  blocks only) with a patch embedding narrower than the model.
+* ``vision2_cls`` / ``vision2_cls_token``: ``mae_image_classification`` logits (mean pooling +
+  ``fc_norm`` as released; the CLS token without ``fc_norm``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from d2v.model import build_model, load_initial_weights
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fairseq_oracle" / "fixtures"
-PRETRAINING = ("vision2", "vision2_prenorm")
+PRETRAINING = ("vision2", "vision2_prenorm", "vision2_ema_blocks")
+CLASSIFIERS = ("vision2_cls", "vision2_cls_token")
 ATOL = 1e-5
 MAX_DIFFS: dict[tuple[str, str], float] = {}
 
@@ -81,9 +85,10 @@ def check_backbones(family: str, model, want: dict) -> None:
     student = encoder_outputs(model.feature_extractor, model.encoder, want["images"])
     assert_matches(family, "student encoder output (eval)", student.last_hidden_state, want["encoder_out"])
     assert_matches(family, "student block FFN outputs", torch.stack(student.layer_targets[-depth:]), want["layer_ffn"])
-    teacher = model.teacher.model
-    t_out = encoder_outputs(teacher["feature_extractor"], teacher["encoder"], want["images"])
-    assert_matches(family, "EMA teacher encoder output", t_out.last_hidden_state, want["teacher_encoder_out"])
+    if "teacher_encoder_out" in want:  # not with ema_encoder_only: fairseq's teacher is its shared blocks alone
+        teacher = model.teacher.model
+        t_out = encoder_outputs(teacher["feature_extractor"], teacher["encoder"], want["images"])
+        assert_matches(family, "EMA teacher encoder output", t_out.last_hidden_state, want["teacher_encoder_out"])
 
 
 def check_next_update(family: str, model, want: dict) -> None:
@@ -148,12 +153,15 @@ def test_pre_ln_checkpoints_keep_fairseqs_block_arithmetic():
     assert "mlp_residual" not in result.spec["encoder"]
 
 
-def test_classifier_logits_match_fairseq(tmp_path):
-    want = recorded("vision2_cls")
-    model, result = import_fairseq(FIXTURES / "vision2_cls" / "checkpoint.pt")
+@pytest.mark.parametrize("family", CLASSIFIERS)
+def test_classifier_logits_match_fairseq(family, tmp_path):
+    want = recorded(family)
+    model, result = import_fairseq(FIXTURES / family / "checkpoint.pt")
     assert result.task == "finetune" and result.spec["head"] == {"name": "image_classification", "num_labels": 5}
     assert not any("not imported" in note for note in result.notes), result.notes
     with torch.no_grad():
-        assert_matches("vision2_cls", "logits (import_fairseq)", model({"inputs": want["images"]}).logits, want["logits"])
-        again = converted("vision2_cls", tmp_path, "finetune")
-        assert_matches("vision2_cls", "logits (d2v convert)", again({"inputs": want["images"]}).logits, want["logits"])
+        out = model({"inputs": want["images"]})
+        assert_matches(family, "encoder output (import_fairseq)", out.last_hidden_state, want["encoder_out"])
+        assert_matches(family, "logits (import_fairseq)", out.logits, want["logits"])
+        again = converted(family, tmp_path, "finetune")
+        assert_matches(family, "logits (d2v convert)", again({"inputs": want["images"]}).logits, want["logits"])
