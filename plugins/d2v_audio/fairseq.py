@@ -26,7 +26,7 @@ from torch import Tensor
 from d2v.errors import SpecError
 from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
 from d2v_audio import fairseq_ctc, fairseq_v1, fairseq_v2
-from d2v_audio.fairseq_names import Rename, collect, prefixed, rebased
+from d2v_audio.fairseq_names import Rename, collect, prefixed, rebased, refuse_unaccounted
 
 
 def _ema_collect(table: list[Rename], ema: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], set[str]]:
@@ -48,7 +48,9 @@ class Data2VecAudioImporter:
         m = ConfigReader(ckpt.model_cfg, "cfg.model", fairseq_v1.DATA2VEC_AUDIO_FIELDS, notes)
         spec = fairseq_v1.backbone_spec(m)
         table = fairseq_v1.backbone_names(spec)
-        state, consumed = collect(table, ckpt.model, f"fairseq data2vec_audio checkpoint '{ckpt.path}'")
+        where = f"fairseq data2vec_audio checkpoint '{ckpt.path}'"
+        state, consumed = collect(table, ckpt.model, where)
+        refuse_unaccounted(ckpt.model, consumed, fairseq_v1.BACKBONE_PREFIXES, where, fairseq_v1.SHAPE_SETTINGS)
 
         objective, reason = fairseq_v1.objective_spec(m, _max_update(ckpt))
         head = next((p for p in ("final_proj", "final_proj.0") if f"{p}.weight" in ckpt.model), None)
@@ -121,7 +123,9 @@ class Data2VecMultiAudioImporter:
         arch = fairseq_v2.read_arch(m)
         spec = fairseq_v2.backbone_spec(arch)
         table = fairseq_v2.backbone_names(arch)
-        state, consumed = collect(table, ckpt.model, f"fairseq data2vec_multi checkpoint '{ckpt.path}'")
+        where = f"fairseq data2vec_multi checkpoint '{ckpt.path}'"
+        state, consumed = collect(table, ckpt.model, where)
+        refuse_unaccounted(ckpt.model, consumed, fairseq_v2.BACKBONE_PREFIXES, where, fairseq_v2.SHAPE_SETTINGS)
         state["encoder.mask_embedding"] = fairseq_v2.mask_embedding(arch)
         consumed |= fairseq_v2.dropped(ckpt.model, "", notes)
 
@@ -185,8 +189,11 @@ class Wav2VecCtcImporter:
         spec["encoder"].update(encoder_fields)
         spec["feature_extractor"].update(fe_fields)
 
-        state, consumed = collect(prefixed(table, "", fairseq_ctc.PREFIX), ckpt.model,
-                                  f"fairseq wav2vec_ctc checkpoint '{ckpt.path}'")
+        ctc_where = f"fairseq wav2vec_ctc checkpoint '{ckpt.path}'"
+        state, consumed = collect(prefixed(table, "", fairseq_ctc.PREFIX), ckpt.model, ctc_where)
+        version = fairseq_v1 if inner_cfg.get("_name") == "data2vec_audio" else fairseq_v2
+        refuse_unaccounted(ckpt.model, consumed, tuple(fairseq_ctc.PREFIX + p for p in version.BACKBONE_PREFIXES),
+                           ctc_where, f"{where}: {version.SHAPE_SETTINGS}")
         state.update(extra)
         consumed |= dropped
         head = fairseq_ctc.head_weights(ckpt.model, outer)
@@ -233,9 +240,11 @@ def _config_at_w2v_path(ckpt: FairseqCheckpoint) -> dict[str, Any]:
 def _pretrained_name(ckpt: FairseqCheckpoint) -> str:
     """``data2vec_audio`` or ``data2vec_multi``: named by ``w2v_args``, else told by the weights."""
     args = ckpt.model_cfg.get("w2v_args")
-    if not isinstance(args, dict):
-        if fairseq_v2.has_audio(ckpt.model, fairseq_ctc.PREFIX):
-            return "data2vec_multi"
-        return "data2vec_audio" if any(k.startswith(fairseq_ctc.PREFIX + "encoder.layers.") for k in ckpt.model) else ""
-    model = args.get("model") if isinstance(args.get("model"), dict) else args
-    return str(model.get("_name") or model.get("arch") or "")
+    if isinstance(args, dict):
+        model = args.get("model") if isinstance(args.get("model"), dict) else args
+        name = model.get("_name") or model.get("arch")
+        if name:
+            return str(name)
+    if fairseq_v2.has_audio(ckpt.model, fairseq_ctc.PREFIX):
+        return "data2vec_multi"
+    return "data2vec_audio" if any(k.startswith(fairseq_ctc.PREFIX + "encoder.layers.") for k in ckpt.model) else ""

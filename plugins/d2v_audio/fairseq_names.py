@@ -89,6 +89,21 @@ def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str) -> 
 
 
 
+def refuse_unaccounted(weights: dict[str, Tensor], used: set[str], prefixes: tuple[str, ...], where: str,
+                       settings: str) -> None:
+    """A SpecError naming the backbone tensors (names under ``prefixes``) that the table built
+    from the config did not take: the config describes a smaller model than the file holds (fewer
+    layers or conv blocks, no ALiBi), which fairseq's strict ``load_state_dict`` refuses too."""
+    extra = sorted(n for n in weights if n.startswith(prefixes) and n not in used)
+    if extra:
+        shown = ", ".join(extra[:12]) + (f" and {len(extra) - 12} more" if len(extra) > 12 else "")
+        raise SpecError(
+            f"{where}: the file holds {len(extra)} backbone tensor(s) its config does not account for: {shown}. "
+            f"The config ({settings}) describes a smaller model than the weights; correct it to match the file "
+            f"(or use the file the config belongs to)."
+        )
+
+
 def chunk(index: int, parts: int) -> Callable[[Tensor], Tensor]:
     """Part ``index`` of ``parts`` equal slices along dim 0 (q, k, v of a fused projection)."""
 

@@ -51,6 +51,9 @@ DATA2VEC_AUDIO_FIELDS = WAV2VEC2_FIELDS + (
     "min_target_var", "min_pred_var",
 )
 
+#: where the backbone's weights live, and the settings that say how many there are
+BACKBONE_PREFIXES = ("feature_extractor.", "layer_norm.", "post_extract_proj.", "encoder.")
+SHAPE_SETTINGS = "conv_feature_layers, conv_bias, encoder_layers, pos_conv_depth"
 DEFAULT_CONV = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
 LAYER_NORM_EPS = 1e-5  # fairseq's LayerNorm / Fp32LayerNorm default
 
@@ -191,6 +194,11 @@ def objective_spec(m: ConfigReader, max_update: int = 0) -> tuple[dict[str, Any]
     target, reason = target_spec(m)
     if target is None:
         return None, reason
+    layers = int(m.get("encoder_layers", 12))
+    if target["top_k"] > layers:  # fairseq's extract_features(min_layer=layers - k) then returns every layer
+        m.notes.append(f"{m.where}.average_top_k_layers={target['top_k']} exceeds the {layers} layers; fairseq "
+                       f"averages all {layers}, and so does the imported objective")
+        target["top_k"] = layers
     if m.get("mask_dropout", 0.0):
         m.notes.append(f"{m.where}.mask_dropout={m.get('mask_dropout', 0.0)} is not reproduced by d2v's span masking")
     return {

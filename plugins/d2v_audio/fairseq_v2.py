@@ -41,6 +41,11 @@ AUDIO_FIELDS = MODALITY_FIELDS + (
     "extractor_mode", "feature_encoder_spec", "conv_pos_width", "conv_pos_groups", "conv_pos_depth", "conv_pos_pre_ln",
 )
 #: ``D2vDecoderConfig`` fields (modalities/modules.py)
+#: where the backbone's weights live (the decoder is the objective's), and the settings that say how many there are
+BACKBONE_PREFIXES = tuple(AUDIO + part for part in ("local_encoder.", "project_features.", "relative_positional_encoder.",
+                                                    "context_encoder.", "alibi_scale")) + ("blocks.",)
+SHAPE_SETTINGS = ("depth, modalities.audio.feature_encoder_spec, prenet_depth, conv_pos_depth, use_alibi_encoder, "
+                  "layer_norm_first")
 DEFAULT_CONV = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
 
 

@@ -16,6 +16,7 @@ predictions and loss must be fairseq's. Tolerance 1e-5 (fp32; the loss relative)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,31 @@ def test_2_0_without_an_ema_teacher_imports_the_backbone_and_says_so(tmp_path):
     assert "objective" not in result.spec and isinstance(model, TaskModel)
     assert any("backbone only" in n and "no EMA teacher" in n for n in result.notes)
     assert any("not imported" in n and "modality_encoders.AUDIO.decoder.proj.weight" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("family,key,value,extra", [
+    ("audio1", "encoder_layers", 1, "encoder.layers.1."),
+    ("audio1", "conv_feature_layers", "[(8, 10, 5)] + [(8, 3, 2)]", "feature_extractor.conv_layers.2."),
+    ("audio2", "depth", 1, "blocks.1."),
+    ("audio2", "modalities.audio.use_alibi_encoder", False, "modality_encoders.AUDIO.alibi_scale"),
+])
+def test_a_config_describing_a_smaller_model_than_the_file_is_named(family, key, value, extra, tmp_path):
+    """fewer layers, conv blocks or no ALiBi in the config than tensors in the file: fairseq's
+    strict load refuses such a file, and so does d2v, naming the tensors left over."""
+    def edit(cfg):
+        node, *path = cfg["model"], *key.split(".")
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+
+    with pytest.raises(SpecError, match=rf"backbone tensor\(s\) its config does not account for: .*{re.escape(extra)}"):
+        import_fairseq(rewrite(family, tmp_path / "smaller.pt", edit))
+
+
+def test_more_target_layers_than_the_model_has_average_them_all_as_fairseq_does(tmp_path):
+    def edit(cfg):
+        cfg["model"]["average_top_k_layers"] = 5
+
+    _, result = import_fairseq(rewrite("audio1", tmp_path / "top5.pt", edit))
+    assert result.spec["objective"]["target"]["top_k"] == 2
+    assert any("average_top_k_layers=5 exceeds the 2 layers" in n for n in result.notes)
