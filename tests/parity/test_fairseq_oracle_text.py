@@ -105,6 +105,25 @@ def test_text1_continued_pretraining_matches_fairseqs_next_update(tmp_path, caps
     assert update.sample_size == fairseq["sample_size"]
     same_loss("text1 loss (relative)", update.loss, fairseq["loss"], fairseq["sample_size"])
 
+    # the update goes on as fairseq's would: decay annealed at update 4, embeddings copied (ema_transformer_layers_only)
+    update.loss.backward()
+    with torch.no_grad():
+        model.feature_extractor.word_embeddings.weight.add_(0.01)
+    model.after_optimizer_step(1)
+    assert int(model.num_updates) == 4 and model.current_decay() == pytest.approx(0.999 - 0.009 * (1 - 4 / 20))
+    teacher = model.teacher.model["feature_extractor"].word_embeddings.weight
+    assert torch.equal(teacher, model.feature_extractor.word_embeddings.weight)
+
+
+def test_text1_broken_teacher_is_named(tmp_path, capsys):
+    state = torch.load(FIXTURES / "text1" / "checkpoint.pt", weights_only=False)  # fairseq saved plain containers
+    del state["model"]["encoder._ema"]["layers.1.fc2.weight"]
+    path = tmp_path / "broken.pt"
+    torch.save(state, path)
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "EMA teacher" in error and "encoder.layers.1.fc2.weight" in error and "Traceback" not in error
+
 
 def test_text1_roberta_classifier_logits_match_fairseq(tmp_path):
     fairseq = recorded("text1_cls")
