@@ -71,6 +71,9 @@ class ImageConfig:
         self.depth = int(model.get("depth", 8))
         self.dim = int(model.get("embed_dim", 768))
         self.heads = int(model.get("num_heads", 12))
+        if self.heads < 1 or self.dim % self.heads:
+            raise SpecError(f"{model.where}.num_heads {self.heads} does not divide {model.where}.embed_dim {self.dim}: "
+                            f"the config is not one fairseq could have trained.")
         self.mlp_ratio = float(model.get("mlp_ratio", 4.0))
         self.norm_eps = float(over.get("norm_eps") if over.get("norm_eps") is not None else model.get("norm_eps", 1e-6))
         self.layer_norm_first = bool(model.get("layer_norm_first", False))
@@ -219,6 +222,53 @@ def required_names(cfg: ImageConfig) -> list[str]:
     return names
 
 
+def check_config_fits(weights: dict[str, Tensor], cfg: ImageConfig, where: str, prefix: str = "") -> None:
+    """A :class:`SpecError` naming the config keys behind a tensor whose shape the checkpoint's
+    config does not give, or blocks beyond the configured depths (fairseq names, ``prefix``
+    prepended): caught here, the user learns which setting disagrees, not which d2v parameter."""
+    model, image = cfg.model.where, cfg.image.where
+    patch, channels = int(cfg.image.get("patch_size", 16)), int(cfg.image.get("in_chans", 3))
+    grid = (int(cfg.image.get("input_size", 224)) // patch) ** 2
+    local = "local_encoder.0.proj.weight" if cfg.patch_dim != cfg.dim else "local_encoder.proj.weight"
+    expected = [
+        (M + local, (cfg.patch_dim, channels, patch, patch), f"{image}.embed_dim, in_chans and patch_size"),
+        (M + "fixed_positional_encoder.positions", (1, grid, cfg.dim),
+         f"{image}.input_size and patch_size with {model}.embed_dim"),
+        (M + "extra_tokens", (1, cfg.extra, cfg.dim), f"{image}.num_extra_tokens"),
+        ("blocks.0.attn.qkv.weight", (3 * cfg.dim, cfg.dim), f"{model}.embed_dim"),
+        ("blocks.0.mlp.fc1.weight", (int(cfg.dim * cfg.mlp_ratio), cfg.dim), f"{model}.mlp_ratio"),
+    ]
+    for name, shape, keys in expected:
+        tensor = weights.get(prefix + name)
+        if tensor is None and name.endswith("positions"):
+            tensor = next((weights[prefix + M + n] for n in POSITION_NAMES if prefix + M + n in weights), None)
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise SpecError(f"{where}: by {keys}, {prefix}{name} should be {shape}, but the checkpoint's is "
+                            f"{tuple(tensor.shape)}: its config and its weights disagree. Use the config the "
+                            f"weights were trained with (or the file that goes with this config).")
+    for block_prefix, depth, key in ((f"{prefix}blocks.", cfg.depth, f"{model}.depth"),
+                                     (f"{prefix}{M}context_encoder.blocks.", cfg.prenet, f"{image}.prenet_depth")):
+        if any(n.startswith(f"{block_prefix}{depth}.") for n in weights):
+            raise SpecError(f"{where}: {key} is {depth} but the checkpoint has {block_prefix}{depth}.*: its config "
+                            f"and its weights disagree. Use the config the weights were trained with.")
+
+
+def check_decoder_fits(weights: dict[str, Tensor], cfg: ImageConfig, where: str) -> None:
+    """As :func:`check_config_fits`, for the ``Decoder2d`` tensors and ``cfg.decoder``."""
+    decoder = cfg.decoder
+    layers, dim = int(decoder.get("decoder_layers", 5)), int(decoder.get("decoder_dim", 384))
+    kernel, groups = int(decoder.get("decoder_kernel", 5)), int(decoder.get("decoder_groups", 16))
+    first = weights.get(M + "decoder.blocks.0.0.weight")
+    if first is not None and tuple(first.shape) != (dim, cfg.dim // groups, kernel, kernel):
+        raise SpecError(f"{where}: by {decoder.where}.decoder_dim, decoder_groups and decoder_kernel, "
+                        f"{M}decoder.blocks.0.0.weight should be {(dim, cfg.dim // groups, kernel, kernel)}, but the "
+                        f"checkpoint's is {tuple(first.shape)}: its config and its weights disagree.")
+    present = {int(n.split(".")[4]) for n in weights if n.startswith(M + "decoder.blocks.")}
+    if present and present != set(range(layers)):
+        raise SpecError(f"{where}: {decoder.where}.decoder_layers is {layers} but the checkpoint has "
+                        f"{len(present)} decoder blocks ({M}decoder.blocks.*): its config and its weights disagree.")
+
+
 def check_complete(state: dict[str, Tensor], cfg: ImageConfig, where: str, prefix: str = "") -> None:
     """A :class:`SpecError` naming, by fairseq name, every backbone tensor ``state`` (d2v names) lacks."""
     differs = cfg.patch_dim != cfg.dim
@@ -246,6 +296,8 @@ class Data2VecMultiImageImporter:
         spec = cfg.backbone()
         spec["objective"] = self.objective(cfg, ckpt)
 
+        check_config_fits(ckpt.model, cfg, str(ckpt.path))
+        check_decoder_fits(ckpt.model, cfg, str(ckpt.path))
         student, sources = map_backbone(ckpt.model, cfg)
         check_complete(student, cfg, str(ckpt.path))
         student["encoder.mask_embedding"] = torch.zeros(cfg.dim)
@@ -371,6 +423,7 @@ class MaeImageClassificationImporter:
             notes.append(f"cfg.model.num_classes is {declared} but head.weight has {num_classes} rows; the weights win")
         spec["head"] = {"name": "image_classification", "num_labels": num_classes}
 
+        check_config_fits(ckpt.model, cfg, str(ckpt.path), prefix="model.")
         state, sources = map_backbone(ckpt.model, cfg, prefix="model.")
         check_complete(state, cfg, str(ckpt.path), prefix="model.")
         state["encoder.mask_embedding"] = torch.zeros(cfg.dim)

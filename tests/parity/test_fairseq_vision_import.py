@@ -144,3 +144,45 @@ def test_fresh_positions_are_fairseqs_sincos():
     fairseq = read_fairseq_checkpoint(PRETRAINED).model[M + "fixed_positional_encoder.positions"]
     fresh = ViTPatchEmbedding(dim=32, image_size=32, patch_size=8)
     torch.testing.assert_close(fresh.positions, fairseq, atol=1e-6, rtol=0)
+
+
+def _set(section: tuple[str, ...], key: str, value):
+    def edit(cfg, model, ema):
+        node = cfg["model"]
+        for name in section:
+            node = node[name]
+        node[key] = value
+    return edit
+
+
+IMAGE = ("modalities", "image")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set((), "mlp_ratio", 4.0), r"by cfg\.model\.mlp_ratio, blocks\.0\.mlp\.fc1\.weight should be \(128, 32\), "
+                                 r"but the checkpoint's is \(64, 32\)"),
+    (_set((), "depth", 1), r"cfg\.model\.depth is 1 but the checkpoint has blocks\.1\.\*"),
+    (_set((), "num_heads", 5), r"cfg\.model\.num_heads 5 does not divide cfg\.model\.embed_dim 32"),
+    (_set(IMAGE, "patch_size", 16), r"patch_size, modality_encoders\.IMAGE\.local_encoder\.proj\.weight should be "
+                                    r"\(32, 3, 16, 16\), but the checkpoint's is \(32, 3, 8, 8\)"),
+    (_set(IMAGE, "input_size", 64), r"input_size and patch_size .*positions should be \(1, 64, 32\)"),
+    (_set(IMAGE, "num_extra_tokens", 0), r"num_extra_tokens, modality_encoders\.IMAGE\.extra_tokens should be "
+                                         r"\(1, 0, 32\), but the checkpoint's is \(1, 1, 32\)"),
+    (_set(IMAGE, "prenet_depth", 0), r"prenet_depth is 0 but the checkpoint has "
+                                     r"modality_encoders\.IMAGE\.context_encoder\.blocks\.0\.\*"),
+    (_set(IMAGE + ("decoder",), "decoder_dim", 32), r"decoder_dim, decoder_groups and decoder_kernel, .*should be "
+                                                    r"\(32, 2, 3, 3\), but the checkpoint's is \(16, 2, 3, 3\)"),
+    (_set(IMAGE + ("decoder",), "decoder_layers", 3), r"decoder_layers is 3 but the checkpoint has 2 decoder blocks"),
+])
+def test_a_config_that_does_not_fit_the_weights_names_the_setting(tmp_path, edit, message):
+    """Never a shape error from deep inside a d2v module: the config key that disagrees, by name."""
+    with pytest.raises(SpecError, match=message):
+        import_fairseq(edited(PRETRAINED, tmp_path / "bad.pt", edit))
+
+
+def test_a_classifier_whose_backbone_config_does_not_fit_is_named(tmp_path):
+    def edit(cfg, model, ema):
+        cfg["model"]["pretrained_model_args"]["model"]["mlp_ratio"] = 3.0
+
+    with pytest.raises(SpecError, match=r"pretrained_model_args\.model\.mlp_ratio, model\.blocks\.0\.mlp\.fc1\.weight"):
+        import_fairseq(edited(CLASSIFIER, tmp_path / "bad.pt", edit))
