@@ -140,6 +140,12 @@ class Data2VecTextImporter:
                 consumed |= lm_head
                 notes.append("encoder.lm_head.* (the pretraining LM head a RoBERTa fine-tuning keeps) is left out: "
                              "the model is the classifier")
+            leftovers = {k for k in ckpt.model if k.startswith("encoder.regression_head.")} | {
+                f"_ema.{k}" for k in ckpt.ema}
+            if leftovers:  # data2vec_text fine-tuned as itself keeps (and updates) its pretraining parts
+                consumed |= leftovers
+                notes.append("encoder.regression_head.* and the EMA teacher (encoder._ema), which a data2vec_text "
+                             "fine-tuning keeps from pretraining, are left out: the model is the classifier")
         elif "encoder.lm_head.weight" in weights:
             head_state, tied, used = self.lm_head(weights, state["feature_extractor.word_embeddings.weight"])
             spec["head"] = {"name": "masked_lm", "layer_norm_eps": v1.LAYER_NORM_EPS, "activation": "gelu",

@@ -9,6 +9,7 @@ trains it for a few updates (so an EMA teacher and Adam state exist), saves it w
   head predictions, summed loss and sample size;
 * ``text1_cls``: a RoBERTa ``sentence_prediction`` classifier (the recipe fairseq's data2vec README
   gives for GLUE fine-tuning of data2vec text 1.0) -- logits (eval);
+* ``text1_cls_d2v``: the same fine-tuning kept as ``data2vec_text`` with its classification head;
 * ``text2``: ``data2vec_multi`` with the TEXT modality on ``masked_lm`` -- encoder output (eval),
   and for the next update on an unpadded batch (as fairseq's text pretraining batches are) under a
   precomputed mask: targets, decoder predictions, loss, sample size;
@@ -226,6 +227,15 @@ def text1_cls(out: Path) -> None:
     write_dict(out)
 
 
+def text1_cls_d2v(out: Path) -> None:
+    """The same fine-tuning with the model kept as ``data2vec_text`` (its own classification heads)."""
+    torch.manual_seed(7)
+    with temp_data() as data:
+        model_args = text1_model_args(load_checkpoint_heads=True)
+        train_classifier({"data": str(sentence_prediction_data(data))}, "data2vec_text", model_args, False, out)
+    write_dict(out)
+
+
 # --------------------------------------------------------------------------- data2vec 2.0
 
 
@@ -294,12 +304,12 @@ class RecordedTargets:
         self.hook.remove()
 
 
-def train_text2(data: Path, model_args: dict, out: Path):
+def train_text2(data: Path, model_args: dict, out: Path, updates: int = 3):
     write_dict(data)
     cfg = ot.fairseq_config("masked_lm", text2_task_args(data), "data2vec_multi", model_args)
     task, model, criterion, trainer = ot.build(cfg)
     vocab = len(task.source_dictionary)
-    for step in range(3):
+    for step in range(updates):
         trainer.train_step([text2_sample(padded_tokens(vocab - 1, seed=300 + step))])
     ot.save(trainer, str(out / "checkpoint.pt"))
     write_dict(out)
@@ -345,7 +355,7 @@ def text2_preln(out: Path) -> None:
     """``layer_norm_first: true`` (pre-LN blocks), which d2v's post-LN text encoder refuses."""
     torch.manual_seed(4)
     with temp_data() as data:
-        train_text2(data, text2_model_args(layer_norm_first=True), out)
+        train_text2(data, text2_model_args(layer_norm_first=True), out, updates=0)  # saved untrained: smaller
 
 
 def text2_cls(out: Path) -> None:
@@ -367,5 +377,5 @@ def text2_cls(out: Path) -> None:
     write_dict(out)
 
 
-FAMILIES = {"text1": text1, "text1_cls": text1_cls, "text2": text2, "text2_variant": text2_variant,
-            "text2_cls": text2_cls, "text2_preln": text2_preln}
+FAMILIES = {"text1": text1, "text1_cls": text1_cls, "text1_cls_d2v": text1_cls_d2v, "text2": text2,
+            "text2_variant": text2_variant, "text2_cls": text2_cls, "text2_preln": text2_preln}

@@ -125,12 +125,15 @@ def test_text1_broken_teacher_is_named(tmp_path, capsys):
     assert "EMA teacher" in error and "encoder.layers.1.fc2.weight" in error and "Traceback" not in error
 
 
-def test_text1_roberta_classifier_logits_match_fairseq(tmp_path):
-    fairseq = recorded("text1_cls")
-    model = load_d2v_checkpoint(converted("text1_cls", tmp_path))
+@pytest.mark.parametrize("family", ["text1_cls", "text1_cls_d2v"])
+def test_text1_classifier_logits_match_fairseq(tmp_path, capsys, family):
+    """RoBERTa (fairseq's README recipe) and ``data2vec_text`` with its own classification head."""
+    fairseq = recorded(family)
+    model = load_d2v_checkpoint(converted(family, tmp_path))
+    assert "not imported" not in capsys.readouterr().out  # the pretraining leftovers are named as left out
     tokens = fairseq["tokens"]
     with torch.no_grad():
-        close("text1_cls logits", model({"inputs": tokens, "padding_mask": tokens.eq(PAD)}).logits, fairseq["logits"])
+        close(f"{family} logits", model({"inputs": tokens, "padding_mask": tokens.eq(PAD)}).logits, fairseq["logits"])
 
 
 # --------------------------------------------------------------------------- data2vec 2.0
