@@ -78,6 +78,21 @@ def test_kept_tokens_give_the_full_path_restricted_to_them(layer_norm_first):
         torch.testing.assert_close(a, pick(b), atol=1e-5, rtol=0)
 
 
+def test_mlp_residual_false_is_fairseqs_pre_ln_block():
+    """fairseq's pre-LN AltBlock: ``r = x = mlp(norm2(x)); x = r + drop(x)`` (no residual around
+    the MLP); d2v's own pre-LN block keeps it. Post-LN has no such variant."""
+    x = torch.randn(2, 5, 16)
+    ours, fairseqs = tiny_encoder(layer_norm_first=True), tiny_encoder(layer_norm_first=True, mlp_residual=False)
+    fairseqs.load_state_dict(ours.state_dict())
+    block_ours, block_fairseq = ours.layers[0], fairseqs.layers[0]
+    h = x + block_ours.attention(block_ours.norm1(x), None)
+    ffn = block_ours.mlp(block_ours.norm2(h))
+    torch.testing.assert_close(block_ours(x, None)[0], h + ffn)
+    torch.testing.assert_close(block_fairseq(x, None)[0], ffn + ffn)
+    with pytest.raises(SpecError, match="mlp_residual: false exists only for pre-LN"):
+        tiny_encoder(mlp_residual=False)
+
+
 def test_pooling_means_the_patches_or_takes_the_cls():
     x = torch.randn(2, 5, 16)
     mean = tiny_encoder().contextualize(x)
