@@ -7,6 +7,7 @@ trains it for a few updates (so an EMA teacher and Adam state exist), saves it w
 * ``text1``: ``data2vec_text`` on ``masked_lm`` -- encoder output (eval), and for the next update
   (train mode, dropout 0) on a batch with fixed ``<mask>`` positions: teacher targets, regression
   head predictions, summed loss and sample size;
+* ``text1_preln``: ``data2vec_text`` with ``normalize_before: true`` (d2v refuses it);
 * ``text1_cls``: a RoBERTa ``sentence_prediction`` classifier (the recipe fairseq's data2vec README
   gives for GLUE fine-tuning of data2vec text 1.0) -- logits (eval);
 * ``text1_cls_d2v``: the same fine-tuning kept as ``data2vec_text`` with its classification head;
@@ -166,6 +167,16 @@ def text1(out: Path) -> None:
                 "num_updates": trainer.get_num_updates(), "vocab": vocab, "mask_idx": mask_idx},
                out / "outputs.pt")
     write_dict(out)  # fairseq users keep the dictionary beside the checkpoint
+
+
+def text1_preln(out: Path) -> None:
+    """``normalize_before: true`` (pre-LN layers and a final LayerNorm), which d2v refuses; saved untrained."""
+    torch.manual_seed(8)
+    with temp_data() as data:
+        write_dict(data)
+        cfg = ot.fairseq_config("masked_lm", masked_lm_args(data), "data2vec_text",
+                                text1_model_args(**{"transformer.encoder.normalize_before": True}))
+        ot.save(ot.build(cfg)[3], str(out / "checkpoint.pt"))
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -377,5 +388,5 @@ def text2_cls(out: Path) -> None:
     write_dict(out)
 
 
-FAMILIES = {"text1": text1, "text1_cls": text1_cls, "text1_cls_d2v": text1_cls_d2v, "text2": text2,
-            "text2_variant": text2_variant, "text2_cls": text2_cls, "text2_preln": text2_preln}
+FAMILIES = {"text1": text1, "text1_preln": text1_preln, "text1_cls": text1_cls, "text1_cls_d2v": text1_cls_d2v,
+            "text2": text2, "text2_variant": text2_variant, "text2_cls": text2_cls, "text2_preln": text2_preln}

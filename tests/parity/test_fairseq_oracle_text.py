@@ -5,12 +5,15 @@ The fixtures in tests/fairseq_oracle/fixtures/text*/ were produced by fairseq it
 ``checkpoint.pt``); ``outputs.pt`` holds what fairseq computed on fixed padded batches. Regenerate
 them in the oracle venv (tests/fairseq_oracle/README.md)::
 
-    python tests/fairseq_oracle/make_fixtures.py text1 text1_cls text2 text2_cls text2_preln
+    python tests/fairseq_oracle/make_fixtures.py text1 text1_preln text1_cls text1_cls_d2v \
+        text2 text2_variant text2_cls text2_preln     # text2_cls reads text2's checkpoint
 
 Checked here, within 1e-5 (fp32): encoder outputs at real tokens, classifier logits, and for the
 pretraining checkpoints the first continued update -- the teacher's targets, the student's
 predictions and the loss per masked token -- on fairseq's batch and mask, from the converted
-checkpoint (student, EMA teacher, regression head or decoder, update count).
+checkpoint (student, EMA teacher, regression head or decoder, update count). The 2.0 update is on
+an unpadded batch, as fairseq's text pretraining feeds it: on padded ones fairseq's instance-normed
+targets and its decoder include the padded positions, d2v's leave them out. Pre-LN files are refused.
 """
 
 from __future__ import annotations
@@ -187,10 +190,13 @@ def test_text2_classifier_saved_without_its_backbone_config(tmp_path, capsys):
     close("text2_cls logits", logits, fairseq["logits"])
 
 
-def test_text2_pre_ln_checkpoint_is_refused_by_name(tmp_path, capsys):
-    assert main(["convert", str(FIXTURES / "text2_preln" / "checkpoint.pt"), str(tmp_path / "out")]) == 2
+@pytest.mark.parametrize("family, setting", [("text1_preln", "normalize_before: true (pre-LN; text.transformer is post-LN)"),
+                                             ("text2_preln", "layer_norm_first: true (pre-LN; text.transformer is post-LN)")])
+def test_pre_ln_checkpoints_are_refused_by_name(tmp_path, capsys, family, setting):
+    """d2v's text encoder is post-LN; fairseq's pre-LN files stop the import, naming the setting."""
+    assert main(["convert", str(FIXTURES / family / "checkpoint.pt"), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
-    assert "layer_norm_first: true (pre-LN; text.transformer is post-LN)" in error and "Traceback" not in error
+    assert setting in error and "Traceback" not in error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -254,9 +254,6 @@ def test_legacy_names_drift_and_missing_tensors(tmp_path):
     path = save_fairseq_checkpoint(tmp_path / "broken.pt", data2vec_text_cfg(), broken)
     with pytest.raises(SpecError, match=r"lacks 1 tensors.*encoder\.sentence_encoder\.layers\.1\.fc2\.weight"):
         import_fairseq(path)
-    path = save_fairseq_checkpoint(tmp_path / "preln.pt", data2vec_text_cfg(normalize_before=True), state)
-    with pytest.raises(SpecError, match="normalize_before"):
-        import_fairseq(path)
 
 
 def test_a_finetuning_spec_starts_from_the_fairseq_file(tmp_path):
