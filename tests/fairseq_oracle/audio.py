@@ -23,7 +23,9 @@ teacher is then moved away from the student, as after a long run. ``outputs.pt``
   fairseq's pretraining crops its batches): ``update_source``, the mask fairseq used
   (``update_mask``; 2.0: ``(B * clone_batch, T)``, given to fairseq as ``precomputed_mask``),
   ``targets`` and ``predictions`` at the masked frames, the criterion's ``loss`` (a sum) and
-  ``sample_size`` (fairseq's update divides the one by the other).
+  ``sample_size`` (fairseq's update divides the one by the other); then the trainer's
+  ``set_num_updates``: ``ema_step``, the annealed ``ema_decay`` and a few teacher tensors after
+  that EMA step (``teacher_after``, fairseq's names).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import oracle_trainer as ot
@@ -40,6 +43,12 @@ CONV_1 = "[(8, 10, 5)] + [(8, 3, 2)] * 2"
 LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
 NO_DROPOUT_1 = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
                 "dropout_input": 0.0, "dropout_features": 0.0}
+
+
+def _seed(seed: int) -> None:
+    """torch's and NumPy's generators (fairseq draws its training masks with NumPy)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
 def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
@@ -67,10 +76,33 @@ def _batches(seed: int) -> dict[str, torch.Tensor]:
             "update_source": torch.randn(2, 640, generator=g)}
 
 
-def _train_two_steps(trainer, source: torch.Tensor) -> None:
-    sample = {"id": torch.arange(source.shape[0]), "net_input": {"source": source, "padding_mask": None}}
+def _train_two_steps(trainer, source: torch.Tensor, masks: dict) -> None:
+    """Two updates with fixed masks (``masks``: the model's mask argument): fairseq draws unseeded
+    masks from fresh OS entropy, which would make every regeneration differ."""
+    sample = {"id": torch.arange(source.shape[0]), "net_input": {"source": source, "padding_mask": None, **masks}}
     for _ in range(2):
         trainer.train_step([sample])
+
+
+def _span_mask(rows: int, frames: int, prob: float, seed: int) -> torch.Tensor:
+    """fairseq's own span mask (length 3, the same count in every row), seeded."""
+    from fairseq.data.data_utils import compute_mask_indices
+
+    return torch.from_numpy(compute_mask_indices((rows, frames), None, prob, 3, min_masks=1, require_same_masks=True,
+                                                 seed=seed, epoch=1, indices=torch.arange(rows)))
+
+
+def _mask_1(model, source: torch.Tensor, seed: int) -> torch.Tensor:
+    with torch.no_grad():
+        frames = model.feature_extractor(source).shape[-1]
+    return _span_mask(source.shape[0], frames, 0.65, seed)
+
+
+def _mask_2(model, source: torch.Tensor, seed: int) -> torch.Tensor:
+    """``(B * clone_batch, T)``: the rows of each example's clones, as fairseq repeats them."""
+    with torch.no_grad():
+        frames = model.modality_encoders["AUDIO"].local_features(source).shape[1]
+    return _span_mask(source.shape[0] * model.cfg.clone_batch, frames, 0.5, seed)
 
 
 def _save(out: Path, trainer, outputs: dict) -> None:
@@ -91,12 +123,13 @@ def _audio1_cfg(**overrides):
 
 
 def _audio1_model(seed: int, trained: bool, **overrides):
-    torch.manual_seed(seed)
+    _seed(seed)
     task, model, criterion, trainer = ot.build(_audio1_cfg(**overrides))
     _randomise(model, seed)
     batches = _batches(seed)
     if trained:
-        _train_two_steps(trainer, batches["update_source"])
+        source = batches["update_source"]
+        _train_two_steps(trainer, source, {"mask_indices": _mask_1(model, source, seed)})
         _move_teacher(model, seed + 1)
     return model, criterion, trainer, batches
 
@@ -113,21 +146,18 @@ def audio1(out: Path, **overrides) -> Path:
     no EMA teacher) and without the update."""
     model, criterion, trainer, batches = _audio1_model(11, not overrides, **overrides)
     outputs = {**batches, **_audio1_hidden(model, batches)}
+    ot.save(trainer, str(out / "checkpoint.pt"))  # before the EMA step below moves the teacher
     if not overrides:
         outputs.update(_audio1_update(model, criterion, batches["update_source"]))
-    _save(out, trainer, outputs)
+        outputs.update(_ema_step(model, trainer.get_num_updates() + 1, EMA_KEYS_1))
+    torch.save(outputs, out / "outputs.pt")
     return out / "checkpoint.pt"
 
 
 def _audio1_update(model, criterion, source: torch.Tensor) -> dict:
     """The next update's loss under a fixed span mask (``mask_indices``), with the targets and
     predictions fairseq's forward hands to ``compute_var`` (targets first)."""
-    from fairseq.data.data_utils import compute_mask_indices
-
-    with torch.no_grad():
-        frames = model.feature_extractor(source).shape[-1]
-    mask = torch.from_numpy(compute_mask_indices((source.shape[0], frames), None, 0.65, 3, min_masks=1, seed=5,
-                                                 epoch=1, indices=torch.arange(source.shape[0])))
+    mask = _mask_1(model, source, seed=5)
     seen = []
     compute_var = model.compute_var
     model.compute_var = lambda y: seen.append(y.detach().clone()) or compute_var(y)
@@ -139,6 +169,25 @@ def _audio1_update(model, criterion, source: torch.Tensor) -> dict:
     del model.compute_var
     return {"update_mask": mask, "targets": seen[0], "predictions": seen[1], "loss": float(loss),
             "sample_size": int(sample_size)}
+
+
+#: teacher tensors recorded after the EMA step, by fairseq's EMA names: data2vec 1.0 (the encoder;
+#: its positional conv is copied, not averaged), 2.0 (the model), 2.0 ``ema_encoder_only`` (the blocks)
+EMA_KEYS_1 = ("pos_conv.0.0.weight", "layers.1.fc1.weight", "layers.0.self_attn_layer_norm.weight")
+EMA_KEYS_2 = ("blocks.1.mlp.fc1.weight", "modality_encoders.AUDIO.alibi_scale",
+              "modality_encoders.AUDIO.relative_positional_encoder.1.0.weight",
+              "modality_encoders.AUDIO.context_encoder.norm.weight")
+EMA_KEYS_2_BLOCKS = ("1.mlp.fc1.weight", "0.norm1.weight")
+
+
+def _ema_step(model, step: int, keys: tuple[str, ...]) -> dict:
+    """What the trainer does after that update: ``set_num_updates(step)`` anneals the decay and
+    moves the EMA teacher towards the (here unchanged) student."""
+    model.train()
+    model.set_num_updates(step)
+    state = model.ema.model.state_dict()
+    return {"ema_step": step, "ema_decay": float(model.ema.get_decay()),
+            "teacher_after": {key: state[key].detach().clone() for key in keys}}
 
 
 def audio1_preln(out: Path) -> Path:
@@ -160,7 +209,7 @@ def _ctc(out: Path, pretrained: Path, seed: int, **overrides) -> None:
                   **overrides}
     cfg = ot.fairseq_config("audio_finetuning", {"data": data, "labels": "ltr", "normalize": True}, "wav2vec_ctc",
                             model_args, criterion="ctc", criterion_args={"zero_infinity": True})
-    torch.manual_seed(seed)
+    _seed(seed)
     task, model, criterion, trainer = ot.build(cfg)
     _randomise(model.w2v_encoder.proj, seed)
     batches = _batches(seed)
@@ -203,7 +252,7 @@ def audio2(out: Path, model_overrides: dict | None = None, **audio) -> Path:
     still moved away), the update recorded unless the variant is one d2v refuses (pre-LN)."""
     seed = 21
     model_overrides = model_overrides or {}
-    torch.manual_seed(seed)
+    _seed(seed)
     task, model, criterion, trainer = ot.build(_audio2_cfg(model_overrides, **audio))
     _randomise(model, seed)
     with torch.no_grad():  # a learned ALiBi scale with negative entries exercises fairseq's clamp
@@ -211,7 +260,8 @@ def audio2(out: Path, model_overrides: dict | None = None, **audio) -> Path:
         scale.copy_(torch.linspace(-0.2, 1.5, scale.numel()).reshape(scale.shape))
     batches = _batches(seed)
     if not audio and not model_overrides:
-        _train_two_steps(trainer, batches["update_source"])
+        source = batches["update_source"]
+        _train_two_steps(trainer, source, {"precomputed_mask": _mask_2(model, source, seed)})
     _move_teacher(model, seed + 1)
 
     model.eval()
@@ -219,24 +269,20 @@ def audio2(out: Path, model_overrides: dict | None = None, **audio) -> Path:
         res = model(batches["source"], padding_mask=batches["padding_mask"], mask=False, features_only=True)
     pad = res["padding_mask"]
     outputs = {**batches, "hidden": res["x"], "hidden_padding_mask": pad if pad is not None else torch.zeros(0)}
+    ot.save(trainer, str(out / "checkpoint.pt"))  # before the EMA step below moves the teacher
     if not model_overrides.get("layer_norm_first"):
         outputs.update(_audio2_update(model, criterion, batches["update_source"]))
-    _save(out, trainer, outputs)
+        keys = EMA_KEYS_2_BLOCKS if model_overrides.get("ema_encoder_only") else EMA_KEYS_2
+        outputs.update(_ema_step(model, trainer.get_num_updates() + 1, keys))
+    torch.save(outputs, out / "outputs.pt")
     return out / "checkpoint.pt"
 
 
 def _audio2_update(model, criterion, source: torch.Tensor) -> dict:
     """The next update with ``clone_batch`` masks per example given as ``precomputed_mask``;
     the decoder's predictions and the targets are read off ``d2v_loss`` (fairseq's loss call)."""
-    from fairseq.data.data_utils import compute_mask_indices
-
-    encoder = model.modality_encoders["AUDIO"]
     clones = model.cfg.clone_batch
-    with torch.no_grad():
-        frames = encoder.local_features(source).shape[1]
-    rows = source.shape[0] * clones
-    mask = torch.from_numpy(compute_mask_indices((rows, frames), None, 0.5, 3, min_masks=1, require_same_masks=True,
-                                                 seed=7, epoch=1, indices=torch.arange(rows)))
+    mask = _mask_2(model, source, seed=7)
     seen = []
     d2v_loss = model.d2v_loss
     model.d2v_loss = lambda x, y: seen.append((x.detach().clone(), y.detach().clone())) or d2v_loss(x, y)

@@ -151,10 +151,11 @@ def capture_regression(model) -> list:
 
 
 @pytest.mark.parametrize("family", PRETRAINED)
-def test_first_continued_update_equals_fairsesqs(family, converted):
+def test_first_continued_update_equals_fairseqs(family, converted):
     """fairseq's batch and mask through d2v's imported objective (train mode, dropout 0 as the
     fixture's config): the loss fairseq's trainer would divide by ``sample_size`` is d2v's
-    ``loss * sample_size``, from the same targets and predictions."""
+    ``loss * sample_size``, from the same targets and predictions; the EMA step that follows
+    uses fairseq's decay and gives fairseq's teacher."""
     _, outputs = fixture(family)
     model = converted(family)
     source, mask = outputs["update_source"], outputs["update_mask"]
@@ -182,6 +183,30 @@ def test_first_continued_update_equals_fairsesqs(family, converted):
     relative = abs(loss_sum - outputs["loss"]) / abs(outputs["loss"])
     MAX_DIFF[f"{family} update loss (relative)"] = relative
     assert relative <= 1e-5, f"{family}: loss {loss_sum} vs fairseq's {outputs['loss']}"
+
+    # then the EMA step after that update, at fairseq's position in the decay schedule
+    model.train()
+    model.after_optimizer_step(1)
+    assert int(model.num_updates) == outputs["ema_step"]
+    assert model.current_decay() == pytest.approx(outputs["ema_decay"], rel=1e-6)
+    teacher = model.teacher.model.state_dict()
+    for theirs, ours in TEACHER_NAMES[family].items():
+        assert_close(f"{family} teacher after the EMA step", teacher[ours].flatten(),
+                     outputs["teacher_after"][theirs].flatten())
+
+
+#: the teacher tensors fairseq recorded after its EMA step (fairseq EMA name -> d2v teacher name)
+TEACHER_NAMES = {
+    "audio1": {"pos_conv.0.0.weight": "pos_conv.layers.0.conv.weight",  # copied, not averaged
+               "layers.1.fc1.weight": "layers.1.ffn.fc1.weight",
+               "layers.0.self_attn_layer_norm.weight": "layers.0.attention_norm.weight"},
+    "audio2": {"blocks.1.mlp.fc1.weight": "layers.1.ffn.fc1.weight",
+               "modality_encoders.AUDIO.alibi_scale": "alibi_scale",
+               "modality_encoders.AUDIO.relative_positional_encoder.1.0.weight": "pos_conv.layers.0.conv.weight",
+               "modality_encoders.AUDIO.context_encoder.norm.weight": "layer_norm.weight"},
+    "audio2_layer_scale": {"1.mlp.fc1.weight": "layers.2.ffn.fc1.weight",  # after the prenet block
+                           "0.norm1.weight": "layers.1.attention_norm.weight"},
+}
 
 
 # --------------------------------------------------------------------------- refusals, named
