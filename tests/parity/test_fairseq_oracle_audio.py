@@ -134,6 +134,23 @@ def test_the_comparison_is_not_vacuous(converted):
         assert (out.last_hidden_state - outputs["hidden"])[valid].abs().max() > 1e-3, change
 
 
+@pytest.mark.parametrize("family", ("audio1", "audio1_ctc"))
+def test_hugging_face_export_computes_what_fairseq_computed(family, tmp_path):
+    """``d2v convert --to hf`` of a fairseq 1.0 file: transformers' Data2VecAudio gives fairseq's
+    encoder output (or CTC logits) on the padded batch."""
+    transformers = pytest.importorskip("transformers")
+    path, outputs = fixture(family)
+    assert d2v.cli.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    cls = transformers.Data2VecAudioForCTC if family.endswith("_ctc") else transformers.Data2VecAudioModel
+    hf = cls.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        out = hf(outputs["source"], attention_mask=(~outputs["padding_mask"]).long())
+    if family.endswith("_ctc"):
+        assert_close(f"{family} --to hf logits", out.logits, outputs["logits"])
+    else:
+        assert_close(f"{family} --to hf encoder output", out.last_hidden_state, outputs["hidden"])
+
+
 # --------------------------------------------------------------------------- the first continued update
 
 
