@@ -5,13 +5,18 @@ The fixtures in ``tests/fairseq_oracle/fixtures/audio*/`` were written by fairse
 with ``tests/fairseq_oracle/audio.py``; ``outputs.pt`` holds what fairseq computed. Regenerate
 them in the oracle venv (``tests/fairseq_oracle/README.md``)::
 
-    python tests/fairseq_oracle/make_fixtures.py audio1 audio1_preln audio1_ctc audio2 audio2_layer_scale audio2_ctc
+    python tests/fairseq_oracle/make_fixtures.py audio1 audio1_preln audio1_ctc audio2 \
+        audio2_layer_scale audio2_preln audio2_ctc audio_alibi
+
+(``audio_alibi``, fairseq's ALiBi slopes and biases, is read by ``tests/unit/test_alibi.py``.)
 
 Each checkpoint is imported as a user would (``d2v convert``, then the converted directory is
 loaded) and run on the recorded inputs: encoder outputs (or CTC logits) on a padded batch, and
 for pretraining checkpoints the first continued update -- fairseq's batch and mask fed to d2v's
 objective built from the import (student, EMA teacher, regression head or decoder): targets,
-predictions and loss must be fairseq's. Tolerance 1e-5 (fp32; the loss relative).
+predictions and loss must be fairseq's, and so must the EMA step after it. 1.0 files exported
+with ``--to hf`` must give fairseq's outputs in transformers too. Tolerance 1e-5 (fp32; the loss
+relative). Pre-LN files and files whose config disagrees with their tensors are refused by name.
 """
 
 from __future__ import annotations
@@ -39,11 +44,11 @@ MAX_DIFF: dict[str, float] = {}
 PRETRAINED = ("audio1", "audio2", "audio2_layer_scale")
 
 
-def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float = ATOL) -> None:
+def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
     assert ours.shape == theirs.shape, f"{name}: {tuple(ours.shape)} vs {tuple(theirs.shape)}"
     diff = (ours.float() - theirs.float()).abs().max().item()
     MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol}"
+    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
 
 
 def teardown_module(module):
@@ -78,12 +83,6 @@ def converted(tmp_path_factory):
         return model.eval()
 
     return load
-
-
-def valid_frames(outputs: dict) -> torch.Tensor:
-    pad = outputs["hidden_padding_mask"]
-    return ~pad if pad.numel() else torch.ones(outputs["hidden"].shape[:2] if "hidden" in outputs
-                                               else outputs["logits"].shape[:2], dtype=torch.bool)
 
 
 # --------------------------------------------------------------------------- encoder outputs
