@@ -162,10 +162,23 @@ def text1(out: Path) -> None:
         with torch.no_grad(), RecordedRegression(fairseq_text) as recorded:
             loss, sample_size, _ = criterion(model, text1_sample(tokens, corrupted))
         (predictions, targets), = recorded.pairs
+        ema_step = recorded_ema_step(model.encoder, trainer.get_num_updates() + 1,
+                                     averaged="layers.1.fc1.weight", copied="embed_tokens.weight")
     torch.save({"tokens": tokens, "encoder_out": features, "masked_tokens": corrupted, "mask": mask,
                 "targets": targets, "predictions": predictions, "loss": float(loss), "sample_size": int(sample_size),
-                "num_updates": trainer.get_num_updates(), "vocab": vocab, "mask_idx": mask_idx},
+                "num_updates": trainer.get_num_updates(), "vocab": vocab, "mask_idx": mask_idx, **ema_step},
                out / "outputs.pt")
+
+
+def recorded_ema_step(module, num_updates: int, averaged: str, copied: str | None = None) -> dict:
+    """The EMA step fairseq takes after the next update (``set_num_updates``), with the student
+    unchanged: the annealed decay and two teacher tensors, one averaged and one copied."""
+    module.set_num_updates(num_updates)
+    params = module.ema.fp32_params
+    step = {"ema_decay": float(module.ema.get_decay()), "teacher_averaged": params[averaged].clone()}
+    if copied is not None:
+        step["teacher_copied"] = params[copied].clone()
+    return step
     write_dict(out)  # fairseq users keep the dictionary beside the checkpoint
 
 
@@ -345,7 +358,9 @@ def text2(out: Path, seed: int = 3, **model_args) -> None:
         with torch.no_grad(), RecordedTargets(model) as recorded:
             loss, sample_size, _ = criterion(model, text2_sample(unpadded, mask))
         (targets,), (decoded,) = recorded.targets, recorded.decoded
-    torch.save({"tokens": tokens, "encoder_out": features, "update_tokens": unpadded,
+        prefix = "" if args["ema_encoder_only"] else "blocks."
+        ema_step = recorded_ema_step(model, trainer.get_num_updates() + 1, averaged=f"{prefix}1.mlp.fc1.weight")
+    torch.save({"tokens": tokens, "encoder_out": features, "update_tokens": unpadded, **ema_step,
                 "mask": mask.view(len(unpadded), clones, -1),
                 "targets": targets.repeat_interleave(clones, 0)[mask], "predictions": decoded[mask],
                 "loss": float(loss), "sample_size": int(sample_size), "num_updates": trainer.get_num_updates(),

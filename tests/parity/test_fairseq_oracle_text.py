@@ -11,7 +11,8 @@ them in the oracle venv (tests/fairseq_oracle/README.md)::
 Checked here, within 1e-5 (fp32): encoder outputs at real tokens, classifier logits, and for the
 pretraining checkpoints the first continued update -- the teacher's targets, the student's
 predictions and the loss per masked token -- on fairseq's batch and mask, from the converted
-checkpoint (student, EMA teacher, regression head or decoder, update count). The 2.0 update is on
+checkpoint (student, EMA teacher, regression head or decoder, update count), and the EMA step
+after it (annealed decay, an averaged and a copied teacher tensor). The 2.0 update is on
 an unpadded batch, as fairseq's text pretraining feeds it: on padded ones fairseq's instance-normed
 targets and its decoder include the padded positions, d2v's leave them out. Pre-LN files are refused.
 """
@@ -108,14 +109,20 @@ def test_text1_continued_pretraining_matches_fairseqs_next_update(tmp_path, caps
     assert update.sample_size == fairseq["sample_size"]
     same_loss("text1 loss (relative)", update.loss, fairseq["loss"], fairseq["sample_size"])
 
-    # the update goes on as fairseq's would: decay annealed at update 4, embeddings copied (ema_transformer_layers_only)
-    update.loss.backward()
-    with torch.no_grad():
-        model.feature_extractor.word_embeddings.weight.add_(0.01)
+    teacher = model.teacher.model
+    ema_step_matches("text1", model, fairseq, teacher["encoder"].layers[1].ffn.fc1.weight,
+                     teacher["feature_extractor"].word_embeddings.weight)
+
+
+def ema_step_matches(family: str, model, fairseq: dict, averaged: torch.Tensor, copied: torch.Tensor | None = None):
+    """The EMA step after the update (student unchanged here, as fairseq's recording): the decay
+    annealed at the next update count, an averaged and a copied teacher tensor."""
     model.after_optimizer_step(1)
-    assert int(model.num_updates) == 4 and model.current_decay() == pytest.approx(0.999 - 0.009 * (1 - 4 / 20))
-    teacher = model.teacher.model["feature_extractor"].word_embeddings.weight
-    assert torch.equal(teacher, model.feature_extractor.word_embeddings.weight)
+    assert int(model.num_updates) == fairseq["num_updates"] + 1
+    assert model.current_decay() == pytest.approx(fairseq["ema_decay"], rel=1e-12)
+    close(f"{family} EMA step", averaged, fairseq["teacher_averaged"])
+    if copied is not None:
+        close(f"{family} EMA step", copied, fairseq["teacher_copied"])
 
 
 def test_text1_broken_teacher_is_named(tmp_path, capsys):
@@ -166,6 +173,7 @@ def test_text2_continued_pretraining_matches_fairseqs_next_update(tmp_path, fami
     update = model(batch)
     assert update.sample_size == fairseq["sample_size"]
     same_loss(f"{family} loss (relative)", update.loss, fairseq["loss"], fairseq["sample_size"])
+    ema_step_matches(family, model, fairseq, model.teacher.model.layers[1].ffn.fc1.weight)
 
 
 def test_text2_classifier_saved_without_its_backbone_config(tmp_path, capsys):
