@@ -13,9 +13,11 @@ Families (``fixtures/<name>/``):
   and heads (``audio2``'s shape otherwise);
 * ``audio_alibi``: fairseq's ALiBi slopes and biases (``outputs.pt`` only).
 
-Every weight is randomised (LayerNorm gains and biases too) so a misplaced tensor shows, the
-models train two updates through fairseq's ``Trainer`` (Adam state, EMA teacher) and the EMA
-teacher is then moved away from the student, as after a long run. ``outputs.pt`` holds:
+Every weight is randomised (LayerNorm gains and biases too) so a misplaced tensor shows;
+``audio1`` and ``audio2`` train two updates through fairseq's ``Trainer`` (Adam state, EMA
+teacher; the variants are saved untrained, to stay small) and the EMA teacher is then moved away
+from the student, as after a long run. Everything is seeded: a rerun writes the same tensors.
+``outputs.pt`` holds:
 
 * ``source``/``padding_mask``: a padded batch; ``hidden`` (pretraining) or ``logits`` (CTC):
   fairseq's output on it in eval mode, ``hidden_padding_mask`` its frame-rate padding;
@@ -39,7 +41,7 @@ import torch
 import oracle_trainer as ot
 
 DIM, FFN, HEADS, LAYERS = 32, 32, 4, 2
-CONV_1 = "[(8, 10, 5)] + [(8, 3, 2)] * 2"
+CONV = "[(8, 10, 5)] + [(8, 3, 2)] * 2"
 LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
 NO_DROPOUT_1 = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
                 "dropout_input": 0.0, "dropout_features": 0.0}
@@ -115,7 +117,7 @@ def _save(out: Path, trainer, outputs: dict) -> None:
 
 def _audio1_cfg(**overrides):
     model = {"encoder_layers": LAYERS, "encoder_embed_dim": DIM, "encoder_ffn_embed_dim": FFN,
-             "encoder_attention_heads": HEADS, "conv_feature_layers": CONV_1, "conv_pos": 10, "conv_pos_groups": 8,
+             "encoder_attention_heads": HEADS, "conv_feature_layers": CONV, "conv_pos": 10, "conv_pos_groups": 8,
              "pos_conv_depth": 2, "extractor_mode": "layer_norm", "layer_norm_first": False,
              "average_top_k_layers": 2, "instance_norm_target_layer": True, "mask_prob": 0.65, "mask_length": 3,
              "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_end_step": 1000, **NO_DROPOUT_1, **overrides}
@@ -231,7 +233,7 @@ def audio1_ctc(out: Path) -> None:
 
 
 def _audio2_cfg(model_overrides: dict, **audio):
-    modality = {"prenet_depth": 0, "feature_encoder_spec": CONV_1, "conv_pos_width": 10, "conv_pos_depth": 2,
+    modality = {"prenet_depth": 0, "feature_encoder_spec": CONV, "conv_pos_width": 10, "conv_pos_depth": 2,
                 "conv_pos_groups": 8, "use_alibi_encoder": True, "learned_alibi_scale": True,
                 "learned_alibi_scale_per_head": True, "alibi_scale": 1.0, "mask_prob": 0.5, "mask_length": 3,
                 "mask_noise_std": 0.0, "prenet_dropout": 0.0, "prenet_layerdrop": 0.0,
