@@ -326,12 +326,24 @@ class Data2VecMultiImageImporter:
     @staticmethod
     def objective(cfg: ImageConfig, ckpt: FairseqCheckpoint) -> dict[str, Any]:
         """The ``data2vec2`` objective: 2-D block masks, ``Decoder2d`` (one projection), the CLS
-        loss, and a teacher over the patch embedding too when fairseq EMAs the local encoder."""
+        loss, and the teacher fairseq has (see :meth:`teacher_parts`)."""
         max_update = int((ckpt.cfg.get("optimization") or {}).get("max_update", 0) or 0)
-        whole = not cfg.model.get("ema_encoder_only", True) and cfg.image.get("ema_local_encoder", False)
+        scope, copy_keys = Data2VecMultiImageImporter.teacher_parts(cfg)
         return objective(cfg.model, cfg.image, cfg.decoder, depth=cfg.depth, max_update=max_update,
                          decoder_type="2d", mask_dims=2, decoder_projection_layers=1, encoder_zero_mask=False,
-                         ema_scope="all" if whole else "encoder")
+                         ema_scope=scope, copy_keys=copy_keys)
+
+    @staticmethod
+    def teacher_parts(cfg: ImageConfig) -> tuple[str, list[str]]:
+        """``ema_scope`` and ``copy_keys`` (parts copied from the student at every update, which
+        fairseq's teacher runs as the student's own): the whole model (``ema_encoder_only:
+        false``; its patch embedding is the student's unless ``ema_local_encoder``), or the
+        encoder whose input LayerNorm and prenet are the student's (fairseq averages the shared
+        blocks only)."""
+        if not cfg.model.get("ema_encoder_only", True):
+            local = cfg.image.get("ema_local_encoder", False)
+            return "all", [] if local else ["feature_extractor.projection", "feature_extractor.patch_projection"]
+        return "encoder", ["layer_norm"] + [f"layers.{i}" for i in range(cfg.prenet)]
 
     @staticmethod
     def teacher(ckpt: FairseqCheckpoint, cfg: ImageConfig, student: dict[str, Tensor], scope: str,
@@ -345,8 +357,8 @@ class Data2VecMultiImageImporter:
             mapped, block_sources = map_backbone({f"blocks.{k}": v for k, v in ckpt.ema.items()}, cfg)
             source = {**student, **mapped}
             sources = {d: "_ema." + f.split(".", 1)[1] for d, f in block_sources.items()}
-            notes.append("ema_encoder_only: the teacher's shared blocks are fairseq's _ema, its LayerNorm and prenet "
-                         "blocks the student's (fairseq runs the student's there); d2v's teacher averages them too")
+            notes.append("ema_encoder_only: the teacher's shared blocks are fairseq's _ema; its LayerNorm and prenet "
+                         "blocks are copied from the student at every update (fairseq runs the student's there)")
         else:
             mapped, ema_sources = map_backbone(ckpt.ema, cfg)
             sources = {d: "_ema." + f for d, f in ema_sources.items()}

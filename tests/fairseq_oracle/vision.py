@@ -3,7 +3,8 @@
 * ``vision2``: ``data2vec_multi`` with the IMAGE modality under ``mae_image_pretraining``, shaped
   like ``config/v2/base_images_only_task.yaml`` (post-LN blocks, prenet, CLS token and CLS loss,
   inverse block masks, EMA over the patch embedding too, ``Decoder2d``) but 32 wide.
-* ``vision2_prenorm``: the same with ``layer_norm_first: true`` (fairseq's pre-LN ``AltBlock``).
+* ``vision2_prenorm``: the same with ``layer_norm_first: true`` (fairseq's pre-LN ``AltBlock``) and
+  ``ema_local_encoder: false`` (the teacher averages all but the patch embedding, the student's).
 * ``vision2_ema_blocks``: ``ema_encoder_only: true`` (the teacher averages the shared blocks only)
   and a patch embedding narrower than the model (modality ``embed_dim`` 24, then a Linear).
 * ``vision2_cls``: ``mae_image_classification`` fine-tuned from a ``vision2``-shaped checkpoint, as
@@ -35,7 +36,8 @@ import oracle_trainer as ot
 
 BATCH, CLONES, NOISE_SEED = 2, 2, 1234
 
-# config/v2/base_images_only_task.yaml, narrowed (32 wide, 1 prenet + 2 blocks, 32 px images, 8 px patches)
+# config/v2/base_images_only_task.yaml, narrowed (32 wide, 1 prenet + 2 blocks, 32 px images, 8 px patches),
+# with a fast EMA and large steps so that after two updates student and teacher differ clearly
 IMAGE = {
     "input_size": 32, "patch_size": 8, "embed_dim": 32, "prenet_depth": 1, "inverse_mask": True, "mask_prob": 0.8,
     "mask_prob_adjust": 0.07, "mask_length": 3, "mask_noise_std": 0.01, "ema_local_encoder": True,
@@ -46,7 +48,7 @@ IMAGE = {
 MODEL = {
     "depth": 2, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 2.0, "average_top_k_layers": 2, "clone_batch": CLONES,
     "instance_norm_target_layer": True, "layer_norm_target_layer": False, "layer_norm_targets": True,
-    "end_of_block_targets": False, "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_end_step": 100,
+    "end_of_block_targets": False, "ema_decay": 0.9, "ema_end_decay": 0.99, "ema_anneal_end_step": 100,
     "norm_eps": 1e-6, "min_target_var": 0.0, "min_pred_var": 0.0, "encoder_dropout": 0.0, "post_mlp_drop": 0.0,
     "attention_dropout": 0.0, "activation_dropout": 0.0, "supported_modality": "IMAGE", "cls_loss": 0.01,
     "ema_encoder_only": False,
@@ -63,6 +65,7 @@ def trained(cfg, samples: list[dict]):
     from fairseq import utils
 
     cfg.checkpoint.no_save_optimizer_state = True
+    cfg.lr_scheduler.init_lr_scale = 1.0  # full steps from the first update: the student leaves its EMA behind
     np.random.seed(cfg.common.seed)
     utils.set_torch_seed(cfg.common.seed)
     _, model, criterion, trainer = ot.build(cfg)
@@ -74,7 +77,7 @@ def trained(cfg, samples: list[dict]):
 def pretraining(data: str, overrides: dict):
     model_args = {**MODEL, **{f"modalities.image.{k}": v for k, v in IMAGE.items()}, **overrides}
     cfg = ot.fairseq_config("mae_image_pretraining", {"data": data, "input_size": IMAGE["input_size"]},
-                            "data2vec_multi", model_args, lr=1e-3, seed=1)
+                            "data2vec_multi", model_args, lr=1e-2, seed=1)
     samples = [{"id": torch.arange(BATCH), "net_input": {"source": images(BATCH, seed)}} for seed in (10, 11)]
     return trained(cfg, samples)
 
@@ -151,8 +154,10 @@ def write_pretraining(out: Path, overrides: dict) -> None:
     assert model.num_updates == 2
     x = images(BATCH, seed=0)
     recorded = {"images": x, "num_updates": 2, **encoder_outputs(model, x)}
-    if not model.cfg.ema_encoder_only:  # else the teacher is the shared blocks alone
-        recorded["teacher_encoder_out"] = encoder_outputs(model.ema.model, x)["encoder_out"]
+    teacher = model.ema.model
+    if not model.cfg.ema_encoder_only and teacher.modality_encoders["IMAGE"].local_encoder is not None:
+        # a whole model of its own (else the teacher runs parts of the student)
+        recorded["teacher_encoder_out"] = encoder_outputs(teacher, x)["encoder_out"]
     patches = (IMAGE["input_size"] // IMAGE["patch_size"]) ** 2
     recorded.update(next_update(model, criterion, x, block_masks(BATCH * CLONES, patches, seed=5)))
     torch.save(recorded, out / "outputs.pt")
@@ -181,7 +186,9 @@ def write_classifier(out: Path, head: dict) -> None:
 
 FAMILIES = {
     "vision2": lambda out: write_pretraining(out, {}),
-    "vision2_prenorm": lambda out: write_pretraining(out, {"layer_norm_first": True}),
+    # pre-LN blocks, and a teacher that runs the student's patch embedding (no ema_local_encoder)
+    "vision2_prenorm": lambda out: write_pretraining(out, {"layer_norm_first": True,
+                                                           "modalities.image.ema_local_encoder": False}),
     # EMA of the shared blocks only, and a patch embedding narrower than the model (+ a Linear)
     "vision2_ema_blocks": lambda out: write_pretraining(out, {"ema_encoder_only": True,
                                                               "modalities.image.embed_dim": 24}),

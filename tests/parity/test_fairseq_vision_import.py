@@ -55,7 +55,7 @@ def test_the_spec_carries_the_checkpoints_objective():
     assert objective["target"] == {"name": "data2vec", "top_k": 2, "layer_norm": "instance", "final_norm": "layer",
                                    "loss": "l2", "loss_scale": None}
     ema = (objective["ema_decay"], objective["ema_end_decay"], objective["ema_anneal_end_step"])
-    assert ema == (0.9998, 0.99999, 100)
+    assert ema == (0.9, 0.99, 100)
     encoder = result.spec["encoder"]
     assert (encoder["layers"], encoder["prenet_layers"], encoder["dim"], encoder["heads"], encoder["ffn_dim"]) == \
         (3, 1, 32, 4, 64)
@@ -186,3 +186,27 @@ def test_a_classifier_whose_backbone_config_does_not_fit_is_named(tmp_path):
 
     with pytest.raises(SpecError, match=r"pretrained_model_args\.model\.mlp_ratio, model\.blocks\.0\.mlp\.fc1\.weight"):
         import_fairseq(edited(CLASSIFIER, tmp_path / "bad.pt", edit))
+
+
+@pytest.mark.parametrize("family,scope,copied", [
+    ("vision2", "all", []),
+    ("vision2_prenorm", "all", ["feature_extractor.projection", "feature_extractor.patch_projection"]),
+    ("vision2_ema_blocks", "encoder", ["layer_norm", "layers.0"]),
+])
+def test_the_teacher_runs_the_students_parts_where_fairseqs_does(family, scope, copied):
+    """fairseq's teacher runs the student's own patch embedding (no ``ema_local_encoder``), or its
+    LayerNorm and prenet (``ema_encoder_only``): d2v copies those at every update, averages the rest."""
+    from d2v.ema import matches_any
+
+    model, result = import_fairseq(FIXTURES / family / "checkpoint.pt")
+    assert (result.spec["objective"]["ema_scope"], result.spec["objective"]["copy_keys"]) == (scope, copied)
+    parts = {"feature_extractor": model.feature_extractor, "encoder": model.encoder}
+    student = {f"{part}.{name}": p for part, module in parts.items() for name, p in module.named_parameters()}
+    if scope == "encoder":
+        student = {name[len("encoder."):]: p for name, p in student.items() if name.startswith("encoder.")}
+    with torch.no_grad():
+        for p in student.values():
+            p.add_(1.0)  # an update that moved every weight
+    model.after_optimizer_step(1)
+    for name, t in model.teacher.model.named_parameters():
+        assert torch.equal(t, student[name]) == matches_any(name, copied), name
