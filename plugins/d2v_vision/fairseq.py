@@ -28,6 +28,7 @@ fairseq drops; both are handled the same way here.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -222,30 +223,46 @@ def required_names(cfg: ImageConfig) -> list[str]:
     return names
 
 
-def check_config_fits(weights: dict[str, Tensor], cfg: ImageConfig, where: str, prefix: str = "") -> None:
-    """A :class:`SpecError` naming the config keys behind a tensor whose shape the checkpoint's
-    config does not give, or blocks beyond the configured depths (fairseq names, ``prefix``
-    prepended): caught here, the user learns which setting disagrees, not which d2v parameter."""
+def expected_shapes(cfg: ImageConfig) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, tuple]]:
+    """What the config makes of each backbone tensor: ``{fairseq name: (shape, config keys)}`` for
+    the named ones, and ``{name inside a block: (shape, config keys)}`` for every block's."""
     model, image = cfg.model.where, cfg.image.where
     patch, channels = int(cfg.image.get("patch_size", 16)), int(cfg.image.get("in_chans", 3))
     grid = (int(cfg.image.get("input_size", 224)) // patch) ** 2
     local = "local_encoder.0.proj.weight" if cfg.patch_dim != cfg.dim else "local_encoder.proj.weight"
-    expected = [
-        (M + local, (cfg.patch_dim, channels, patch, patch), f"{image}.embed_dim, in_chans and patch_size"),
-        (M + "fixed_positional_encoder.positions", (1, grid, cfg.dim),
-         f"{image}.input_size and patch_size with {model}.embed_dim"),
-        (M + "extra_tokens", (1, cfg.extra, cfg.dim), f"{image}.num_extra_tokens"),
-        ("blocks.0.attn.qkv.weight", (3 * cfg.dim, cfg.dim), f"{model}.embed_dim"),
-        ("blocks.0.mlp.fc1.weight", (int(cfg.dim * cfg.mlp_ratio), cfg.dim), f"{model}.mlp_ratio"),
-    ]
-    for name, shape, keys in expected:
-        tensor = weights.get(prefix + name)
-        if tensor is None and name.endswith("positions"):
-            tensor = next((weights[prefix + M + n] for n in POSITION_NAMES if prefix + M + n in weights), None)
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise SpecError(f"{where}: by {keys}, {prefix}{name} should be {shape}, but the checkpoint's is "
+    dim, ffn = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    width, mlp = f"{model}.embed_dim", f"{model}.embed_dim and mlp_ratio"
+    named = {
+        M + local: ((cfg.patch_dim, channels, patch, patch), f"{image}.embed_dim, in_chans and patch_size"),
+        M + "fixed_positional_encoder.positions": ((1, grid, dim), f"{image}.input_size and patch_size with {width}"),
+        M + "extra_tokens": ((1, cfg.extra, dim), f"{image}.num_extra_tokens and {width}"),
+        **{f"{norm}.{kind}": ((dim,), width) for norm in ("norm", M + "context_encoder.norm") for kind in ("weight", "bias")},
+    }
+    block = {
+        "attn.qkv.weight": ((3 * dim, dim), width), "attn.qkv.bias": ((3 * dim,), width),
+        "attn.proj.weight": ((dim, dim), width), "attn.proj.bias": ((dim,), width),
+        "mlp.fc1.weight": ((ffn, dim), mlp), "mlp.fc1.bias": ((ffn,), mlp),
+        "mlp.fc2.weight": ((dim, ffn), mlp), "mlp.fc2.bias": ((dim,), width),
+        **{f"{norm}.{kind}": ((dim,), width) for norm in ("norm1", "norm2") for kind in ("weight", "bias")},
+    }
+    return named, block
+
+
+def check_config_fits(weights: dict[str, Tensor], cfg: ImageConfig, where: str, prefix: str = "") -> None:
+    """A :class:`SpecError` naming the config keys behind a tensor whose shape the checkpoint's
+    config does not give, or blocks beyond the configured depths (fairseq names, ``prefix``
+    prepended): caught here, the user learns which setting disagrees, not which d2v parameter."""
+    named, block = expected_shapes(cfg)
+    legacy = {M + n: M + "fixed_positional_encoder.positions" for n in POSITION_NAMES}
+    for name, tensor in weights.items():
+        local = legacy.get(name[len(prefix):], name[len(prefix):]) if name.startswith(prefix) else None
+        in_block = re.fullmatch(rf"(?:{re.escape(M)}context_encoder\.)?blocks\.\d+\.(.+)", local or "")
+        shape, keys = named.get(local) or block.get(in_block.group(1) if in_block else "") or (None, "")
+        if shape is not None and tuple(tensor.shape) != shape:
+            raise SpecError(f"{where}: by {keys}, {name} should be {shape}, but the checkpoint's is "
                             f"{tuple(tensor.shape)}: its config and its weights disagree. Use the config the "
                             f"weights were trained with (or the file that goes with this config).")
+    model, image = cfg.model.where, cfg.image.where
     for block_prefix, depth, key in ((f"{prefix}blocks.", cfg.depth, f"{model}.depth"),
                                      (f"{prefix}{M}context_encoder.blocks.", cfg.prenet, f"{image}.prenet_depth")):
         if any(n.startswith(f"{block_prefix}{depth}.") for n in weights):
@@ -354,12 +371,14 @@ class Data2VecMultiImageImporter:
             source, sources = dict(student), {}
         elif all(k.split(".", 1)[0].isdigit() for k in ckpt.ema):
             # ema_encoder_only: fairseq averaged the shared blocks only (names "<j>.attn.qkv.weight")
+            check_config_fits({f"_ema.blocks.{k}": v for k, v in ckpt.ema.items()}, cfg, str(ckpt.path), "_ema.")
             mapped, block_sources = map_backbone({f"blocks.{k}": v for k, v in ckpt.ema.items()}, cfg)
             source = {**student, **mapped}
             sources = {d: "_ema." + f.split(".", 1)[1] for d, f in block_sources.items()}
             notes.append("ema_encoder_only: the teacher's shared blocks are fairseq's _ema; its LayerNorm and prenet "
                          "blocks are copied from the student at every update (fairseq runs the student's there)")
         else:
+            check_config_fits({f"_ema.{k}": v for k, v in ckpt.ema.items()}, cfg, str(ckpt.path), "_ema.")
             mapped, ema_sources = map_backbone(ckpt.ema, cfg)
             sources = {d: "_ema." + f for d, f in ema_sources.items()}
             # without ema_local_encoder fairseq's teacher has no patch embedding: it reuses the student's

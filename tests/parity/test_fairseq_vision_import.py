@@ -6,6 +6,7 @@ see test_fairseq_oracle_vision.py for their outputs), edited where a test needs 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -159,14 +160,14 @@ IMAGE = ("modalities", "image")
 
 
 @pytest.mark.parametrize("edit,message", [
-    (_set((), "mlp_ratio", 4.0), r"by cfg\.model\.mlp_ratio, blocks\.0\.mlp\.fc1\.weight should be \(128, 32\), "
+    (_set((), "mlp_ratio", 4.0), r"by cfg\.model\.embed_dim and mlp_ratio, .*blocks\.0\.mlp\.fc1\.weight should be \(128, 32\), "
                                  r"but the checkpoint's is \(64, 32\)"),
     (_set((), "depth", 1), r"cfg\.model\.depth is 1 but the checkpoint has blocks\.1\.\*"),
     (_set((), "num_heads", 5), r"cfg\.model\.num_heads 5 does not divide cfg\.model\.embed_dim 32"),
     (_set(IMAGE, "patch_size", 16), r"patch_size, modality_encoders\.IMAGE\.local_encoder\.proj\.weight should be "
                                     r"\(32, 3, 16, 16\), but the checkpoint's is \(32, 3, 8, 8\)"),
     (_set(IMAGE, "input_size", 64), r"input_size and patch_size .*positions should be \(1, 64, 32\)"),
-    (_set(IMAGE, "num_extra_tokens", 0), r"num_extra_tokens, modality_encoders\.IMAGE\.extra_tokens should be "
+    (_set(IMAGE, "num_extra_tokens", 0), r"num_extra_tokens and cfg\.model\.embed_dim, modality_encoders\.IMAGE\.extra_tokens should be "
                                          r"\(1, 0, 32\), but the checkpoint's is \(1, 1, 32\)"),
     (_set(IMAGE, "prenet_depth", 0), r"prenet_depth is 0 but the checkpoint has "
                                      r"modality_encoders\.IMAGE\.context_encoder\.blocks\.0\.\*"),
@@ -180,11 +181,21 @@ def test_a_config_that_does_not_fit_the_weights_names_the_setting(tmp_path, edit
         import_fairseq(edited(PRETRAINED, tmp_path / "bad.pt", edit))
 
 
+@pytest.mark.parametrize("family,name", [("vision2", M + "extra_tokens"), ("vision2_ema_blocks", "1.mlp.fc1.weight")])
+def test_an_ema_tensor_that_does_not_fit_is_named(tmp_path, family, name):
+    def edit(cfg, model, ema):
+        ema[name] = torch.zeros(*ema[name].shape[:-1], 7)
+
+    shown = name if family == "vision2" else "blocks." + name
+    with pytest.raises(SpecError, match=rf"_ema\.{re.escape(shown)} should be .* but the checkpoint's is"):
+        import_fairseq(edited(FIXTURES / family / "checkpoint.pt", tmp_path / "bad.pt", edit))
+
+
 def test_a_classifier_whose_backbone_config_does_not_fit_is_named(tmp_path):
     def edit(cfg, model, ema):
         cfg["model"]["pretrained_model_args"]["model"]["mlp_ratio"] = 3.0
 
-    with pytest.raises(SpecError, match=r"pretrained_model_args\.model\.mlp_ratio, model\.blocks\.0\.mlp\.fc1\.weight"):
+    with pytest.raises(SpecError, match=r"pretrained_model_args\.model\.embed_dim and mlp_ratio, model\..*blocks\.0\.mlp\.fc1\.weight"):
         import_fairseq(edited(CLASSIFIER, tmp_path / "bad.pt", edit))
 
 
