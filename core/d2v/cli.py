@@ -37,7 +37,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from d2v.config import resolve_model_section
 
     spec = load_spec(args.spec, args.overrides)
-    validate(spec)
+    validate(spec, check_data=not args.no_data)
     model = resolve_model_section(spec.get("model") or {}, plugins.registry())
     parts = [f"{k}={model[k]['name']}" for k in ("feature_extractor", "encoder", "head", "objective") if k in model]
     print(f"ok: {args.spec} ({spec.get('task', 'finetune')}; {', '.join(parts)}); "
@@ -113,9 +113,12 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
                         "a checkpoint, else start fresh)")
     p.set_defaults(fn=_cmd_run)
 
-    p = sub.add_parser("check", help="validate a spec without building anything")
+    p = sub.add_parser("check", help="validate a spec without building anything: keys, types, parts that fit "
+                                     "each other, data paths")
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--no-data", action="store_true", help="do not check that the data paths exist (a spec "
+                                                          "checked away from its data)")
     p.set_defaults(fn=_cmd_check)
 
     p = sub.add_parser("list", help="list registered components")

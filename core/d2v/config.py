@@ -21,6 +21,7 @@ import yaml
 
 from d2v.errors import SpecError
 from d2v.registry import KINDS, Registry, did_you_mean
+from d2v.spec_fit import check_data_paths, check_modalities
 
 TASKS = ("finetune", "pretrain", "evaluate")
 TOP_LEVEL = ("task", "seed", "description", "model", "data", "optim", "schedule", "trainer", "evaluate")
@@ -339,9 +340,10 @@ def _expected_types(annotation: Any, default: Any) -> tuple[type, ...]:
 class Validator:
     """Checks a spec against the live registry and collects every problem it finds."""
 
-    def __init__(self, spec: Spec, registry: Registry):
+    def __init__(self, spec: Spec, registry: Registry, *, check_data: bool = False):
         self.spec = spec
         self.registry = registry
+        self.check_data = check_data
         self.errors: list[str] = []
 
     def error(self, path: str, message: str) -> None:
@@ -539,15 +541,29 @@ class Validator:
             isinstance(model, dict) and model.get("init")
         ):
             self.error("evaluate", "task 'evaluate' needs 'evaluate.checkpoint' (a run checkpoint or Hugging Face directory).")
+        self.parts_fit(model, spec.get("data"))
+
+    def parts_fit(self, model: Any, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        if isinstance(model, dict):
+            try:
+                resolved = resolve_model_section(model, self.registry)
+            except SpecError:
+                resolved = model
+            check_modalities(resolved, data, self.registry, self.error)
+        if self.check_data:
+            check_data_paths(data, self.registry, self.error)
 
 
-def validate(spec: Spec, registry: Registry | None = None) -> None:
-    """Raise one :class:`SpecError` listing every problem in ``spec`` (nothing is built)."""
+def validate(spec: Spec, registry: Registry | None = None, *, check_data: bool = False) -> None:
+    """Raise one :class:`SpecError` listing every problem in ``spec`` (nothing is built);
+    ``check_data``: also demand that the files and folders the datasets name exist."""
     if registry is None:
         from d2v.plugins import registry as live_registry
 
         registry = live_registry()
-    validator = Validator(spec, registry)
+    validator = Validator(spec, registry, check_data=check_data)
     validator.run()
     if validator.errors:
         count = len(validator.errors)

@@ -39,9 +39,9 @@ def manifest(registry: Registry | None = None, *, own_only: bool = True) -> dict
         if own_only and plugins.distributions.get(comp.plugin) != "d2v":
             continue
         params = {n: _plain(d) for n, d in comp.parameters().items()}
-        out.setdefault(comp.kind, []).append(
-            {"name": comp.name, "plugin": comp.plugin, "summary": comp.summary, "parameters": params}
-        )
+        entry = {"name": comp.name, "plugin": comp.plugin, "summary": comp.summary}
+        entry.update({key: list(value) for key, value in (("modalities", comp.modalities), ("paths", comp.paths)) if value})
+        out.setdefault(comp.kind, []).append({**entry, "parameters": params})
     return {kind: out[kind] for kind in KINDS if kind in out}
 
 

@@ -39,6 +39,11 @@ class Component:
     factory: Callable[..., Any] | str
     plugin: str
     summary: str = ""
+    #: the inputs it works on ("audio", "text", "image", ...); empty: any. ``d2v check`` refuses a
+    #: spec whose feature extractor, encoder, processor, datasets and head share no modality.
+    modalities: tuple[str, ...] = ()
+    #: parameters that name files or folders; ``d2v check`` demands they exist (``--no-data``: not)
+    paths: tuple[str, ...] = ()
     _resolved: Callable[..., Any] | None = field(default=None, repr=False)
 
     def resolve(self) -> Callable[..., Any]:
@@ -93,8 +98,14 @@ class Registry:
     def registrar(self, plugin: str) -> Callable[..., None]:
         """The ``register`` callable handed to one plugin (it remembers who registered)."""
 
-        def register(kind: str, name: str, factory: Callable[..., Any] | str, *, summary: str = "") -> None:
-            self.add(Component(kind=kind, name=name, factory=factory, plugin=plugin, summary=summary))
+        def register(kind: str, name: str, factory: Callable[..., Any] | str, *, summary: str = "",
+                     modalities: tuple[str, ...] | list[str] = (), paths: tuple[str, ...] | list[str] = ()) -> None:
+            for label, values in (("modalities", modalities), ("paths", paths)):
+                if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+                    raise SpecError(f"plugin '{plugin}' registered {kind} '{name}' with {label}={values!r}; "
+                                    f"expected a tuple of names, e.g. {label}=('{'audio' if label == 'modalities' else 'root'}',).")
+            self.add(Component(kind=kind, name=name, factory=factory, plugin=plugin, summary=summary,
+                               modalities=tuple(modalities), paths=tuple(paths)))
 
         return register
 

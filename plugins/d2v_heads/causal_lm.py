@@ -34,7 +34,9 @@ from d2v_heads.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token
 def d2v_register(register):
     register("head", "causal_lm", "d2v_heads.causal_lm:CausalLMHead",
              summary="causal LM (HF Data2VecTextForCausalLM: LM head tied to the embeddings, shifted loss); "
-                     "perplexity; greedy/top-k/top-p generation with the key/value cache")
+                     "perplexity; greedy/top-k/top-p generation with the key/value cache",
+        modalities=("text",),
+    )
 
 
 def shift_labels(labels: Tensor) -> Tensor:

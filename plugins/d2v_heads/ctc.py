@@ -44,6 +44,7 @@ def d2v_register(register):
         "ctc",
         "d2v_heads.ctc:CTCHead",
         summary="character CTC head (dropout + linear), HF Data2VecAudioForCTC loss, greedy/beam decoding, WER/CER",
+        modalities=("audio",),
     )
 
 

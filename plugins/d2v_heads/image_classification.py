@@ -34,7 +34,9 @@ from d2v_heads.top_k import classification_results
 def d2v_register(register):
     register("head", "image_classification", "d2v_heads.image_classification:ImageClassificationHead",
              summary="Linear on the pooled encoder output (HF Data2VecVisionForImageClassification); "
-                     "cross-entropy or mixup soft targets; top-1/top-5 accuracy, macro-F1, MCC")
+                     "cross-entropy or mixup soft targets; top-1/top-5 accuracy, macro-F1, MCC",
+        modalities=("image",),
+    )
 
 
 class ImageClassificationHead(Head):

@@ -30,7 +30,9 @@ from d2v_heads.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token
 def d2v_register(register):
     register("head", "masked_lm", "d2v_heads.masked_lm:MaskedLMHead",
              summary="masked LM (HF Data2VecTextForMaskedLM: dense, gelu, LayerNorm, tied decoder + bias); "
-                     "top-k fill-mask; masked-token accuracy, perplexity")
+                     "top-k fill-mask; masked-token accuracy, perplexity",
+        modalities=("text",),
+    )
 
 
 class MaskedLMHead(LanguageModelHead):

@@ -31,7 +31,9 @@ FOLDED_KEYS = ("inputs", "padding_mask", "token_type_ids", "position_ids")
 def d2v_register(register):
     register("head", "multiple_choice", "d2v_heads.multiple_choice:MultipleChoiceHead",
              summary="multiple choice (HF Data2VecTextForMultipleChoice: pooled output, dropout, Linear(D,1), "
-                     "cross-entropy over the choices); accuracy")
+                     "cross-entropy over the choices); accuracy",
+        modalities=("text",),
+    )
 
 
 class MultipleChoiceHead(Head):

@@ -39,7 +39,9 @@ from d2v_heads.squad_metrics import squad_counts, squad_summary
 def d2v_register(register):
     register("head", "question_answering", "d2v_heads.question_answering:QuestionAnsweringHead",
              summary="extractive QA (HF Data2VecTextForQuestionAnswering: qa_outputs start/end); n-best span "
-                     "extraction over stride windows, SQuAD v1.1/v2.0 exact match and F1")
+                     "extraction over stride windows, SQuAD v1.1/v2.0 exact match and F1",
+        modalities=("text",),
+    )
 
 
 def qa_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor, end_positions: Tensor) -> Tensor:

@@ -32,7 +32,9 @@ from d2v_heads.segmentation_metrics import segmentation_counts, segmentation_sum
 def d2v_register(register):
     register("head", "semantic_segmentation", "d2v_heads.semantic_segmentation:SemanticSegmentationHead",
              summary="UperNet (PSP + FPN over out_indices) + FCN auxiliary head (HF Data2VecVisionForSemanticSegmentation); "
-                     "cross-entropy with ignore index; mIoU, pixel accuracy")
+                     "cross-entropy with ignore index; mIoU, pixel accuracy",
+        modalities=("image",),
+    )
 
 
 class ConvLayer(nn.Sequential):

@@ -43,7 +43,9 @@ from d2v_heads.top_k import classification_results, ranked
 def d2v_register(register):
     register("head", "text_classification", "d2v_heads.text_classification:TextClassificationHead",
              summary="sequence classification/regression over <s> (HF Data2VecTextForSequenceClassification, "
-                     "problem_type single/multi-label/regression); accuracy, F1, MCC, Pearson/Spearman, micro-F1")
+                     "problem_type single/multi-label/regression); accuracy, F1, MCC, Pearson/Spearman, micro-F1",
+        modalities=("text",),
+    )
 
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")

@@ -34,7 +34,9 @@ from d2v_heads.label_names import resolve_label_names
 def d2v_register(register):
     register("head", "token_classification", "d2v_heads.token_classification:TokenClassificationHead",
              summary="token classification (HF Data2VecTextForTokenClassification: dropout + linear, CE with -100); "
-                     "seqeval entity precision/recall/F1 on words, accuracy")
+                     "seqeval entity precision/recall/F1 on words, accuracy",
+        modalities=("text",),
+    )
 
 
 def word_predictions(token_predictions: Sequence[int], word_ids: Sequence[int | None], num_words: int,

@@ -7,7 +7,8 @@ from d2v import hookimpl
 @hookimpl
 def d2v_register(register):
     register("feature_extractor", "text.embeddings", "d2v_text.feature_extractor:TextEmbeddings",
-             summary="word + RoBERTa position (padding-aware) + optional token type embeddings, LayerNorm, dropout")
+             summary="word + RoBERTa position (padding-aware) + optional token type embeddings, LayerNorm, dropout",
+             modalities=("text",))
     register("encoder", "text.transformer", "d2v_text.encoder:TextTransformerEncoder",
              summary="post-LN Transformer (SDPA, padding mask), optional pooler; decoder mode: causal mask, "
                      "cross-attention, key/value cache")
@@ -41,17 +42,23 @@ def d2v_register(register):
              summary="fairseq data2vec 2.0 GLUE fine-tunings (data2vec_text_classification) -> text_classification")
     register("processor", "text", "d2v_text.processor:TextProcessor",
              summary="RoBERTa-style tokenization (byte-level BPE or sentencepiece), truncation/QA windows, "
-                     "label alignment, BERT masking, padded batches")
+                     "label alignment, BERT masking, padded batches",
+             modalities=("text",))
     register("dataset", "text_lines", "d2v_text.datasets:TextLines",
-             summary="raw text: one document per line or blank-line separated paragraphs (LM, pretraining)")
+             summary="raw text: one document per line or blank-line separated paragraphs (LM, pretraining)",
+             modalities=("text",), paths=("path",))
     register("dataset", "glue_tsv", "d2v_text.datasets:GlueTSV",
-             summary="GLUE task TSVs: <root>/<TASK>/{train,dev,test}.tsv, every task's columns and labels")
+             summary="GLUE task TSVs: <root>/<TASK>/{train,dev,test}.tsv, every task's columns and labels",
+             modalities=("text",), paths=("root",))
     register("dataset", "squad_json", "d2v_text.datasets:SquadJSON",
-             summary="SQuAD v1.1 / v2.0 json (one example per question, is_impossible)")
+             summary="SQuAD v1.1 / v2.0 json (one example per question, is_impossible)",
+             modalities=("text",), paths=("path",))
     register("dataset", "conll", "d2v_text.datasets:CoNLL",
-             summary="CoNLL-2003 column files (word ... TAG, blank lines between sentences, -DOCSTART-)")
+             summary="CoNLL-2003 column files (word ... TAG, blank lines between sentences, -DOCSTART-)",
+             modalities=("text",), paths=("path",))
     register("dataset", "swag_csv", "d2v_text.datasets:SwagCSV",
-             summary="SWAG csv (sent1, sent2, ending0-3, label) for multiple choice")
+             summary="SWAG csv (sent1, sent2, ending0-3, label) for multiple choice",
+             modalities=("text",), paths=("path",))
 
 
 @hookimpl

@@ -8,21 +8,28 @@ from d2v import hookimpl
 @hookimpl
 def d2v_register(register):
     register("feature_extractor", "vision.patches", "d2v_vision.patches:PatchEmbedding",
-             summary="non-overlapping patches, linearly embedded (Conv2d), with a CLS token in front")
+             summary="non-overlapping patches, linearly embedded (Conv2d), with a CLS token in front",
+             modalities=("image",))
     register("encoder", "vision.transformer", "d2v_vision.encoder:VisionTransformerEncoder",
              summary="BEiT pre-LN ViT: relative position bias (per layer or shared) or absolute positions, "
-                     "layer scale, stochastic depth, mean/CLS pooling, any image size")
+                     "layer scale, stochastic depth, mean/CLS pooling, any image size",
+             modalities=("image",))
     register("feature_extractor", "vision.vit", "d2v_vision.vit_patches:ViTPatchEmbedding",
-             summary="data2vec 2.0 images: Conv2d patches + fixed 2-D sin-cos positions, extra (CLS) tokens in front")
+             summary="data2vec 2.0 images: Conv2d patches + fixed 2-D sin-cos positions, extra (CLS) tokens in front",
+             modalities=("image",))
     register("encoder", "vision.vit_transformer", "d2v_vision.vit_encoder:ViTEncoder",
              summary="data2vec 2.0 images (fairseq data2vec_multi): LayerNorm, prenet + shared post-LN blocks "
-                     "(fused qkv), mean pooling + fc_norm")
+                     "(fused qkv), mean pooling + fc_norm",
+             modalities=("image",))
     register("processor", "image", "d2v_vision.processor:ImageProcessor",
-             summary="BeitImageProcessor preprocessing (resize, crop, rescale, normalise) + training augmentation")
+             summary="BeitImageProcessor preprocessing (resize, crop, rescale, normalise) + training augmentation",
+             modalities=("image",))
     register("dataset", "image_folder", "d2v_vision.datasets:ImageFolder",
-             summary="ImageNet layout: <root>/<split>/<class>/*.JPEG")
+             summary="ImageNet layout: <root>/<split>/<class>/*.JPEG",
+             modalities=("image",), paths=("root",))
     register("dataset", "ade20k", "d2v_vision.datasets:ADE20k",
-             summary="ADEChallengeData2016: images/<split>/*.jpg + annotations/<split>/*.png")
+             summary="ADEChallengeData2016: images/<split>/*.jpg + annotations/<split>/*.png",
+             modalities=("image",), paths=("root",))
     register("model", "data2vec-vision-base", "d2v_vision.presets:data2vec_vision_base",
              summary="data2vec-vision Base: ViT-B/16, 12 layers, 768 wide (facebook/data2vec-vision-base)")
     register("model", "data2vec-vision-large", "d2v_vision.presets:data2vec_vision_large",

@@ -61,6 +61,13 @@ def test_missing_spec_file_exit_2():
     assert result.returncode == 2 and "d2v-run: error: spec file 'nope.yaml' does not exist" in result.stderr
 
 
+def test_check_demands_the_data_unless_told_not_to(capsys):
+    assert main(["check", "experiments/sst2_demo.yaml", "data.train.root=/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "command-line override 'data.train.root=/nonexistent': data.train.root: '/nonexistent' does not exist" in err
+    assert main(["check", "experiments/sst2_demo.yaml", "data.train.root=/nonexistent", "--no-data"]) == 0
+
+
 def test_d2v_run_speaks_of_its_own_usage(capsys):
     """`d2v-run --help` shows d2v-run's usage (not `d2v-run run`), and a spec key written as an
     option gets the override the user meant instead of d2v's subcommand list."""

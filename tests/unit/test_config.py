@@ -32,6 +32,29 @@ def test_good_spec_validates(tmp_path):
     validate(load_spec(_write(tmp_path, GOOD)))
 
 
+def test_a_head_made_for_another_modality_is_refused_naming_each_part(tmp_path):
+    """An image head on a speech model (the registrations' `modalities`), before anything is built."""
+    with pytest.raises(SpecError) as err:
+        validate(load_spec(_write(tmp_path, GOOD.replace("head: {name: ctc}", "head: {name: image_classification}"))))
+    message = str(err.value)
+    assert ("spec.yaml:4: model.head: these parts work on different inputs (feature extractor 'audio.conv' (audio), "
+            "head 'image_classification' (image), processor 'audio' (audio), dataset 'librispeech' (audio))") in message
+    assert message.endswith("Heads for audio inputs: ctc.")
+    # a head that declares no modality (a sequence classifier) fits any input, as do parts of plugins
+    validate(load_spec(_write(tmp_path, GOOD.replace("head: {name: ctc}", "head: {name: audio_classification, num_labels: 2}"))))
+
+
+def test_data_paths_are_checked_when_asked(tmp_path):
+    spec = load_spec(_write(tmp_path, GOOD))
+    validate(spec)  # what a run validates; the dataset itself reports missing data when it loads
+    with pytest.raises(SpecError, match=r"spec.yaml:7: data.train.root: '/nowhere' does not exist \(looked at "
+                                        r"/nowhere\); point it at the data, or check the spec away from its data "
+                                        r"with `d2v check --no-data`."):
+        validate(spec, check_data=True)
+    (tmp_path / "corpus").mkdir()
+    validate(load_spec(_write(tmp_path, GOOD.replace("/nowhere", str(tmp_path / "corpus")))), check_data=True)
+
+
 def test_misspelled_parameter_names_path_line_and_suggestion(tmp_path):
     text = GOOD.replace("preset: data2vec-audio-tiny", "preset: data2vec-audio-tiny\n      encoder: {layrs: 2}")
     with pytest.raises(SpecError) as err:

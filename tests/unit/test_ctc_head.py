@@ -50,10 +50,10 @@ def brute_force_nll(log_probs: torch.Tensor, target: list[int], blank: int) -> f
 # --------------------------------------------------------------------------- plugin
 def test_module_registers_the_ctc_head():
     seen = []
-    ctc.d2v_register(register=lambda kind, name, factory, *, summary="": seen.append((kind, name, factory, summary)))
+    ctc.d2v_register(register=lambda kind, name, factory, **options: seen.append((kind, name, factory, options)))
     assert len(seen) == 1
-    kind, name, factory, summary = seen[0]
-    assert (kind, name) == ("head", "ctc") and summary
+    kind, name, factory, options = seen[0]
+    assert (kind, name) == ("head", "ctc") and options["summary"] and options["modalities"] == ("audio",)
     module_name, _, attr = factory.partition(":")
     assert getattr(__import__(module_name, fromlist=[attr]), attr) is CTCHead
 

@@ -11,13 +11,17 @@ from d2v import hookimpl
 @hookimpl
 def d2v_register(register):
     register("feature_extractor", "sensors.patches", "d2v_sensors.feature_extractor:SensorPatchEmbedding",
-             summary="multichannel time series (B, S, C) -> strided-conv patch embeddings + LayerNorm and projection")
+             summary="multichannel time series (B, S, C) -> strided-conv patch embeddings + LayerNorm and projection",
+             modalities=("sensors",))
     register("processor", "sensors", "d2v_sensors.processor:SensorProcessor",
-             summary="sensor recordings: channel check, crop, per-recording normalisation, zero-padded (B, S, C) batches")
+             summary="sensor recordings: channel check, crop, per-recording normalisation, zero-padded (B, S, C) batches",
+             modalities=("sensors",))
     register("dataset", "sensor_synthetic", "d2v_sensors.datasets:SyntheticActivities",
-             summary="deterministic synthetic 3-axis accelerometer recordings of six activities (seeded, nothing on disk)")
+             summary="deterministic synthetic 3-axis accelerometer recordings of six activities (seeded, nothing on disk)",
+             modalities=("sensors",))
     register("dataset", "sensor_folder", "d2v_sensors.datasets:SensorFolder",
-             summary="one class per recording: <root>/[<split>/]<label>/*.npy|*.csv (rows = time, columns = channels)")
+             summary="one class per recording: <root>/[<split>/]<label>/*.npy|*.csv (rows = time, columns = channels)",
+             modalities=("sensors",), paths=("root",))
     register("model", "data2vec-sensors-tiny", "d2v_sensors.presets:data2vec_sensors_tiny",
              summary="a tiny sensor model: 0.2 s patches, 4-layer 64-wide audio.transformer with ALiBi")
 
