@@ -222,6 +222,13 @@ class VisionModelConverter:
         head = getattr(model, "head", None)
         return _is_vision_backbone(model) and (type(head).__name__ == self.head_class if self.head_class else head is None)
 
+    def export_tensorflow(self, loaded: Any, out: str, *, format: str) -> Any:
+        """``d2v export --tf-savedmodel/--tflite``: the ``TF`` twin of this architecture
+        (:mod:`d2v_vision.tf`), written and checked against PyTorch."""
+        from d2v_vision.tf import export_model
+
+        return export_model(loaded, out, format=format)
+
 
 class VisionImageClassificationConverter(VisionModelConverter):
     """``Data2VecVisionForImageClassification`` <-> ``TaskModel(..., ImageClassificationHead)``."""
