@@ -8,12 +8,14 @@ oracle venv (tests/fairseq_oracle/README.md)::
 
     python tests/fairseq_oracle/make_fixtures.py vision2 vision2_prenorm vision2_ema_blocks vision2_cls vision2_cls_token
 
-* ``vision2`` (post-LN blocks) and ``vision2_prenorm`` (``layer_norm_first: true``): student and
-  EMA teacher outputs, the per-block FFN outputs, and the first continued update -- teacher
-  targets, ``Decoder2d`` predictions and loss on fairseq's mask, with ``clone_batch`` 2 and the
-  CLS loss -- through ``import_fairseq`` and through ``d2v convert``.
-* ``vision2_ema_blocks``: the same for ``ema_encoder_only`` (fairseq's teacher averages the shared
-  blocks only) with a patch embedding narrower than the model.
+* ``vision2`` (post-LN blocks): student and EMA teacher outputs, the per-block FFN outputs, and
+  the first continued update after fairseq resumed the file -- teacher targets, ``Decoder2d``
+  predictions and loss on fairseq's mask, with ``clone_batch`` 2 and the CLS loss -- and the EMA
+  decay after it, through ``import_fairseq`` and through ``d2v convert``.
+* ``vision2_prenorm``: the same with ``layer_norm_first: true`` and a teacher that runs the
+  student's patch embedding (no ``ema_local_encoder``); ``vision2_ema_blocks``: ``ema_encoder_only``
+  (fairseq's teacher averages the shared blocks only) with a patch embedding narrower than the
+  model. Their teachers are checked through the targets (fairseq runs them on student parts).
 * ``vision2_cls`` / ``vision2_cls_token``: ``mae_image_classification`` logits (mean pooling +
   ``fc_norm`` as released; the CLS token without ``fc_norm``).
 """
