@@ -15,6 +15,8 @@ Two halves, matching where they run:
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,12 @@ def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
     var = ((x - mean) ** 2).mean()
     return ((x - mean) / torch.sqrt(var + NORM_EPS)).to(torch.float32)
 
+
+
+def _check_exists(path: str, where: str) -> None:
+    """libsndfile says only 'System error.' for a missing file: say what is wrong."""
+    if not os.path.exists(path):
+        raise BadFile(f"audio file '{path}'{where} does not exist (looked at {os.path.abspath(path)}).")
 
 class AudioProcessor:
     """Waveform loading, resampling, cropping, normalisation and batching for speech models.
@@ -145,6 +153,7 @@ class AudioProcessor:
             array, rate = np.asarray(item, dtype=np.float32), self.sample_rate
         else:
             path = str(item)
+            _check_exists(path, "")
             try:
                 info = sf.info(path)
             except (RuntimeError, OSError, ValueError, TypeError) as err:
@@ -161,6 +170,7 @@ class AudioProcessor:
             return (data[:, None] if data.ndim == 1 else data), int(example["sampling_rate"])
         path = example["path"]
         where = example.get("dataset") or "the dataset"
+        _check_exists(path, f" (example '{example.get('id', '?')}' of {where})")
         try:
             return sf.read(path, dtype="float32", always_2d=True)
         except (RuntimeError, OSError, ValueError, TypeError) as err:

@@ -440,6 +440,7 @@ def test_exit_status_is_1_when_any_input_failed_unless_failures_are_allowed(tmp_
     assert code == 1
     assert [("error" in r) for r in records] == [False, True, True]  # the failures stay listed
     assert "corrupt.wav" in err and "missing.wav" in err
+    assert f"audio file '{missing}' does not exist" in records[2]["error"]  # not libsndfile's "System error."
     assert cli([str(tmp_path / "final"), good, bad, "--allow-failures"], capsys)[0] == 0
     assert cli([str(tmp_path / "final"), bad, missing, "--allow-failures"], capsys)[0] == 1
     assert cli([str(tmp_path / "final"), good], capsys)[0] == 0
