@@ -3,10 +3,12 @@
 * ``vision2``: ``data2vec_multi`` with the IMAGE modality under ``mae_image_pretraining``, shaped
   like ``config/v2/base_images_only_task.yaml`` (post-LN blocks, prenet, CLS token and CLS loss,
   inverse block masks, EMA over the patch embedding too, ``Decoder2d``) but 32 wide.
-* ``vision2_prenorm``: the same with ``layer_norm_first: true`` (fairseq's pre-LN ``AltBlock``) and
-  ``ema_local_encoder: false`` (the teacher averages all but the patch embedding, the student's).
-* ``vision2_ema_blocks``: ``ema_encoder_only: true`` (the teacher averages the shared blocks only)
-  and a patch embedding narrower than the model (modality ``embed_dim`` 24, then a Linear).
+* ``vision2_prenorm``: the same with ``layer_norm_first: true`` (fairseq's pre-LN ``AltBlock``),
+  ``ema_local_encoder: false`` (the teacher averages all but the patch embedding, the student's)
+  and a smooth L1 loss (``loss_beta`` 0.25).
+* ``vision2_ema_blocks``: ``ema_encoder_only: true`` (the teacher averages the shared blocks only),
+  a patch embedding narrower than the model (modality ``embed_dim`` 24, then a Linear), and the
+  other target options: end-of-block targets, layer norm per block, instance norm on the average.
 * ``vision2_cls``: ``mae_image_classification`` fine-tuned from a ``vision2``-shaped checkpoint, as
   fairseq's image classification task saves it (the backbone config copied into
   ``cfg.model.pretrained_model_args``); mean pooling + ``fc_norm`` as released.
@@ -132,7 +134,8 @@ def next_ema_decay(model) -> float:
 
 @torch.no_grad()
 def encoder_outputs(model, x: torch.Tensor) -> dict:
-    """Eval-mode outputs (CLS token kept) and each shared block's FFN output (fairseq's targets)."""
+    """Eval-mode outputs (CLS token kept) and each shared block's target feature (its FFN output,
+    or its output with ``end_of_block_targets``)."""
     model.eval()
     out = model.extract_features(x, mode="IMAGE", mask=False, remove_extra_tokens=False)
     return {"encoder_out": out["x"], "layer_ffn": torch.stack(out["layer_results"])}
@@ -186,12 +189,15 @@ def write_classifier(out: Path, head: dict) -> None:
 
 FAMILIES = {
     "vision2": lambda out: write_pretraining(out, {}),
-    # pre-LN blocks, and a teacher that runs the student's patch embedding (no ema_local_encoder)
-    "vision2_prenorm": lambda out: write_pretraining(out, {"layer_norm_first": True,
+    # pre-LN blocks, a teacher that runs the student's patch embedding (no ema_local_encoder), smooth L1
+    "vision2_prenorm": lambda out: write_pretraining(out, {"layer_norm_first": True, "loss_beta": 0.25,
                                                            "modalities.image.ema_local_encoder": False}),
-    # EMA of the shared blocks only, and a patch embedding narrower than the model (+ a Linear)
-    "vision2_ema_blocks": lambda out: write_pretraining(out, {"ema_encoder_only": True,
-                                                              "modalities.image.embed_dim": 24}),
+    # EMA of the shared blocks only, a patch embedding narrower than the model (+ a Linear), targets
+    # taken at the end of each block, layer-normed per block and instance-normed on average
+    "vision2_ema_blocks": lambda out: write_pretraining(out, {
+        "ema_encoder_only": True, "modalities.image.embed_dim": 24, "end_of_block_targets": True,
+        "instance_norm_target_layer": False, "layer_norm_target_layer": True, "layer_norm_targets": False,
+        "instance_norm_targets": True}),
     "vision2_cls": lambda out: write_classifier(out, {"prediction_mode": "MEAN_POOLING", "use_fc_norm": True}),
     "vision2_cls_token": lambda out: write_classifier(out, {"prediction_mode": "CLS_TOKEN", "use_fc_norm": False}),
 }

@@ -76,17 +76,19 @@ def converted(family: str, tmp_path: Path, task: str) -> torch.nn.Module:
     return model.eval()
 
 
-def encoder_outputs(feature_extractor, encoder, images: torch.Tensor):
+def encoder_outputs(feature_extractor, encoder, images: torch.Tensor, target_feature: str = "ffn"):
     with torch.no_grad():
         features = feature_extractor(images)
-        return encoder(features.features, features.padding_mask, output_layer_targets=True)
+        return encoder(features.features, features.padding_mask, output_layer_targets=True,
+                       target_feature=target_feature)
 
 
 def check_backbones(family: str, model, want: dict) -> None:
     depth = want["layer_ffn"].shape[0]
-    student = encoder_outputs(model.feature_extractor, model.encoder, want["images"])
+    student = encoder_outputs(model.feature_extractor, model.encoder, want["images"], model.target_feature)
     assert_matches(family, "student encoder output (eval)", student.last_hidden_state, want["encoder_out"])
-    assert_matches(family, "student block FFN outputs", torch.stack(student.layer_targets[-depth:]), want["layer_ffn"])
+    assert_matches(family, "student per-block targets (FFN or block end)", torch.stack(student.layer_targets[-depth:]),
+                   want["layer_ffn"])
     if "teacher_encoder_out" in want:  # not with ema_encoder_only: fairseq's teacher is its shared blocks alone
         teacher = model.teacher.model
         t_out = encoder_outputs(teacher["feature_extractor"], teacher["encoder"], want["images"])
