@@ -177,14 +177,16 @@ def write_classifier(out: Path, head: dict) -> None:
                                 lr=1e-2, seed=1)
         labels = torch.tensor([0, 3, 4, 1])
         samples = [{"id": torch.arange(4), "net_input": {"imgs": images(4, seed), "labels": labels}} for seed in (20, 21)]
-        model, _, trainer = trained(cfg, samples)
+        model, criterion, trainer = trained(cfg, samples)
         ot.save(trainer, str(out / "checkpoint.pt"))
-    x = images(BATCH, seed=0)
+    x, labels = images(BATCH, seed=0), torch.tensor([4, 1])
     model.eval()
     with torch.no_grad():
         logits = model(x)
         backbone = model.model.extract_features(x, mode="IMAGE", mask=False, remove_extra_tokens=False)["x"]
-    torch.save({"images": x, "logits": logits, "encoder_out": backbone, "num_updates": 2}, out / "outputs.pt")
+        loss, sample_size, _ = criterion(model, {"id": torch.arange(BATCH), "net_input": {"imgs": x, "labels": labels}})
+    torch.save({"images": x, "logits": logits, "encoder_out": backbone, "num_updates": 2, "labels": labels,
+                "eval_loss": loss.item(), "sample_size": int(sample_size)}, out / "outputs.pt")
 
 
 FAMILIES = {

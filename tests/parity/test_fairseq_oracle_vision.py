@@ -167,5 +167,7 @@ def test_classifier_logits_match_fairseq(family, tmp_path):
         out = model({"inputs": want["images"]})
         assert_matches(family, "encoder output (import_fairseq)", out.last_hidden_state, want["encoder_out"])
         assert_matches(family, "logits (import_fairseq)", out.logits, want["logits"])
+        loss = model({"inputs": want["images"], "labels": want["labels"]}).loss
+        assert_matches(family, "eval loss per image", loss, torch.tensor(want["eval_loss"] / want["sample_size"]))
         again = converted(family, tmp_path, "finetune")
         assert_matches(family, "logits (d2v convert)", again({"inputs": want["images"]}).logits, want["logits"])
