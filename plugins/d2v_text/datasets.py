@@ -176,7 +176,7 @@ class GlueTSV(_Examples):
     have no labels (examples get ``label: None``). CoLA's train/dev files have no header
     (columns: source, label, original label, sentence); every other file is read by its
     header's column names. Fields are TAB-separated with no quoting (GLUE's sentences contain
-    quotes). ``labels`` lists the label names in id order (HF ``glue`` names).
+    quotes). ``label_names`` lists the label names in id order (HF ``glue`` names).
     """
 
     def __init__(self, root: str, task: str, split: str, *, max_examples: int | None = None):
@@ -185,7 +185,7 @@ class GlueTSV(_Examples):
             raise SpecError(f"glue_tsv: unknown task '{task}'; GLUE tasks: {', '.join(GLUE_TASKS)}.")
         directory, text_col, pair_col, label_col, values, names = GLUE_TASKS[key]
         self.task, self.split = key, split
-        self.labels = names
+        self.label_names = names
         self.is_regression = values is None
         where = f"glue_tsv {directory}/{split}"
         path = Path(root).expanduser() / directory / f"{split}.tsv"
@@ -295,8 +295,8 @@ class CoNLL(_Examples):
                  max_examples: int | None = None):
         where = "conll"
         p = _existing_file(path, where, CONLL_HINT)
-        self.labels = list(labels) if labels is not None else list(CONLL2003_NER)
-        index = {name: i for i, name in enumerate(self.labels)}
+        self.label_names = list(labels) if labels is not None else list(CONLL2003_NER)
+        index = {name: i for i, name in enumerate(self.label_names)}
         examples: list[dict[str, Any]] = []
         words: list[str] = []
         tags: list[str] = []
@@ -326,7 +326,7 @@ class CoNLL(_Examples):
             except IndexError:
                 raise SpecError(f"{where}: line {n} of '{p}' has no column {tag_column}.") from None
             if tag not in index:
-                raise SpecError(f"{where}: line {n} of '{p}' has tag {tag!r}, not in labels {self.labels}; "
+                raise SpecError(f"{where}: line {n} of '{p}' has tag {tag!r}, not in labels {self.label_names}; "
                                 f"pass labels: [...] with the full tag set.")
             if not words:
                 start = n

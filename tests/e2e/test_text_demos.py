@@ -48,6 +48,8 @@ def test_demo_improves_its_metric(name, tmp_path, monkeypatch):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == [architecture]
     assert (tmp_path / "hf" / "vocab.json").is_file()  # the tokenizer travels with the weights
+    if name == "sst2":  # the spec gives only num_labels: the names come from the GLUE data
+        assert config["id2label"] == {"0": "negative", "1": "positive"}
 
 
 @pytest.mark.parametrize("spec", ["pretrain_text_demo.yaml", "pretrain2_text_demo.yaml"])

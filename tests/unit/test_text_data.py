@@ -297,7 +297,7 @@ def glue_root(tmp_path):
 def test_glue_tsv_reads_every_task_layout(glue_root):
     cola = GlueTSV(str(glue_root), "cola", "train")
     assert [(ex["text"], ex["label"]) for ex in cola] == [("Our friends won't buy this analysis.", 1), ("They drank the pub.", 0)]
-    assert cola.labels == ["unacceptable", "acceptable"]
+    assert cola.label_names == ["unacceptable", "acceptable"]
     assert [ex["label"] for ex in GlueTSV(str(glue_root), "cola", "test")] == [None]
     assert GlueTSV(str(glue_root), "sst2", "dev")[0]["label"] == 1
     mrpc = GlueTSV(str(glue_root), "MRPC", "train")[0]
@@ -306,7 +306,7 @@ def test_glue_tsv_reads_every_task_layout(glue_root):
     assert stsb[0]["label"] == 5.0 and isinstance(stsb[0]["label"], float) and stsb.is_regression
     assert GlueTSV(str(glue_root), "qqp", "train")[0]["text_pair"] == "What is it?"
     mnli = GlueTSV(str(glue_root), "mnli", "dev_matched")
-    assert mnli[0]["label"] == 1 and mnli.labels == ["entailment", "neutral", "contradiction"]
+    assert mnli[0]["label"] == 1 and mnli.label_names == ["entailment", "neutral", "contradiction"]
     assert GlueTSV(str(glue_root), "mnli", "test_mismatched")[0]["label"] is None
     assert GlueTSV(str(glue_root), "qnli", "dev")[0]["label"] == 1
     assert GlueTSV(str(glue_root), "rte", "train")[0]["text_pair"] == "Weapons found."

@@ -667,9 +667,9 @@ def test_heads_read_text_processor_batches_qa_and_ner():
     proc = TextProcessor(tokenizer=str(DEMO / "tokenizer"), max_length=64)
     batch = proc.collate([proc.load(conll[i], train=False) for i in range(6)])
     labels = batch["labels"]
-    logits = torch.zeros(*labels.shape, len(conll.labels))
+    logits = torch.zeros(*labels.shape, len(conll.label_names))
     logits.scatter_(-1, labels.clamp(min=0)[..., None], 10.0)
-    ner = TokenClassificationHead(input_dim=D, label_names=conll.labels)
+    ner = TokenClassificationHead(input_dim=D, label_names=conll.label_names)
     out = HeadOutput(logits=logits)
     assert ner.predict(out, batch) == batch["word_labels"]
     metrics = ner.summarize(ner.eval_counts(out, batch))
@@ -749,7 +749,7 @@ def test_every_head_trains_on_text_processor_batches():
          [plain.load(GlueTSV(str(DEMO), task="sst2", split="dev")[i], train=True) for i in range(6)]),
         ({"name": "multiple_choice"}, {"add_pooling_layer": True}, plain,
          [plain.load(SwagCSV(str(DEMO / "swag" / "val.csv"))[i], train=True) for i in range(4)]),
-        ({"name": "token_classification", "label_names": conll.labels}, {}, plain,
+        ({"name": "token_classification", "label_names": conll.label_names}, {}, plain,
          [plain.load(conll[i], train=True) for i in range(6)]),
         ({"name": "question_answering"}, {}, plain,
          [plain.load(SquadJSON(str(DEMO / "squad" / "dev-v1.1.json"))[i], train=True) for i in range(3)]),

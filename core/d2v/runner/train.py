@@ -30,6 +30,7 @@ from d2v.distill2 import frame_lengths_fn
 from d2v.errors import SpecError, TrainingCollapse
 from d2v.interfaces import Head
 from d2v.model import build_component, build_model, load_initial_weights
+from d2v.runner.label_names import adopt_label_names
 from d2v.runner.checkpoint import (load_trainer_state, prepare_run_dir, quarantine_after, save_checkpoint,
                                    trim_metrics, write_text_atomic)
 from d2v.runner.guards import (BadUpdates, EmptyBatches, Preempted, RunLock, SkipBudget, SkippedLog, StopSignals,
@@ -163,6 +164,10 @@ class Run:
                 self.print(f"data.{split}: {len(left_out)} unreadable examples left out (listed in {self.skipped_log.path})")
                 self.skip_budget.check(split)
         self.processor = build_component(self.registry, "processor", data["processor"], "data.processor")
+        if self.task != "evaluate":  # an evaluated checkpoint keeps the names it was trained with
+            adopted = adopt_label_names(spec["model"], self.datasets.get("train"), self.registry)
+            if adopted:
+                self.print(adopted)
         self.model = build_model(spec["model"], self.registry, self.task)
         check_vocabulary(self.processor, self.model)
         if self.deepspeed and self.task != "evaluate":
