@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,16 +88,23 @@ class RunHistory:
 
     @property
     def task(self) -> str | None:
-        return self.spec.get("task") if self.spec else None
+        if self.spec and self.spec.get("task"):
+            return self.spec["task"]
+        return "evaluate" if self.evaluations else None
 
     @property
     def spec_name(self) -> str | None:
-        """The spec file the run was started from (its ``start`` event), without ``.yaml``."""
+        """The spec file the run was started from (its ``start`` or ``evaluate`` event), without ``.yaml``."""
         for event in self.events:
-            source = event.get("spec") if event.get("event") == "start" else None
+            source = event.get("spec") if event.get("event") in ("start", "evaluate") else None
             if isinstance(source, str) and source.endswith((".yaml", ".yml")):
                 return Path(source).stem
         return None
+
+    @property
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The ``evaluate`` events: which checkpoint was evaluated on which split, and when."""
+        return [e for e in self.events if e.get("event") == "evaluate"]
 
     @property
     def resume_steps(self) -> list[int]:
@@ -170,7 +178,7 @@ def load_run(path: str | Path) -> RunHistory:
             continue
         moment = entry.get("time")
         if _is_number(moment):
-            if entry.get("event") in ("start", "resume") or not sessions:
+            if entry.get("event") in ("start", "resume", "evaluate") or not sessions:
                 sessions.append([moment, moment])
             sessions[-1][1] = moment
         if "event" in entry:  # some events name a split too (data_warning)
@@ -313,6 +321,7 @@ def run_table(histories: list[RunHistory], *, root: Path | None = None, metrics:
         rows.append(row)
         if history.unreadable_lines:
             notes.append(f"{history.path / METRICS_FILE}: {history.unreadable_lines} unreadable line(s) skipped")
+        notes += [_evaluation_note(row[0], event) for event in history.evaluations]
     if sort is not None:
         index = columns.index(_pick([sort], columns, "--sort")[0])
         present = [r for r in rows if r[index] is not None]
@@ -320,6 +329,12 @@ def run_table(histories: list[RunHistory], *, root: Path | None = None, metrics:
         present.sort(key=lambda r: _sort_key(r[index]), reverse=reverse)
         rows = present + missing
     return RunTable(columns=columns, rows=rows, notes=notes)
+
+
+def _evaluation_note(name: str, event: dict[str, Any]) -> str:
+    moment = event.get("time")
+    when = time.strftime(" on %Y-%m-%d %H:%M UTC", time.gmtime(moment)) if _is_number(moment) else ""
+    return f"{name}: evaluated {event.get('checkpoint') or 'the model in its spec'} on the {event.get('split')} split{when}"
 
 
 def _run_name(path: Path, root: Path | None) -> str:
@@ -349,7 +364,9 @@ def format_value(value: Any, column: str = "") -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """``75`` -> ``1m15s``; ``7500`` -> ``2h05m``."""
+    """``0.42`` -> ``0.4s``; ``75`` -> ``1m15s``; ``7500`` -> ``2h05m``."""
+    if seconds < 9.95:  # a short evaluation is not "0s"
+        return f"{seconds:.1f}s"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"

@@ -141,6 +141,25 @@ def test_a_spec_without_output_dir_runs_in_runs_slash_its_name(toy_plugin, tmp_p
     assert any(row.startswith("toy_a ") for row in rows) and any(row.startswith("toy_b ") for row in rows)
 
 
+def test_runs_says_what_an_evaluation_evaluated_from_which_checkpoint_and_when(toy_plugin, tmp_path, monkeypatch,
+                                                                               capsys):
+    monkeypatch.chdir(tmp_path)
+    _toy_spec_file(toy_plugin, tmp_path / "toy_a.yaml", None, max_steps=2)
+    assert main(["run", "toy_a.yaml"]) == 0
+    evaluation = ["task=evaluate", "evaluate.checkpoint=runs/toy_a/final", "evaluate.split=valid",
+                  "trainer.output_dir=runs/toy_a_eval"]
+    assert main(["run", "toy_a.yaml", *evaluation]) == 0
+    assert main(["run", "toy_a.yaml", *evaluation[:3], "trainer.output_dir=runs/toy_a"]) == 0  # inside the run
+    assert yaml.safe_load((tmp_path / "runs" / "toy_a" / "spec.yaml").read_text())["task"] == "finetune"  # kept
+    capsys.readouterr()
+    assert main(["runs", "--settings", "none"]) == 0
+    out, err = capsys.readouterr()
+    row = next(line.split() for line in out.splitlines() if line.startswith("toy_a_eval "))
+    assert row[1:4] == ["toy_a", "evaluate", "done"] and row[-1] not in ("0s", "-")
+    notes = [line for line in err.splitlines() if "evaluated runs/toy_a/final on the valid split on 20" in line]
+    assert [n.split(":")[1].strip() for n in notes] == ["toy_a", "toy_a_eval"], err
+
+
 def test_resume_flag_is_trainer_resume_true(toy_plugin, tmp_path, monkeypatch, capsys):
     """`--resume` is an alias of `trainer.resume=true`: the same error when there is nothing to
     resume; the same resumed run (same weights, same saved spec, no 'the spec differs' copy)."""

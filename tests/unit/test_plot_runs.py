@@ -123,7 +123,7 @@ def test_table_renders_as_text_markdown_and_csv(grid):
     text = render(table, "text").splitlines()
     assert text[0].split() == table.columns and text[3].split()[-2:] == ["35.5", "21s"]
     assert render(table, "csv").splitlines()[3] == "lr=3e-4,asr_demo,finetune,done,20,0.0003,35.5,21.0"
-    assert [format_duration(s) for s in (59.4, 75, 7500)] == ["59s", "1m15s", "2h05m"]
+    assert [format_duration(s) for s in (0.42, 59.4, 75, 7500)] == ["0.4s", "59s", "1m15s", "2h05m"]
 
 
 def test_unknown_columns_are_clear_errors(grid):

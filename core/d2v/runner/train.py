@@ -685,6 +685,11 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         cfg = EvaluateConfig(**(self.spec.get("evaluate") or {}))
+        if self.is_main:  # an evaluation in a training run's directory leaves that run's spec.yaml alone
+            if not (self.output_dir / "spec.yaml").exists():
+                write_text_atomic(self.output_dir / "spec.yaml", dump_spec(self.spec))
+        self.log.write({"event": "evaluate", "spec": getattr(self.spec, "source", None), "split": cfg.split,
+                        "checkpoint": cfg.checkpoint or ((self.spec.get("model") or {}).get("init") or {}).get("checkpoint")})
         if cfg.checkpoint:
             report = load_initial_weights(self.model, cfg.checkpoint)
             if report.new:
