@@ -63,11 +63,38 @@ def choose_panels(histories: list[RunHistory], *, everything: bool = False) -> l
     metrics = list(dict.fromkeys(k for s in evaluated for h in histories for k in h.metric_names(s) if k != "loss"))
     for key in metrics:
         curves = tuple(Curve(s, key, s) for s in evaluated if logged(s, key))
-        panels.append(Panel(key if len(curves) > 1 else f"{curves[0].split} {key}", curves))
+        if everything or any(constant_value(histories, c.split, c.key) is None for c in curves):
+            panels.append(Panel(key if len(curves) > 1 else f"{curves[0].split} {key}", curves))
     if everything:
         others = dict.fromkeys(k for h in histories for k in h.metric_names("train") if k not in ALWAYS_SHOWN)
         panels.extend(Panel(f"train {k}", (Curve("train", k, "train"),)) for k in others)
     return panels
+
+
+def constant_value(histories: list[RunHistory], split: str, key: str) -> float | None:
+    """The one value an evaluation metric took at every one of at least two evaluations of every
+    run (top-5 accuracy of a 4-class problem is always 100), else None. Such a panel is a flat line
+    that cannot tell runs or steps apart, so it is left out unless ``everything`` is asked for."""
+    values = set()
+    for history in histories:
+        steps, ys = history.series(split, key)
+        if len(steps) < 2:
+            return None
+        values.update(ys)
+    return values.pop() if len(values) == 1 else None
+
+
+def left_out(histories: list[RunHistory]) -> list[str]:
+    """``"valid top5 (100 at every evaluation)"`` for each metric panel :func:`choose_panels`
+    leaves out (every split it was evaluated on constant)."""
+    evaluated = list(dict.fromkeys(s for h in histories for s in h.splits() if s != "train"))
+    out = []
+    for key in dict.fromkeys(k for s in evaluated for h in histories for k in h.metric_names(s) if k != "loss"):
+        splits = [s for s in evaluated if any(key in h.metric_names(s) for h in histories)]
+        values = [constant_value(histories, s, key) for s in splits]
+        if all(v is not None for v in values):
+            out += [f"{s} {key} ({v:g} at every evaluation)" for s, v in zip(splits, values)]
+    return out
 
 
 def run_labels(paths: list[Path]) -> list[str]:

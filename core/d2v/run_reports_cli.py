@@ -8,10 +8,14 @@ from pathlib import Path
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from d2v.plot import plot_runs
+    from d2v.plot import left_out, plot_runs
+    from d2v.runs import load_run
 
     written = plot_runs(args.runs, args.output, everything=args.all)
     print(f"wrote {written}")
+    if not args.all:
+        for metric in left_out([load_run(p) for p in args.runs]):
+            print(f"note: left out {metric}; --all draws it", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from d2v import run_reports_cli
+from d2v.cli import main
 from d2v.errors import SpecError
 from d2v.plot import build_figure, choose_panels, plot_runs, run_labels
 from d2v.runs import find_runs, format_duration, load_run, render, run_table
@@ -165,6 +166,27 @@ def test_plot_overlays_runs_with_and_without_evaluation(tmp_path):
 
     written = plot_runs([pre, ft, bare], tmp_path / "out" / "compare.png")
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < written.stat().st_size < 400_000
+
+
+def test_a_metric_that_never_moves_gets_no_panel_unless_asked(tmp_path, capsys):
+    """Top-5 accuracy on a 4-class problem is 100 at every evaluation: a flat line, left out and
+    said so; a metric evaluated once, or one that moved in any run, keeps its panel."""
+    lines = _finetune_lines([70.0, 40.0, 30.0])
+    for line in lines:
+        if line.get("split") == "valid":
+            line.update(top5=100.0, accuracy=50.0 if line["step"] == 10 else 60.0)
+    run = _write_run(tmp_path / "cls", lines)
+    titles = [p.title for p in choose_panels([load_run(run)])]
+    assert "valid top5" not in titles and {"valid accuracy", "valid wer"} <= set(titles)
+    assert "valid top5" in [p.title for p in choose_panels([load_run(run)], everything=True)]
+    other = [dict(line, top5=90.0) if line.get("step") == 20 and line.get("split") == "valid" else line for line in lines]
+    moved = _write_run(tmp_path / "moved", other)  # compared with a run where it moved: drawn
+    assert "valid top5" in [p.title for p in choose_panels([load_run(run), load_run(moved)])]
+    once = _write_run(tmp_path / "once", _finetune_lines([70.0]))
+    assert "valid wer" in [p.title for p in choose_panels([load_run(once)])]
+
+    assert main(["plot", str(run), "--output", str(tmp_path / "p.png")]) == 0
+    assert "note: left out valid top5 (100 at every evaluation); --all draws it" in capsys.readouterr().err
 
 
 def test_plot_marks_where_a_run_resumed(tmp_path):
