@@ -203,6 +203,14 @@ def _processor_files(files_dir: Path | None, destination: Path) -> list[Path]:
     return found
 
 
+def _beside_the_model(processor: dict[str, Any] | None, copied: list[Path]) -> dict[str, Any] | None:
+    """The processor settings with the tokenizer pointing at the files copied beside the ONNX
+    file (``"."``: the sidecar's folder), not at a path in the training checkout."""
+    if not processor or not copied or not isinstance(processor.get("tokenizer"), str):
+        return processor
+    return {**processor, "tokenizer": "."}
+
+
 def _label_names(head: nn.Module | None) -> list[str] | None:
     """Class names in id order: the head's ``label_names``, or a token vocabulary (CTC)."""
     names = getattr(head, "label_names", None)
@@ -295,7 +303,7 @@ def export_onnx(loaded: LoadedModel | nn.Module, out: str | os.PathLike, *, opse
         "inputs": [_tensor_info(name, tensor, dynamic_axes[name]) for name, tensor in first.tensors.items()],
         "outputs": [_tensor_info(name, tensor, dynamic_axes[name]) for name, tensor in zip(graph.output_names, expected)],
         "dynamic_axes": {name: {str(k): v for k, v in axes.items()} for name, axes in dynamic_axes.items()},
-        "processor": loaded.processor,
+        "processor": _beside_the_model(loaded.processor, processor_files),
         "processor_files": [source.name for source in processor_files],
         "labels": _label_names(getattr(model, "head", None)),
         "max_abs_diff": diff,

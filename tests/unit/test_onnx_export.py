@@ -138,14 +138,16 @@ def cli(argv):
 def test_cli_exports_a_d2v_checkpoint_with_its_processor(tmp_path, capsys):
     model = tiny(TEXT_CLASSIFICATION)
     final = tmp_path / "runs" / "x" / "final"
-    write_checkpoint(model, final, TEXT_CLASSIFICATION, processor={"name": "text", "max_length": 128})
+    write_checkpoint(model, final, TEXT_CLASSIFICATION,
+                     processor={"name": "text", "max_length": 128, "tokenizer": "experiments/data/text_demo/tokenizer"})
     (final / "tokenizer.json").write_text('{"model": "demo"}')
     out = tmp_path / "export" / "cls.onnx"
     assert cli(["export", str(final.parent), "--onnx", str(out), "--opset", "18"]) == 0  # a run dir: its final/
     assert "onnxruntime matches PyTorch" in capsys.readouterr().out
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["source"] == str(final) and sidecar["opset"] == 18
-    assert sidecar["processor"] == {"name": "text", "max_length": 128}
+    # the tokenizer is the copy beside the model, not a path inside the training checkout
+    assert sidecar["processor"] == {"name": "text", "max_length": 128, "tokenizer": "."}
     assert sidecar["labels"] == ["neg", "pos"] and sidecar["processor_files"] == ["tokenizer.json"]
     assert (out.parent / "tokenizer.json").read_text() == '{"model": "demo"}'
     assert_matches(model, out, "input_ids", [text_batch(3, 8, 4)])
