@@ -34,8 +34,7 @@ def check_modalities(model: dict, data: dict, registry: Registry, error: Callabl
     parts = [(f"model.{key}", kind, _declared(registry, kind, model.get(key))) for key, kind in _MODEL_PARTS]
     parts.append(("data.processor", "processor", _declared(registry, "processor", data.get("processor"))))
     parts += [(f"data.{s}", "dataset", _declared(registry, "dataset", data.get(s))) for s in DATA_SPLITS]
-    declared = [(path, kind, name, set(mods)) for path, kind, (name, mods) in
-                ((p, k, d) for p, k, d in parts if d is not None)]
+    declared = [(path, kind, found[0], set(found[1])) for path, kind, found in parts if found is not None]
     if not declared or set.intersection(*(mods for *_, mods in declared)):
         return
     inputs = next((mods for path, *_, mods in declared if not path.startswith("model.head")), set())
