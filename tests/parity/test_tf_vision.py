@@ -8,27 +8,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
-
 from d2v import plugins
 from d2v.errors import SpecError
 from d2v.model import build_model
 from d2v_vision.tf import require_tensorflow
+from safetensors.torch import save_file
 
 try:
     tf = require_tensorflow()
 except SpecError:
     pytest.skip("TensorFlow is not installed (pip install 'd2v[tf]')", allow_module_level=True)
 
-from d2v.export_cli import add_parser  # noqa: E402
-from d2v_vision.tf import from_pretrained  # noqa: E402
-from d2v_vision.tf.export import export, run_savedmodel, run_tflite  # noqa: E402
-from d2v_vision.tf.weights import architecture_of, from_torch  # noqa: E402
+from d2v.export_cli import add_parser
+from d2v_vision.tf import from_pretrained
+from d2v_vision.tf.export import export, run_savedmodel, run_tflite
+from d2v_vision.tf.weights import architecture_of, from_torch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,17 +38,16 @@ SEGMENTATION = {"name": "semantic_segmentation", "num_labels": 4, "out_indices":
                 "auxiliary_channels": 8, "auxiliary_num_convs": 2, "auxiliary_concat_input": True}
 #: case -> (head, encoder options): every positional scheme, layer scale on/off, mean vs CLS pooling
 CASES = {
-    "model-shared_bias-mean_pool": (None, dict(use_shared_relative_position_bias=True)),
-    "classification-per_layer_bias-cls_pool": (CLASSIFICATION, dict(use_relative_position_bias=True,
-                                                                    use_mean_pooling=False)),
-    "classification-abs_positions-no_layer_scale": (CLASSIFICATION, dict(use_absolute_position_embeddings=True,
-                                                                         layer_scale_init_value=0.0)),
-    "classification-all_positions": (CLASSIFICATION, dict(use_absolute_position_embeddings=True,
-                                                          use_relative_position_bias=True,
-                                                          use_shared_relative_position_bias=True)),
-    "segmentation-aux_head-per_layer_bias": (SEGMENTATION, dict(use_relative_position_bias=True)),
+    "model-shared_bias-mean_pool": (None, {"use_shared_relative_position_bias": True}),
+    "classification-per_layer_bias-cls_pool": (CLASSIFICATION, {"use_relative_position_bias": True,
+                                                                "use_mean_pooling": False}),
+    "classification-all_positions-no_layer_scale": (CLASSIFICATION, {"use_absolute_position_embeddings": True,
+                                                                     "use_relative_position_bias": True,
+                                                                     "use_shared_relative_position_bias": True,
+                                                                     "layer_scale_init_value": 0.0}),
+    "segmentation-aux_head-abs_positions": (SEGMENTATION, {"use_absolute_position_embeddings": True}),
     "segmentation-no_aux-shared_bias-cls_pool": ({**SEGMENTATION, "use_auxiliary_head": False},
-                                                 dict(use_shared_relative_position_bias=True, use_mean_pooling=False)),
+                                                 {"use_shared_relative_position_bias": True, "use_mean_pooling": False}),
 }
 
 
@@ -230,6 +229,10 @@ def test_unsupported_models_and_missing_tensorflow_are_clear_errors(tmp_path, mo
         architecture_of(vit)
     with pytest.raises(SpecError, match="must be a file name ending in .tflite"):
         export(tiny(spec(None, use_shared_relative_position_bias=True)), tmp_path / "x.onnx", format="tflite")
-    monkeypatch.setitem(__import__("sys").modules, "tensorflow", None)
+    text_spec = {"preset": "data2vec-text-tiny", "head": {"name": "text_classification", "num_labels": 2}}
+    write_run(build_model(text_spec, plugins.registry(), "finetune"), text_spec, tmp_path / "text")
+    with pytest.raises(SpecError, match="no TensorFlow model.*Data2VecVisionModel"):
+        cli(["export", str(tmp_path / "text"), "--tflite", str(tmp_path / "text.tflite")])
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
     with pytest.raises(SpecError, match=r"pip install 'd2v\[tf\]'"):
         require_tensorflow()

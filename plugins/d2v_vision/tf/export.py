@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import torch
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
 from d2v.errors import SpecError
 from d2v.onnx_export import TOLERANCE, LoadedModel, example_batches
+from tensorflow.python.framework.convert_to_constants import (
+    convert_variables_to_constants_v2,
+)
+
 from d2v_vision.tf.weights import architecture_of, from_torch
 
 FORMATS = ("savedmodel", "tflite")

@@ -164,7 +164,10 @@ class Encoder(keras.layers.Layer):
     def resized_positions(self, grid: tuple[int, int]) -> tf.Tensor:
         if grid == self.window:
             return self.position_embeddings
-        side = math.isqrt(self.window[0] * self.window[1])  # d2v resizes from a square trained grid
+        side = math.isqrt(self.window[0] * self.window[1])
+        if self.window != (side, side):
+            raise ValueError(f"interpolate_pos_encoding: absolute positions resize from a square trained grid (as in "
+                             f"d2v's PyTorch model); this model was trained at {self.window[0]}x{self.window[1]}.")
         patches = tf.reshape(self.position_embeddings[:, 1:], (1, side, side, self.dim))
         patches = tf.reshape(resize_2d(patches, grid, "bicubic"), (1, grid[0] * grid[1], self.dim))
         return tf.concat([self.position_embeddings[:, :1], patches], axis=1)
@@ -200,5 +203,6 @@ def static_grid(pixel_values: tf.Tensor, patch_size: int) -> tuple[int, int]:
 
 
 def as_float32(pixel_values) -> tf.Tensor:
-    return tf.convert_to_tensor(np.asarray(pixel_values) if not tf.is_tensor(pixel_values) else pixel_values,
-                                dtype=tf.float32)
+    """Images given as a tf.Tensor, a numpy array or a (CPU) torch tensor, as float32."""
+    tensor = pixel_values if tf.is_tensor(pixel_values) else tf.convert_to_tensor(np.asarray(pixel_values))
+    return tf.cast(tensor, tf.float32)

@@ -18,11 +18,15 @@ import warnings
 import keras
 import numpy as np
 import torch
+from d2v.errors import SpecError
 from torch import nn
 
-from d2v.errors import SpecError
-from d2v_vision.tf.models import (Architecture, TFData2VecVisionForImageClassification,
-                                  TFData2VecVisionForSemanticSegmentation, TFData2VecVisionModel)
+from d2v_vision.tf.models import (
+    Architecture,
+    TFData2VecVisionForImageClassification,
+    TFData2VecVisionForSemanticSegmentation,
+    TFData2VecVisionModel,
+)
 
 SUPPORTED_ENCODER = "VisionTransformerEncoder"  # vision.transformer (data2vec 1.0 / BEiT)
 HEADS = {None: TFData2VecVisionModel, "ImageClassificationHead": TFData2VecVisionForImageClassification,
@@ -55,17 +59,17 @@ def architecture_of(model: nn.Module) -> Architecture:
         raise SpecError(f"TensorFlow data2vec-vision: head {head_name} is not supported (supported: none, "
                         f"image_classification, semantic_segmentation).")
     first = encoder.layers[0] if len(encoder.layers) else None
-    options = dict(
-        dim=encoder.dim, layers=len(encoder.layers), heads=first.attention.heads if first else 1,
-        ffn_dim=first.mlp.fc1.out_features if first else 4 * encoder.dim,
-        activation=_activation(first.mlp) if first else "gelu",
-        eps=(first.norm1.eps if first else 1e-12), window=tuple(encoder.window), patch_size=extractor.patch_size,
-        num_channels=extractor.num_channels, absolute_positions=encoder.position_embeddings is not None,
-        shared_relative_bias=encoder.relative_position_bias is not None,
-        per_layer_relative_bias=bool(first is not None and first.attention.relative_position_bias is not None),
-        layer_scale=bool(first is not None and first.lambda_1 is not None), mean_pooling=encoder.use_mean_pooling,
-        add_pooling_layer=encoder.add_pooling_layer,
-    )
+    options = {
+        "dim": encoder.dim, "layers": len(encoder.layers), "heads": first.attention.heads if first else 1,
+        "ffn_dim": first.mlp.fc1.out_features if first else 4 * encoder.dim,
+        "activation": _activation(first.mlp) if first else "gelu",
+        "eps": (first.norm1.eps if first else 1e-12), "window": tuple(encoder.window), "patch_size": extractor.patch_size,
+        "num_channels": extractor.num_channels, "absolute_positions": encoder.position_embeddings is not None,
+        "shared_relative_bias": encoder.relative_position_bias is not None,
+        "per_layer_relative_bias": bool(first is not None and first.attention.relative_position_bias is not None),
+        "layer_scale": bool(first is not None and first.lambda_1 is not None), "mean_pooling": encoder.use_mean_pooling,
+        "add_pooling_layer": encoder.add_pooling_layer,
+    }
     if head_name == "ImageClassificationHead":
         options.update(num_labels=head.num_labels, label_names=tuple(head.label_names) if head.label_names else None)
         if not encoder.add_pooling_layer:
