@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from audio_batches import LENGTHS, padded_batch
+from max_diff import MaxDiff
 
 import d2v
 from d2v.errors import SpecError
@@ -38,7 +39,7 @@ from transformers import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 # a small data2vec-shaped backbone: 3 conv layers (stride 20), 2 Transformer layers
 BACKBONE = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -50,11 +51,7 @@ BACKBONE = dict(
 XVECTOR = dict(tdnn_dim=(24, 24, 40), tdnn_kernel=(5, 3, 1), tdnn_dilation=(1, 2, 1), xvector_output_dim=16)
 
 
-def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
-    diff = (ours.float() - theirs.float()).abs().max().item() if ours.numel() else 0.0
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
+assert_close = MAX_DIFF.check
 
 
 def hf_model(cls, seed: int = 0, **kwargs):
@@ -285,9 +282,5 @@ def test_converters_are_registered_and_chosen_for_export():
 
 
 def test_report_max_diff():
-    if MAX_DIFF:
-        worst = max(MAX_DIFF.values())
-        print(f"\nmax abs diff over {len(MAX_DIFF)} compared fields: {worst:.3g}")
-        for name, diff in sorted(MAX_DIFF.items()):
-            print(f"  {name}: {diff:.3g}")
-        assert worst <= ATOL
+    MAX_DIFF.report("audio heads parity")
+    assert MAX_DIFF.worst <= ATOL

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from audio_batches import LENGTHS, padded_batch
+from max_diff import MaxDiff
 
 import d2v
 from d2v.errors import SpecError
@@ -35,7 +36,7 @@ from d2v_audio.hf import AudioCTCConverter, AudioModelConverter  # noqa: E402
 from d2v_audio import presets  # noqa: E402
 
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}  # the largest difference seen per field (printed at the end)
+MAX_DIFF = MaxDiff(ATOL)  # the largest difference seen per field (printed at the end)
 
 CONFIGS = {
     # even positional-conv kernel (exercises the pad trim), 3 pos-conv layers
@@ -63,15 +64,7 @@ CONFIGS = {
 }
 
 
-def _record(name: str, diff: float) -> None:
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-
-
-def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
-    diff = (ours.float() - theirs.float()).abs().max().item() if ours.numel() else 0.0
-    _record(name, diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
+assert_close = MAX_DIFF.check
 
 
 def hf_model(cls, name: str, seed: int = 0, **kwargs):
@@ -457,9 +450,5 @@ def test_unsupported_config_is_a_clear_error():
 
 def test_report_max_diff():
     """Prints the largest difference measured per field (run with -s to see it)."""
-    if MAX_DIFF:
-        worst = max(MAX_DIFF.values())
-        print(f"\nmax abs diff over {len(MAX_DIFF)} compared fields: {worst:.3g}")
-        for name, diff in sorted(MAX_DIFF.items()):
-            print(f"  {name}: {diff:.3g}")
-        assert worst <= ATOL
+    MAX_DIFF.report("audio parity")
+    assert MAX_DIFF.worst <= ATOL

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from audio_batches import padded_batch as audio_batch
+from max_diff import MaxDiff
 
 import d2v
 
@@ -29,7 +30,7 @@ from transformers.utils.generic import TransformersKwargs  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 #: per class: the keywords given with parity, and those refused
 OUTCOME: dict[str, dict[str, list[str]]] = {}
 
@@ -231,11 +232,7 @@ def assert_close(name: str, got, want) -> None:
         for i, (a, b) in enumerate(zip(got, want)):
             assert_close(f"{name}[{i}]", a, b)
         return
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
-    diff = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
-    key = name.split("[")[0]
-    MAX_DIFF[key] = max(MAX_DIFF.get(key, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
+    MAX_DIFF.check(name, got, want, record_as=name.split("[")[0])
 
 
 def assert_same_outputs(label: str, got, want) -> None:
@@ -325,4 +322,4 @@ def test_report():
     """The keywords per class and the largest differences (run with -s to see them)."""
     for arch, outcome in OUTCOME.items():
         print(f"{arch}: implemented {', '.join(outcome['implemented'])}; refused {', '.join(outcome['refused'])}")
-    print("drop-in keyword parity, max abs diff:", {k: f"{v:.2g}" for k, v in sorted(MAX_DIFF.items())})
+    MAX_DIFF.report("drop-in keyword parity")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from audio_batches import padded_batch
 from fairseq_fixtures import save_fairseq_checkpoint
+from max_diff import MaxDiff
 
 import d2v.cli
 from d2v.convert import load_d2v_checkpoint
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 
 #: (conv stack, pos conv depth, pos conv kernel, conv bias): an even positional kernel (SamePad
 #: trims a frame) and the conv bias are exercised
@@ -45,15 +46,11 @@ DIM, LAYERS, HEADS, FFN, GROUPS = 32, 2, 4, 64, 4
 LIBRI_LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
 
 
-def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape, f"{name}: {tuple(ours.shape)} vs {tuple(theirs.shape)}"
-    diff = (ours.float() - theirs.float()).abs().max().item()
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
+assert_close = MAX_DIFF.check
 
 
 def teardown_module(module):
-    print("\nfairseq audio import, max abs diff:", {k: f"{v:.2e}" for k, v in sorted(MAX_DIFF.items())})
+    MAX_DIFF.report("fairseq audio import")
 
 
 # --------------------------------------------------------------------------- fixtures

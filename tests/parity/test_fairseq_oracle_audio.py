@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 from fairseq_fixtures import save_fairseq_checkpoint
+from max_diff import MaxDiff
 
 import d2v.cli
 from d2v import plugins
@@ -40,21 +41,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fairseq_oracle" / "fixtures"
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 PRETRAINED = ("audio1", "audio2", "audio2_layer_scale")
 
 
-def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape, f"{name}: {tuple(ours.shape)} vs {tuple(theirs.shape)}"
-    diff = (ours.float() - theirs.float()).abs().max().item()
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
+assert_close = MAX_DIFF.check
 
 
 def teardown_module(module):
-    print("\nfairseq oracle, audio, max abs diff:")
-    for name, diff in sorted(MAX_DIFF.items()):
-        print(f"  {name:45s} {diff:.2e}")
+    MAX_DIFF.report("fairseq oracle, audio")
 
 
 def fixture(family: str) -> tuple[Path, dict]:
@@ -197,7 +192,7 @@ def test_first_continued_update_equals_fairseqs(family, converted):
     assert out.sample_size == outputs["sample_size"]
     loss_sum = out.loss.item() * out.sample_size
     relative = abs(loss_sum - outputs["loss"]) / abs(outputs["loss"])
-    MAX_DIFF[f"{family} update loss (relative)"] = relative
+    MAX_DIFF.record(f"{family} update loss (relative)", relative)
     assert relative <= 1e-5, f"{family}: loss {loss_sum} vs fairseq's {outputs['loss']}"
 
     # then the EMA step after that update, at fairseq's position in the decay schedule

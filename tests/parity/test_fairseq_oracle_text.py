@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from max_diff import MaxDiff
 
 from d2v import plugins
 from d2v.cli import main
@@ -35,21 +36,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 FIXTURES = Path(__file__).resolve().parents[1] / "fairseq_oracle" / "fixtures"
 PAD = 1
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 
 
-def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape, f"{name}: {tuple(got.shape)} vs {tuple(want.shape)}"
-    diff = (got.float() - want.float()).abs().max().item()
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g}"
+close = MAX_DIFF.check
 
 
 def same_loss(name: str, got: torch.Tensor, fairseq_sum: float, sample_size: int) -> None:
     """fairseq's criterion returns the summed loss and the masked-token count; d2v their ratio."""
     want = fairseq_sum / sample_size
     relative = abs(float(got.detach()) - want) / abs(want)
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), relative)
+    MAX_DIFF.record(name, relative)
     assert relative <= 1e-5, f"{name}: d2v {float(got.detach()):.8g} vs fairseq {want:.8g} (relative {relative:.2g})"
 
 
@@ -210,5 +207,5 @@ def test_pre_ln_checkpoints_are_refused_by_name(tmp_path, capsys, family, settin
 
 def test_report_max_diffs():
     """The largest difference per check (``pytest -s`` shows them); all within tolerance."""
-    print("\n".join(f"{name:28s} {diff:.2e}" for name, diff in sorted(MAX_DIFF.items())))
-    assert all(diff <= ATOL for diff in MAX_DIFF.values())
+    MAX_DIFF.report("fairseq oracle, text")
+    assert MAX_DIFF.worst <= ATOL

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from max_diff import MaxDiff
 
 from d2v import plugins
 from d2v.cli import main
@@ -40,24 +41,18 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fairseq_oracle" / "fixtures"
 PRETRAINING = ("vision2", "vision2_prenorm", "vision2_ema_blocks")
 CLASSIFIERS = ("vision2_cls", "vision2_cls_token")
 ATOL = 1e-5
-MAX_DIFFS: dict[tuple[str, str], float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def diff_table():
     """Print every measured difference (``pytest -s``) once the module is done."""
     yield
-    print("\nfamily | check | max diff")
-    for (family, check), diff in sorted(MAX_DIFFS.items()):
-        print(f"{family} | {check} | {diff:.1e}")
+    MAX_DIFF.report("fairseq oracle, vision")
 
 
 def assert_matches(family: str, check: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    got, want = got.detach().float(), want.float()
-    assert got.shape == want.shape, f"{family} {check}: shape {tuple(got.shape)} != fairseq's {tuple(want.shape)}"
-    diff = float((got - want).abs().max())
-    MAX_DIFFS[(family, check)] = max(diff, MAX_DIFFS.get((family, check), 0.0))
-    assert diff <= ATOL, f"{family} {check}: max abs diff {diff:.2e} from fairseq's"
+    MAX_DIFF.check(f"{family} {check}", got.detach(), want)
 
 
 def recorded(family: str) -> dict:
@@ -121,7 +116,7 @@ def check_next_update(family: str, model, want: dict) -> None:
     assert out.sample_size == want["sample_size"]
     fairseq_loss = want["loss"] / want["sample_size"]
     relative = abs(out.loss.item() - fairseq_loss) / fairseq_loss
-    MAX_DIFFS[(family, "next update: loss (relative)")] = relative
+    MAX_DIFF.record(f"{family} next update: loss (relative)", relative)
     assert relative <= 1e-5, f"{family}: loss {out.loss.item()} != fairseq's {fairseq_loss}"
     assert int(model.num_updates) == want["num_updates"]
     model.after_optimizer_step(1)  # this run's first step: fairseq's update num_updates + 1

@@ -17,6 +17,7 @@ from d2v.cli import main
 from d2v.errors import SpecError
 from d2v.fairseq import import_fairseq, read_fairseq_checkpoint
 from fairseq_fixtures import save_fairseq_checkpoint
+from max_diff import MaxDiff
 from text_pooler import assert_pooler_is_reported
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,14 +25,10 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fairseq_oracle" / "fixtures" / 
 PAD = 1
 M = "modality_encoders.TEXT."
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 
 
-def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape, f"{name}: {tuple(got.shape)} vs {tuple(want.shape)}"
-    diff = (got.float() - want.float()).abs().max().item()
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g}"
+close = MAX_DIFF.check
 
 
 def fairseq_outputs() -> dict:
@@ -135,5 +132,5 @@ def test_the_dictionary_is_checked(tmp_path):
 
 def test_report_max_abs_errors():
     """Prints the largest difference seen per comparison (run with -s); all are within ATOL."""
-    print({k: f"{v:.2e}" for k, v in sorted(MAX_DIFF.items())})
-    assert all(v <= ATOL for v in MAX_DIFF.values())
+    MAX_DIFF.report("fairseq text2 import")
+    assert MAX_DIFF.worst <= ATOL

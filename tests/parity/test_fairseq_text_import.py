@@ -23,24 +23,21 @@ from d2v.convert import load_d2v_checkpoint
 from d2v.errors import SpecError
 from d2v.fairseq import import_fairseq
 from fairseq_fixtures import save_fairseq_checkpoint
+from max_diff import MaxDiff
 from text_pooler import assert_pooler_is_reported
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 PAD, VOCAB, DIM, LAYERS = 1, 60, 32, 2
 HF_CONFIG = dict(vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=4,
                  intermediate_size=64, max_position_embeddings=30, type_vocab_size=1, layer_norm_eps=1e-5,
                  pad_token_id=PAD, hidden_act="gelu")
 
 
-def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape, f"{name}: {tuple(got.shape)} vs {tuple(want.shape)}"
-    diff = (got.float() - want.float()).abs().max().item()
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g}"
+close = MAX_DIFF.check
 
 
 def tokens(lengths=(12, 8, 3), seed: int = 4) -> torch.Tensor:
@@ -291,5 +288,5 @@ def test_without_a_token_type_table_types_must_be_zero():
 
 
 def test_report_max_abs_errors():
-    print({k: f"{v:.2e}" for k, v in sorted(MAX_DIFF.items())})
-    assert all(v <= ATOL for v in MAX_DIFF.values())
+    MAX_DIFF.report("fairseq text import")
+    assert MAX_DIFF.worst <= ATOL

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 import pytest
 import torch
+from max_diff import MaxDiff
 
 import d2v
 from d2v.convert import convert
@@ -39,18 +40,14 @@ from transformers import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 1e-5
-MAX_DIFF: dict[str, float] = {}
+MAX_DIFF = MaxDiff(ATOL)
 VOCAB = 97
 PAD = 1
 CONFIG = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
               max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-5, pad_token_id=PAD)
 
 
-def assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
-    diff = (ours.float() - theirs.float()).abs().max().item() if ours.numel() else 0.0
-    MAX_DIFF[name] = max(MAX_DIFF.get(name, 0.0), diff)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
+assert_close = MAX_DIFF.check
 
 
 def hf_model(cls, seed: int = 0, **kwargs):
@@ -379,4 +376,4 @@ def test_all_seven_converters_are_registered():
 
 def test_report_max_diff():
     """Prints the largest difference per field (run with -s to see it)."""
-    print("text parity max abs diff:", {k: f"{v:.2g}" for k, v in sorted(MAX_DIFF.items())})
+    MAX_DIFF.report("text parity")
