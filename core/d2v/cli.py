@@ -155,11 +155,10 @@ def _parser(prog: str = "d2v") -> argparse.ArgumentParser:
                                                    "from, for files that do not keep its config (a data2vec 2.0 "
                                                    "text classifier: fairseq's cfg.model.model_path)")
     p.set_defaults(fn=_cmd_convert)
-    from d2v import export_cli, ngram_lm, predict, run_reports_cli
+    from d2v import export_cli, predict, run_reports_cli
 
     predict.add_parser(sub)
     export_cli.add_parser(sub)
-    ngram_lm.add_parser(sub)
     run_reports_cli.add_parser(sub)
     _plugin_commands(sub)
     return parser

@@ -32,7 +32,7 @@ def short_demo(tmp_path_factory):
 
 
 def levenshtein(a, b) -> int:
-    """Edit distance by the full dynamic-programming table (independent of d2v.metrics)."""
+    """Edit distance by the full dynamic-programming table (independent of d2v_heads.speech.error_rates)."""
     table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):

@@ -151,7 +151,7 @@ def test_decoder_option_switches_ctc_decoding_for_one_prediction_run(tmp_path, a
     """``--decoder beam`` decodes with the head's prefix beam search (the saved spec is untouched);
     a bad decoder mapping is one clear error naming the option."""
     from d2v.errors import SpecError
-    from d2v_heads.ctc import ctc_beam_ids
+    from d2v_heads.speech.ctc import ctc_beam_ids
 
     spec = {"preset": "data2vec-audio-tiny", "head": {"name": "ctc", "vocab": "librispeech"}}
     model = save_checkpoint(tmp_path / "final", spec, AUDIO, seed=3)
@@ -236,7 +236,7 @@ def test_fill_mask_from_text_and_a_file_with_the_checkpoints_own_tokenizer(tmp_p
 
 
 def test_text_generation_and_next_token(tmp_path, capsys):
-    from d2v_heads.causal_lm import generate
+    from d2v_heads.text.causal_lm import generate
     from d2v_text.tokenizer import load_tokenizer
 
     spec = {"preset": "data2vec-text-tiny", "encoder": {"is_decoder": True}, "head": {"name": "causal_lm"}}

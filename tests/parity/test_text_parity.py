@@ -235,7 +235,7 @@ def test_greedy_generation_matches_hf_forward(tmp_path):
     greedy loop over ``transformers``' own forward. (HF's ``generate()`` itself differs: its
     ``prepare_inputs_for_generation`` passes 0-based ``position_ids`` from the attention mask,
     not the RoBERTa positions its forward uses; observed with transformers 5.)"""
-    from d2v_heads.causal_lm import generate
+    from d2v_heads.text.causal_lm import generate
 
     theirs = hf_model(Data2VecTextForCausalLM, is_decoder=True)
     with torch.no_grad():

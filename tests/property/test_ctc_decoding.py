@@ -1,4 +1,4 @@
-"""Properties of CTC decoding (d2v_heads.ctc): round trips, beam vs greedy, padding."""
+"""Properties of CTC decoding (d2v_heads.speech.ctc): round trips, beam vs greedy, padding."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d2v.interfaces import HeadOutput
-from d2v_heads.ctc import CTCHead, collapse_ctc, ctc_greedy_ids, ctc_prefix_beam_search
-from d2v_heads.ctc_vocab import CharVocab
+from d2v_heads.speech.ctc import CTCHead, collapse_ctc, ctc_greedy_ids, ctc_prefix_beam_search
+from d2v_heads.speech.ctc_vocab import CharVocab
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v_heads.entities import entity_counts, entity_scores, get_entities
-from d2v_heads.question_answering import best_answer
+from d2v_heads.text.entities import entity_counts, entity_scores, get_entities
+from d2v_heads.text.question_answering import best_answer
 
 # --------------------------------------------------------------------------- seqeval reference
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v_heads.segmentation_metrics import segmentation_counts, segmentation_summary
+from d2v_heads.vision.segmentation_metrics import segmentation_counts, segmentation_summary
 from d2v_vision.relative_position import relative_position_index
 
 

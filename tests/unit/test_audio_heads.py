@@ -20,17 +20,17 @@ from d2v.interfaces import EncoderOutput, HeadOutput
 from d2v_audio.frame_labels import num_label_frames, segments_to_frames, shift_segments
 from d2v_audio.labelled_datasets import AudioFolder, AudioSegments, VoxCeleb
 from d2v_audio.processor import AudioProcessor
-from d2v_heads.audio_classification import AudioClassificationHead, masked_mean
-from d2v_heads.audio_frame_classification import AudioFrameClassificationHead, align_frame_labels
-from d2v_heads.layer_sum import weighted_layer_sum
-from d2v_heads.verification_metrics import (
+from d2v_heads.speech.audio_classification import AudioClassificationHead, masked_mean
+from d2v_heads.speech.audio_frame_classification import AudioFrameClassificationHead, align_frame_labels
+from d2v_heads.shared.layer_sum import weighted_layer_sum
+from d2v_heads.speech.verification_metrics import (
     best_speaker_mapping,
     diarization_counts,
     diarization_summary,
     equal_error_rate,
     min_dcf,
 )
-from d2v_heads.xvector import XVectorHead, all_pair_trials, read_trials
+from d2v_heads.speech.xvector import XVectorHead, all_pair_trials, read_trials
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d2v.runner.train import add_counts
-from d2v_heads.classification_metrics import (
+from d2v_heads.shared.classification_metrics import (
     classification_summary,
     confusion_counts,
     multilabel_counts,

@@ -1,4 +1,4 @@
-"""The CTC head (d2v_heads.ctc): vocabulary, loss (brute force and HF parity), decoding, metrics."""
+"""The CTC head (d2v_heads.speech.ctc): vocabulary, loss (brute force and HF parity), decoding, metrics."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads import ctc
-from d2v_heads.ctc import CTCHead, collapse_ctc, ctc_greedy_ids, ctc_prefix_beam_search
-from d2v_heads.ctc_vocab import LIBRISPEECH_TOKENS, CharVocab
+from d2v_heads.speech import ctc
+from d2v_heads.speech.ctc import CTCHead, collapse_ctc, ctc_greedy_ids, ctc_prefix_beam_search
+from d2v_heads.speech.ctc_vocab import LIBRISPEECH_TOKENS, CharVocab
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 

@@ -16,10 +16,10 @@ from d2v import plugins
 from d2v.errors import SpecError
 from d2v.interfaces import HeadOutput
 from d2v.model import build_component
-from d2v.ngram_lm import BOS, EOS, UNK, NGramLM, add_parser, adjusted_counts, discounts, estimate, raw_counts
-from d2v_heads.ctc import CTCHead, ctc_beam_ids, ctc_greedy_ids
-from d2v_heads.ctc_decoders import DecoderOptions, decoder_options
-from d2v_heads.ctc_vocab import CharVocab
+from d2v_heads.speech.ngram_lm import BOS, EOS, UNK, NGramLM, add_parser, adjusted_counts, discounts, estimate, raw_counts
+from d2v_heads.speech.ctc import CTCHead, ctc_beam_ids, ctc_greedy_ids
+from d2v_heads.speech.ctc_decoders import DecoderOptions, decoder_options
+from d2v_heads.speech.ctc_vocab import CharVocab
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

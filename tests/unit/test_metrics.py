@@ -1,4 +1,4 @@
-"""d2v.metrics: edit distance, word and character errors."""
+"""d2v_heads.speech.error_rates: edit distance, word and character errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v.metrics import char_errors, edit_distance, error_rate, normalize_whitespace, word_errors
+from d2v_heads.speech.error_rates import char_errors, edit_distance, error_rate, normalize_whitespace, word_errors
 
 
 @pytest.mark.parametrize(

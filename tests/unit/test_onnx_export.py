@@ -114,7 +114,7 @@ def test_ctc_export_keeps_the_vocabulary_and_valid_frames(tmp_path):
     logits, frames = run_onnx(tmp_path / "asr.onnx", {"input_values": inputs, "attention_mask": mask})
     out = model({"inputs": inputs, "padding_mask": mask == 0})
     expected = model.head.predict(out.head_output, {})
-    from d2v_heads.ctc import ctc_greedy_ids
+    from d2v_heads.speech.ctc import ctc_greedy_ids
 
     decoded = ctc_greedy_ids(torch.from_numpy(logits), frames.sum(1).tolist(), blank=model.head.blank_id)
     assert [model.head.vocab.decode(ids) for ids in decoded] == expected

@@ -99,7 +99,7 @@ def test_trace_env_prints_hook_calls(monkeypatch, capsys):
         plugins.registry()
         err = capsys.readouterr().err
         assert "d2v_register -> plugin 'audio'" in err
-        assert "loading entry point head-ctc = d2v_heads.ctc" in err
+        assert "loading entry point head-ctc = d2v_heads.speech.ctc" in err
     finally:
         monkeypatch.delenv("D2V_TRACE_PLUGINS")
         plugins.reset()

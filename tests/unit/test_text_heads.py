@@ -14,14 +14,14 @@ from torch import nn
 from d2v.errors import SpecError
 from d2v.interfaces import Encoder, EncoderOutput, FeatureExtractor, FeatureExtractorOutput, HeadOutput
 from d2v.model import TaskModel
-from d2v_heads.causal_lm import CausalLMHead, filter_logits, generate, position_ids_for
-from d2v_heads.entities import entity_counts, entity_scores, get_entities
-from d2v_heads.masked_lm import MaskedLMHead
-from d2v_heads.multiple_choice import MultipleChoiceHead
-from d2v_heads.question_answering import QuestionAnsweringHead, best_answer
-from d2v_heads.squad_metrics import f1_score, normalize_answer, squad_counts, squad_summary
-from d2v_heads.text_classification import TextClassificationHead
-from d2v_heads.token_classification import TokenClassificationHead
+from d2v_heads.text.causal_lm import CausalLMHead, filter_logits, generate, position_ids_for
+from d2v_heads.text.entities import entity_counts, entity_scores, get_entities
+from d2v_heads.text.masked_lm import MaskedLMHead
+from d2v_heads.text.multiple_choice import MultipleChoiceHead
+from d2v_heads.text.question_answering import QuestionAnsweringHead, best_answer
+from d2v_heads.text.squad_metrics import f1_score, normalize_answer, squad_counts, squad_summary
+from d2v_heads.text.text_classification import TextClassificationHead
+from d2v_heads.text.token_classification import TokenClassificationHead
 
 transformers = pytest.importorskip("transformers")
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402

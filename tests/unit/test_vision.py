@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from d2v.errors import SpecError
-from d2v_heads.segmentation_metrics import segmentation_counts, segmentation_summary
+from d2v_heads.vision.segmentation_metrics import segmentation_counts, segmentation_summary
 from d2v_vision.encoder import VisionTransformerEncoder
 from d2v_vision.patches import PatchEmbedding
 from d2v_vision.processor import ImageProcessor, read_rgb
@@ -82,7 +82,7 @@ def test_segmentation_metrics_known_values():
 def test_layer_decay_puts_vision_blocks_in_order():
     from d2v.model import TaskModel
     from d2v.optim import adamw
-    from d2v_heads.image_classification import ImageClassificationHead
+    from d2v_heads.vision.image_classification import ImageClassificationHead
 
     enc = tiny(use_shared_relative_position_bias=True)
     model = TaskModel(PatchEmbedding(dim=16, image_size=16, patch_size=4), enc,

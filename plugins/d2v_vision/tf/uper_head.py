@@ -1,5 +1,5 @@
 """The segmentation head in Keras 3, as d2v's PyTorch ``semantic_segmentation`` head
-(:mod:`d2v_heads.semantic_segmentation`, Hugging Face's ``Data2VecVisionForSemanticSegmentation``):
+(:mod:`d2v_heads.vision.semantic_segmentation`, Hugging Face's ``Data2VecVisionForSemanticSegmentation``):
 four encoder hidden states as 2-D maps at four scales (``fpn1``..``fpn4``), UperNet (PSP pooling +
 FPN) for the logits and the FCN auxiliary head.
 

@@ -12,7 +12,7 @@ Spec usage::
     head: {name: text_classification, label_names: [entailment, neutral, contradiction]}
     head: {name: text_classification, num_labels: 1}               # STS-B regression
 
-Metrics (percent, :mod:`d2v_heads.classification_metrics`): single-label ``accuracy``,
+Metrics (percent, :mod:`d2v_heads.shared.classification_metrics`): single-label ``accuracy``,
 ``macro_f1``, ``mcc`` and binary ``f1``; regression ``pearson``, ``spearman`` (and ``mse``);
 multi-label ``micro_f1`` and ``subset_accuracy`` (a label is predicted when its logit > 0).
 """
@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.label_names import resolve_label_names
-from d2v_heads.classification_metrics import (
+from d2v_heads.shared.label_names import resolve_label_names
+from d2v_heads.shared.classification_metrics import (
     classification_summary,
     confusion_counts,
     multilabel_counts,
@@ -36,12 +36,12 @@ from d2v_heads.classification_metrics import (
     regression_counts,
     regression_summary,
 )
-from d2v_heads.top_k import classification_results, ranked
+from d2v_heads.shared.top_k import classification_results, ranked
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "text_classification", "d2v_heads.text_classification:TextClassificationHead",
+    register("head", "text_classification", "d2v_heads.text.text_classification:TextClassificationHead",
              summary="sequence classification/regression over <s> (HF Data2VecTextForSequenceClassification, "
                      "problem_type single/multi-label/regression); accuracy, F1, MCC, Pearson/Spearman, micro-F1",
         modalities=("text",),

@@ -7,7 +7,7 @@ logits at 1/4 of the input; the optional FCN ``auxiliary_head`` reads the third 
 cross-entropy of the logits bilinearly upsampled to the labels, ``ignore_index`` pixels
 skipped, plus ``auxiliary_loss_weight`` x the auxiliary loss. Module names follow Hugging Face.
 
-Metrics (percent, :mod:`d2v_heads.segmentation_metrics`): ``mIoU`` and ``pixel_accuracy`` of
+Metrics (percent, :mod:`d2v_heads.vision.segmentation_metrics`): ``mIoU`` and ``pixel_accuracy`` of
 the predictions upsampled to the label size.
 """
 
@@ -24,13 +24,13 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput, ResultFile
-from d2v_heads.label_names import resolve_label_names
-from d2v_heads.segmentation_metrics import segmentation_counts, segmentation_summary
+from d2v_heads.shared.label_names import resolve_label_names
+from d2v_heads.vision.segmentation_metrics import segmentation_counts, segmentation_summary
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "semantic_segmentation", "d2v_heads.semantic_segmentation:SemanticSegmentationHead",
+    register("head", "semantic_segmentation", "d2v_heads.vision.semantic_segmentation:SemanticSegmentationHead",
              summary="UperNet (PSP + FPN over out_indices) + FCN auxiliary head (HF Data2VecVisionForSemanticSegmentation); "
                      "cross-entropy with ignore index; mIoU, pixel accuracy",
         modalities=("image",),

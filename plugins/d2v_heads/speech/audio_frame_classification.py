@@ -18,7 +18,7 @@ label row holds a negative value are left out of the loss and the metrics.
 Metrics (percent): ``frame_f1`` (micro-F1 over frames x labels) and ``frame_accuracy`` (frames
 whose whole label row is right); with ``diarization: true`` also the diarization error rate
 ``der`` (+ miss / false alarm / confusion), mapping predicted to reference speakers per
-recording (see :mod:`d2v_heads.verification_metrics`).
+recording (see :mod:`d2v_heads.speech.verification_metrics`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.label_names import resolve_label_names
-from d2v_heads.classification_metrics import multilabel_counts, multilabel_summary
-from d2v_heads.layer_sum import head_input, make_layer_weights
-from d2v_heads.verification_metrics import diarization_counts, diarization_summary
+from d2v_heads.shared.label_names import resolve_label_names
+from d2v_heads.shared.classification_metrics import multilabel_counts, multilabel_summary
+from d2v_heads.shared.layer_sum import head_input, make_layer_weights
+from d2v_heads.speech.verification_metrics import diarization_counts, diarization_summary
 
 LOSSES = ("bce", "cross_entropy")
 IGNORE = -100.0
@@ -42,7 +42,7 @@ IGNORE = -100.0
 
 @hookimpl
 def d2v_register(register):
-    register("head", "audio_frame_classification", "d2v_heads.audio_frame_classification:AudioFrameClassificationHead",
+    register("head", "audio_frame_classification", "d2v_heads.speech.audio_frame_classification:AudioFrameClassificationHead",
              summary="per-frame labels (VAD, diarization): linear classifier, optional weighted layer sum, BCE or HF "
                      "cross-entropy (HF Data2VecAudioForAudioFrameClassification); frame F1, DER")
 

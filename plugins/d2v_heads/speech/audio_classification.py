@@ -11,7 +11,7 @@ Spec usage::
     head: {name: audio_classification, label_names: [yes, no, up, down], use_weighted_layer_sum: true}
 
 Batch keys read: ``labels`` (``LongTensor (B,)`` class ids). Metrics (percent): ``accuracy``,
-``macro_f1`` (and ``f1``/``mcc`` from :mod:`d2v_heads.classification_metrics`).
+``macro_f1`` (and ``f1``/``mcc`` from :mod:`d2v_heads.shared.classification_metrics`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from torch import Tensor, nn
 
 from d2v import hookimpl
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.classification_metrics import classification_summary, confusion_counts
-from d2v_heads.label_names import resolve_label_names
-from d2v_heads.layer_sum import head_input, make_layer_weights
-from d2v_heads.top_k import classification_results
+from d2v_heads.shared.classification_metrics import classification_summary, confusion_counts
+from d2v_heads.shared.label_names import resolve_label_names
+from d2v_heads.shared.layer_sum import head_input, make_layer_weights
+from d2v_heads.shared.top_k import classification_results
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "audio_classification", "d2v_heads.audio_classification:AudioClassificationHead",
+    register("head", "audio_classification", "d2v_heads.speech.audio_classification:AudioClassificationHead",
              summary="utterance classification: projector, masked mean pooling, optional weighted layer sum, "
                      "cross-entropy (HF Data2VecAudioForSequenceClassification); accuracy, macro-F1")
 

@@ -40,15 +40,15 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.label_names import resolve_label_names
-from d2v_heads.layer_sum import head_input, make_layer_weights, valid_frames
-from d2v_heads.top_k import ranked
-from d2v_heads.verification_metrics import cosine_trial_scores, verification_summary
+from d2v_heads.shared.label_names import resolve_label_names
+from d2v_heads.shared.layer_sum import head_input, make_layer_weights, valid_frames
+from d2v_heads.shared.top_k import ranked
+from d2v_heads.speech.verification_metrics import cosine_trial_scores, verification_summary
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "xvector", "d2v_heads.xvector:XVectorHead",
+    register("head", "xvector", "d2v_heads.speech.xvector:XVectorHead",
              summary="x-vector speaker embeddings: TDNN, statistics pooling, AM-Softmax (HF Data2VecAudioForXVector); "
                      "cosine trial scoring, EER, minDCF")
 

@@ -17,7 +17,7 @@ Spec usage::
 
     head: {name: question_answering, version_2_with_negative: true}
 
-Metrics: SQuAD ``exact`` and ``f1`` (percent, :mod:`d2v_heads.squad_metrics`), with the official
+Metrics: SQuAD ``exact`` and ``f1`` (percent, :mod:`d2v_heads.text.squad_metrics`), with the official
 ``HasAns_*``/``NoAns_*`` breakdown.
 """
 
@@ -32,12 +32,12 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.squad_metrics import squad_counts, squad_summary
+from d2v_heads.text.squad_metrics import squad_counts, squad_summary
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "question_answering", "d2v_heads.question_answering:QuestionAnsweringHead",
+    register("head", "question_answering", "d2v_heads.text.question_answering:QuestionAnsweringHead",
              summary="extractive QA (HF Data2VecTextForQuestionAnswering: qa_outputs start/end); n-best span "
                      "extraction over stride windows, SQuAD v1.1/v2.0 exact match and F1",
         modalities=("text",),

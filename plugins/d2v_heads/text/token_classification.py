@@ -6,7 +6,7 @@
 Evaluation is per **word**, as seqeval scores CoNLL: each word takes the prediction of its first
 sub-token (through the batch's ``word_ids``); words cut off by truncation are predicted ``O`` so
 their entities count as missed. Entity-level ``precision``/``recall``/``f1`` (micro, percent) are
-seqeval's default (see :mod:`d2v_heads.entities`); ``accuracy`` is the word-level tag accuracy
+seqeval's default (see :mod:`d2v_heads.text.entities`); ``accuracy`` is the word-level tag accuracy
 (seqeval's ``accuracy_score``) and ``token_accuracy`` the accuracy over labelled sub-tokens.
 
 Spec usage::
@@ -25,14 +25,14 @@ from torch import nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.entities import entity_counts, entity_scores, get_entities
-from d2v_heads.lm_head import IGNORE_INDEX
-from d2v_heads.label_names import resolve_label_names
+from d2v_heads.text.entities import entity_counts, entity_scores, get_entities
+from d2v_heads.text.lm_head import IGNORE_INDEX
+from d2v_heads.shared.label_names import resolve_label_names
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "token_classification", "d2v_heads.token_classification:TokenClassificationHead",
+    register("head", "token_classification", "d2v_heads.text.token_classification:TokenClassificationHead",
              summary="token classification (HF Data2VecTextForTokenClassification: dropout + linear, CE with -100); "
                      "seqeval entity precision/recall/F1 on words, accuracy",
         modalities=("text",),

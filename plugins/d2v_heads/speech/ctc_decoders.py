@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from d2v.errors import SpecError
-from d2v_heads.ctc_vocab import CharVocab
+from d2v_heads.speech.ctc_vocab import CharVocab
 
 DECODER_NAMES = ("greedy", "beam", "lm_beam")
 #: options that only the LM-fused decoder reads

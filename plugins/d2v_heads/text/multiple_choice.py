@@ -29,7 +29,7 @@ FOLDED_KEYS = ("inputs", "padding_mask", "token_type_ids", "position_ids")
 
 @hookimpl
 def d2v_register(register):
-    register("head", "multiple_choice", "d2v_heads.multiple_choice:MultipleChoiceHead",
+    register("head", "multiple_choice", "d2v_heads.text.multiple_choice:MultipleChoiceHead",
              summary="multiple choice (HF Data2VecTextForMultipleChoice: pooled output, dropout, Linear(D,1), "
                      "cross-entropy over the choices); accuracy",
         modalities=("text",),

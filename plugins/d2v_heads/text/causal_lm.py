@@ -1,6 +1,6 @@
 """Causal language modelling: Hugging Face's ``Data2VecTextForCausalLM`` head, loss and generation.
 
-The LM layer of :mod:`d2v_heads.lm_head` on a decoder encoder (``model.encoder.is_decoder:
+The LM layer of :mod:`d2v_heads.text.lm_head` on a decoder encoder (``model.encoder.is_decoder:
 true``); the loss is HF's ``ForCausalLMLoss``: labels shifted left by one (position ``t``
 predicts token ``t + 1``), -100 ignored, float32 cross-entropy averaged over the remaining
 tokens. Labels come from ``batch["labels"]``, or else the inputs with padding set to -100.
@@ -27,12 +27,12 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, HeadOutput
-from d2v_heads.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token_nll
+from d2v_heads.text.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token_nll
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "causal_lm", "d2v_heads.causal_lm:CausalLMHead",
+    register("head", "causal_lm", "d2v_heads.text.causal_lm:CausalLMHead",
              summary="causal LM (HF Data2VecTextForCausalLM: LM head tied to the embeddings, shifted loss); "
                      "perplexity; greedy/top-k/top-p generation with the key/value cache",
         modalities=("text",),

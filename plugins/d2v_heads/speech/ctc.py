@@ -12,10 +12,10 @@ Spec usage::
     head: {name: ctc, decoder: {name: lm_beam, lm: lm.arpa, alpha: 0.5, beta: 2.0, beam_size: 50}}
 
 Decoders (``greedy``, ``beam``, the LM-fused ``lm_beam``) and their options are described in
-:mod:`d2v_heads.ctc_decoders`.
+:mod:`d2v_heads.speech.ctc_decoders`.
 
 Metrics: ``summarize`` reports ``wer`` and ``cer`` in **percent** (100 * errors / reference
-units), computed on whitespace-normalised, case-matched text (see :mod:`d2v.metrics`).
+units), computed on whitespace-normalised, case-matched text (see :mod:`d2v_heads.speech.error_rates`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from d2v import hookimpl
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v.metrics import char_errors, error_rate, word_errors
-from d2v_heads.ctc_decoders import DecoderOptions, LexiconBeamDecoder, decoder_options
-from d2v_heads.ctc_vocab import BOS, EOS, CharVocab
+from d2v_heads.speech.error_rates import char_errors, error_rate, word_errors
+from d2v_heads.speech.ctc_decoders import DecoderOptions, LexiconBeamDecoder, decoder_options
+from d2v_heads.speech.ctc_vocab import BOS, EOS, CharVocab
 
 
 @hookimpl
@@ -42,11 +42,19 @@ def d2v_register(register):
     register(
         "head",
         "ctc",
-        "d2v_heads.ctc:CTCHead",
+        "d2v_heads.speech.ctc:CTCHead",
         summary="character CTC head (dropout + linear), HF Data2VecAudioForCTC loss, greedy/beam decoding, WER/CER",
         modalities=("audio",),
     )
 
+
+
+@hookimpl
+def d2v_cli_commands(subparsers):
+    """``d2v lm build``: the word n-gram models the CTC head's beam search decodes with."""
+    from d2v_heads.speech.ngram_lm import add_parser
+
+    add_parser(subparsers)
 
 IGNORE_INDEX = -100
 _NEG_INF = float("-inf")
@@ -192,7 +200,7 @@ class CTCHead(Head):
     * ``ctc_zero_infinity``: zero infinite losses (inputs too short for their targets).
     * ``decoder``: ``"greedy"`` (best path), ``"beam"`` (prefix beam search, no LM), or a
       mapping ``{name: greedy|beam|lm_beam, beam_size, lm, alpha, beta, lexicon, ...}``
-      (:class:`~d2v_heads.ctc_decoders.DecoderOptions`; ``lm_beam`` fuses a KenLM n-gram LM).
+      (:class:`~d2v_heads.speech.ctc_decoders.DecoderOptions`; ``lm_beam`` fuses a KenLM n-gram LM).
     * ``beam_size``: beam width when the decoder mapping does not give one.
 
     ``batch`` keys read: ``"labels"`` (``LongTensor (B, U)`` padded with -100) or ``"text"``
@@ -252,7 +260,7 @@ class CTCHead(Head):
 
     @decoder.setter
     def decoder(self, value: str | dict[str, Any] | DecoderOptions) -> None:
-        #: the checked decoder options (see :mod:`d2v_heads.ctc_decoders`)
+        #: the checked decoder options (see :mod:`d2v_heads.speech.ctc_decoders`)
         self.decoding = decoder_options(value, beam_size=self.beam_size)
         self._lm_decoder = LexiconBeamDecoder(self.decoding, self.vocab) if self.decoding.name == "lm_beam" else None
 

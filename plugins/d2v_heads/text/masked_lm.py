@@ -1,6 +1,6 @@
 """Masked language modelling: Hugging Face's ``Data2VecTextForMaskedLM`` head and loss.
 
-The LM layer of :mod:`d2v_heads.lm_head` (decoder tied to the word embeddings), cross-entropy
+The LM layer of :mod:`d2v_heads.text.lm_head` (decoder tied to the word embeddings), cross-entropy
 over every position whose label is not -100 (the text processor's BERT masking puts the original
 id at the corrupted positions and -100 elsewhere), averaged over those positions, as HF.
 
@@ -23,12 +23,12 @@ from torch import Tensor
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, HeadOutput
-from d2v_heads.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token_nll
+from d2v_heads.text.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token_nll
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "masked_lm", "d2v_heads.masked_lm:MaskedLMHead",
+    register("head", "masked_lm", "d2v_heads.text.masked_lm:MaskedLMHead",
              summary="masked LM (HF Data2VecTextForMaskedLM: dense, gelu, LayerNorm, tied decoder + bias); "
                      "top-k fill-mask; masked-token accuracy, perplexity",
         modalities=("text",),

@@ -7,7 +7,7 @@ use the soft-target cross-entropy ``-(y * log_softmax(z)).sum(-1).mean()``; with
 loss is MSE (HF's regression).
 
 Metrics (percent): ``accuracy`` (top-1), ``top5`` (top-k with ``k = min(5, classes)``),
-``macro_f1`` and ``mcc`` (:mod:`d2v_heads.classification_metrics`).
+``macro_f1`` and ``mcc`` (:mod:`d2v_heads.shared.classification_metrics`).
 
 Layer-wise learning-rate decay (``optim: {name: adamw, layer_decay: 0.65}``) treats this head
 as the top layer and the vision encoder's ``layers.<i>`` as layers ``i + 1``.
@@ -25,14 +25,14 @@ from torch import Tensor, nn
 from d2v import hookimpl
 from d2v.errors import SpecError
 from d2v.interfaces import EncoderOutput, Head, HeadOutput
-from d2v_heads.label_names import resolve_label_names
-from d2v_heads.classification_metrics import classification_summary, confusion_counts
-from d2v_heads.top_k import classification_results
+from d2v_heads.shared.label_names import resolve_label_names
+from d2v_heads.shared.classification_metrics import classification_summary, confusion_counts
+from d2v_heads.shared.top_k import classification_results
 
 
 @hookimpl
 def d2v_register(register):
-    register("head", "image_classification", "d2v_heads.image_classification:ImageClassificationHead",
+    register("head", "image_classification", "d2v_heads.vision.image_classification:ImageClassificationHead",
              summary="Linear on the pooled encoder output (HF Data2VecVisionForImageClassification); "
                      "cross-entropy or mixup soft targets; top-1/top-5 accuracy, macro-F1, MCC",
         modalities=("image",),
