@@ -13,7 +13,7 @@ model saved once; d2v loads it with ``model.init``, strictly), use the same batc
 frozen, the same number of loader workers, and log every ``--log-every`` updates; neither
 evaluates nor saves while timed.
 
-* ``d2v``: a spec built in code, run by :class:`d2v.runner.Run` (what ``d2v-run`` does);
+* ``d2v``: a spec built in code, run by :class:`d2v.train.Run` (what ``d2v-run`` does);
   ``data.loader.batch_size`` sorts the corpus by length and cuts it into batches.
 * ``hf``: ``Trainer`` + ``TrainingArguments`` with ``Data2VecAudioForCTC``, a torch ``Dataset``
   reading the same files (soundfile, ``Wav2Vec2FeatureExtractor``, ``Wav2Vec2CTCTokenizer``) and
@@ -118,9 +118,9 @@ def prepare_checkpoint(job: Job, directory: str | Path) -> Path:
     import torch
     import transformers
 
-    from d2v import plugins
-    from d2v.hf import save_pretrained
-    from d2v.model import build_model
+    from d2v.api import plugins
+    from d2v.interop.hf import save_pretrained
+    from d2v.spec.model import build_model
 
     directory = Path(directory)
     with tempfile.TemporaryDirectory() as tmp:
@@ -272,8 +272,8 @@ def _d2v_batch_stats(args, kwargs):
 
 
 def run_d2v(job: Job, checkpoint: Path, workdir: Path) -> dict[str, Any]:
-    from d2v.config import spec_from_dict
-    from d2v.runner import Run
+    from d2v.spec.config import spec_from_dict
+    from d2v.train import Run
 
     runner = Run(spec_from_dict(d2v_spec(job, checkpoint, workdir / "d2v-run"), "end_to_end.py"))
     with LoopClock(runner.model, _d2v_batch_stats, device=job.device,
@@ -456,7 +456,7 @@ INTRO = f"""{SECTION_TITLE}
 
 `python benchmarks/end_to_end.py` fine-tunes the same CTC model on the demo LibriSpeech corpus
 (experiments/data/speech_demo, train-demo: 400 utterances of 1-2.4 s) through d2v's runner
-(`d2v.runner.Run`, what `d2v-run` does) and through `transformers`' `Trainer`: same initial weights
+(`d2v.train.Run`, what `d2v-run` does) and through `transformers`' `Trainer`: same initial weights
 (a saved `Data2VecAudioForCTC`, loaded by d2v with `model.init`, strictly), same batch size, AdamW
 without weight decay, linear warmup then linear decay, clipping at 5, frozen conv feature encoder,
 SpecAugment as in experiments/asr_demo.yaml, fp32, the same number of loader workers, a log line

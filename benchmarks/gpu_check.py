@@ -12,7 +12,7 @@ shipped, apart from these overrides: ``--steps`` updates, no evaluation until th
 checkpoints until the end, a log line every tenth of the run, ``trainer.mixed_precision`` bf16 on
 CUDA and ``no`` on the CPU (with ``trainer.cpu=true``), ``trainer.compile`` off and/or on.
 
-Each run is its own process (``d2v run SPEC key=value ...`` through :func:`d2v.cli.main`, inside a
+Each run is its own process (``d2v run SPEC key=value ...`` through :func:`d2v.cli.main.main`, inside a
 small wrapper that reads the process's peak memory, which the runner does not log), so a crash
 stops one row and not the table. After a fine-tuning run, ``d2v predict RUN_DIR INPUT...`` on demo
 inputs and ``d2v export RUN_DIR --onnx`` must both succeed. Measured per run, from its
@@ -239,7 +239,7 @@ def read_metrics(row: Row, run_dir: Path) -> None:
 
     The train records' time stamps bound each window; examples/s is the windows' own rate weighted
     by their length."""
-    from d2v.runs import load_run
+    from d2v.use.runs import load_run
 
     history = load_run(run_dir)
     train = sorted((r for r in history.records if r["split"] == "train"), key=lambda r: r["step"])
@@ -262,7 +262,7 @@ def run_spec_measured(device: str, report: Path, argv: list[str]) -> int:
     log memory, and only the process that trained can read its own peak (from zero: a fresh process)."""
     import torch
 
-    from d2v.cli import main as d2v_main
+    from d2v.cli.main import main as d2v_main
 
     code = d2v_main(["run", *argv])
     if device == "cuda":

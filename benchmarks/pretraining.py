@@ -67,10 +67,10 @@ class Objective:
     """A demo spec's objective, optimizer and a few real batches, ready to time."""
 
     def __init__(self, spec_path: str, device: str, overrides: list[str], batches: int):
-        from d2v.config import load_spec
-        from d2v.data import make_loader
-        from d2v.model import build_component
-        from d2v.runner import Run
+        from d2v.spec.config import load_spec
+        from d2v.data.loading import make_loader
+        from d2v.spec.model import build_component
+        from d2v.train import Run
 
         self.tmp = tempfile.TemporaryDirectory()
         spec = load_spec(ROOT / spec_path, [f"trainer.output_dir={self.tmp.name}/run", "trainer.progress_bar=false",
@@ -216,7 +216,7 @@ def _run(spec: Path | str, overrides: list[str], log: Path) -> float:
 
 
 def _valid_metric(run_dir: Path, metric: str) -> float:
-    from d2v.runs import load_run
+    from d2v.use.runs import load_run
 
     return float(load_run(run_dir).last("valid")[metric])
 
@@ -246,8 +246,8 @@ def linear_probe(work: Path, preset: str, checkpoint: Path | None, ridge: float 
     """Validation accuracy of a ridge-regression classifier on the frozen backbone's features: the
     usual measure of what self-supervised pretraining learned, deterministic and cheap (a
     fine-tune of a tiny model on 600 images can land 20 points apart from one seed to the next)."""
-    from d2v.config import load_spec
-    from d2v.runner import Run
+    from d2v.spec.config import load_spec
+    from d2v.train import Run
 
     spec = _finetune_spec(work, preset, checkpoint)
     with _in_repository():  # the demo specs name their data relative to the repository

@@ -138,7 +138,7 @@ def prepare(hf, ours, options: argparse.Namespace):
     """Apply ``--compile`` (d2v: ``trainer.compile``'s per-block compile; HF: ``torch.compile`` of
     the model, its usual way) and ``--gradient-checkpointing`` (d2v: ``trainer.gradient_checkpointing``;
     HF: ``gradient_checkpointing_enable()``)."""
-    from d2v.runner.layer_options import apply_layer_options
+    from d2v.nn.layer_options import apply_layer_options
 
     apply_layer_options(ours, compile=options.compile in ("d2v", "both"),
                         gradient_checkpointing=options.gradient_checkpointing)

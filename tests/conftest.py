@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def toy_plugin():
     """Register the toy modality for one test and always unregister it."""
     import toy
-    from d2v import plugins
+    from d2v.api import plugins
 
     plugins.register_plugin(toy, "toy")
     try:

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import torch
 
-from d2v import plugins
-from d2v.model import build_model
+from d2v.api import plugins
+from d2v.spec.model import build_model
 
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
 

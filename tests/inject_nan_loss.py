@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from d2v.cli import main
-from d2v.runner import train
+from d2v.cli.main import main
+from d2v.train import loop as train
 
 PROCESS, FORWARD = (int(value) for value in os.environ["D2V_NAN_LOSS"].split(":"))
 build = train.Run._build

@@ -1,6 +1,6 @@
 """A toy modality for testing core without any real plugin: vectors in, a linear target out.
 
-Registered at test time with ``d2v.plugins.register_plugin(toy, "toy")``.
+Registered at test time with ``d2v.api.plugins.register_plugin(toy, "toy")``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from d2v import hookimpl
-from d2v.interfaces import Encoder, EncoderOutput, FeatureExtractor, FeatureExtractorOutput, Head, HeadOutput
+from d2v.api.interfaces import Encoder, EncoderOutput, FeatureExtractor, FeatureExtractorOutput, Head, HeadOutput
 
 
 class ToyFeatures(FeatureExtractor):

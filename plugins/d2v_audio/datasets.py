@@ -26,7 +26,7 @@ from typing import Any
 import soundfile as sf
 from torch.utils.data import Dataset
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 OPENSLR_HINT = (
     "LibriSpeech is available from https://www.openslr.org/12 (download and extract e.g. "

@@ -3,7 +3,7 @@
 
 Built bottom-up from small parts::
 
-    MultiHeadAttention, FeedForward (d2v.layers) -> EncoderLayer (post-LN)
+    MultiHeadAttention, FeedForward (d2v.nn.layers) -> EncoderLayer (post-LN)
     PositionalConvBlock        -> PositionalConv (a stack of grouped convs)
     everything                 -> AudioTransformerEncoder
 
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v.alibi import alibi_bias_1d, alibi_slopes
-from d2v.errors import SpecError
-from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import FeedForward, MultiHeadAttention, run_layer
-from d2v.masking import compute_span_mask
+from d2v.nn.alibi import alibi_bias_1d, alibi_slopes
+from d2v.api.errors import SpecError
+from d2v import Encoder, EncoderOutput
+from d2v.nn.layers import FeedForward, MultiHeadAttention, run_layer
+from d2v.ssl.masking import compute_span_mask
 
 TARGET_FEATURES = ("ffn", "end")
 
@@ -161,7 +161,7 @@ class AudioTransformerEncoder(Encoder):
     data2vec 2.0 audio (fairseq ``data2vec_multi``, ``use_alibi_encoder``):
 
     * ``alibi`` adds ``scale * slope_h * -|i - j|`` to every layer's attention logits (slopes:
-      :func:`d2v.alibi.alibi_slopes`; positions: ``position_ids`` when given -- the kept
+      :func:`d2v.nn.alibi.alibi_slopes`; positions: ``position_ids`` when given -- the kept
       positions of a data2vec 2.0 student, fairseq's ``masked_alibi`` -- else ``0..T-1``).
       ``alibi_scale`` (a parameter, shape ``(layers if alibi_scale_per_layer else 1, heads if
       alibi_scale_per_head else 1)``, initialised to ``alibi_scale_init``, learned when

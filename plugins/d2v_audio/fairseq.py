@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
 from d2v_audio import fairseq_ctc, fairseq_v1, fairseq_v2
 from d2v_audio.fairseq_names import Rename, collect, prefixed, rebased, refuse_unaccounted
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import Tensor
 
-from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import ConfigReader
 from d2v_heads.speech.ctc_vocab import BOS, LIBRISPEECH_TOKENS, PAD
 
 #: ``Wav2Vec2AsrConfig`` + ``Wav2Vec2CtcConfig`` fields (fairseq/models/wav2vec/wav2vec2_asr.py)

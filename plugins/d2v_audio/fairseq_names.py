@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 #: fairseq activation names (``fairseq.utils.get_activation_fn``) -> d2v's
 ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "relu": "relu",

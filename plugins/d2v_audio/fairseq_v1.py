@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from d2v.fairseq import ConfigReader
+from d2v.interop.fairseq import ConfigReader
 from d2v_audio.fairseq_names import Rename, activation, conv_layers, linear, unsupported
 
 #: ``Wav2Vec2Config`` fields (fairseq/models/wav2vec/wav2vec2.py)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from d2v.fairseq import ConfigReader
-from d2v.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, UnsupportedObjective, objective
+from d2v.interop.fairseq import ConfigReader
+from d2v.interop.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, UnsupportedObjective, objective
 from d2v_audio.fairseq_names import Rename, chunk, conv_layers, linear, reshaped, unsupported
 
 AUDIO = "modality_encoders.AUDIO."

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
-from d2v.layers import make_activation
+from d2v.api.errors import SpecError
+from d2v import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
+from d2v.nn.layers import make_activation
 
 class ConvBlock(nn.Module):
     """Conv1d -> LayerNorm over channels -> activation, on ``(B, C, T)``."""

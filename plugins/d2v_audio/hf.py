@@ -2,7 +2,7 @@
 ``ForSequenceClassification``, ``ForAudioFrameClassification`` and ``ForXVector``.
 
 The converters are registered as ``hf_converter`` components named after the Hugging Face
-architecture; :func:`d2v.hf.from_pretrained` and ``PretrainedModel.save_pretrained`` pick one
+architecture; :func:`d2v.interop.hf.from_pretrained` and ``PretrainedModel.save_pretrained`` pick one
 by the ``architectures[0]`` of a ``config.json``. Each offers:
 
 * ``hf_config_to_spec(config)``: the d2v ``model:`` spec section equivalent to an HF config;
@@ -21,10 +21,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.hf import config_label_names, keyword_table, load_strict, rename_weight
-from d2v.model import TaskModel, build_task_model
-from d2v.plugins import registry
+from d2v.api.errors import SpecError
+from d2v.interop.hf import config_label_names, keyword_table, load_strict, rename_weight
+from d2v.spec.model import TaskModel, build_task_model
+from d2v.api.plugins import registry
 
 #: ``Data2VecAudioConfig`` defaults (transformers 5); a saved ``config.json`` holds only the
 #: values that differ from these.
@@ -206,7 +206,7 @@ class AudioModelConverter:
 
     architecture = "Data2VecAudioModel"
     head_renames: list[tuple[str, str]] = []
-    #: ``Data2VecAudioModel.forward``'s parameters (the drop-in's call, see :func:`d2v.hf.check_keywords`)
+    #: ``Data2VecAudioModel.forward``'s parameters (the drop-in's call, see :func:`d2v.interop.hf.check_keywords`)
     hf_forward = keyword_table("input_values", "attention_mask", "mask_time_indices")
 
     # -- config ---------------------------------------------------------------------------

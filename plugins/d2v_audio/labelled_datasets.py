@@ -22,7 +22,7 @@ from typing import Any
 import soundfile as sf
 from torch.utils.data import Dataset
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 

@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from d2v.errors import BadFile, SpecError
+from d2v.api.errors import BadFile, SpecError
 from d2v_audio.frame_labels import pad_frame_labels, segments_to_frames, shift_segments
 
 CROPS = ("random", "start", "none")

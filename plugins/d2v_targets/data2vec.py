@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Target
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Target
 
 NORMS = ("instance", "layer", None)
 LOSSES = ("l2", "smooth_l1")

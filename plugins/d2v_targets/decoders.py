@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 
 def _check(dim: int, kernel: int, layers: int, groups: int, input_dim: int, projection_layers: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

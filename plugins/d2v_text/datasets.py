@@ -20,7 +20,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 GLUE_HINT = ("GLUE is available from https://gluebenchmark.com/tasks (e.g. with the download_glue_data.py "
              "script, which writes <root>/<TASK>/{train,dev,test}.tsv)")

@@ -7,7 +7,7 @@ Built bottom-up::
     MultiHeadAttention (self or cross, optional cache), FeedForward  -> TextLayer (post-LN)
     TextLayer x N, Pooler                                           -> TextTransformerEncoder
 
-(attention and FFN are d2v.layers' building blocks, shared with the audio encoder).
+(attention and FFN are d2v.nn.layers' building blocks, shared with the audio encoder).
 
 Decoder mode (``is_decoder``, as ``Data2VecTextForCausalLM`` runs it) adds the causal mask,
 optional cross-attention to ``encoder_hidden_states`` (``add_cross_attention``) and a
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import FeedForward, MultiHeadAttention, run_layer
+from d2v.api.errors import SpecError
+from d2v import Encoder, EncoderOutput
+from d2v.nn.layers import FeedForward, MultiHeadAttention, run_layer
 from d2v_text.cache import KeyValueCache
 
 TARGET_FEATURES = ("ffn", "end")

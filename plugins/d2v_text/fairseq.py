@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
 from d2v_text import fairseq_v1 as v1
 from d2v_text import fairseq_v2 as v2
 

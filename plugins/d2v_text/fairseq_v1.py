@@ -27,8 +27,8 @@ from typing import Any
 
 from torch import Tensor
 
-from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import ConfigReader
 
 P = "encoder.sentence_encoder."
 LAYER_NORM_EPS = 1e-5  # fairseq's LayerNorm default
@@ -257,5 +257,5 @@ def head_layers(pairs: list[tuple[str, str]]) -> int:
 
 def teacher_names(arch: TextV1Arch) -> list[tuple[str, str]]:
     """(d2v teacher name, name in ``encoder._ema``): the EMA copy of ``sentence_encoder``, whose
-    names :func:`d2v.fairseq.read_fairseq_checkpoint` prefixes with ``encoder.``."""
+    names :func:`d2v.interop.fairseq.read_fairseq_checkpoint` prefixes with ``encoder.``."""
     return [(f"teacher.model.{ours}", theirs) for ours, theirs in backbone_names(arch, prefix="encoder.")]

@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader
-from d2v.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, objective
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import ConfigReader
+from d2v.interop.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, objective
 from d2v_text.fairseq_v1 import LAYER_NORM_EPS, shapes
 
 M = "modality_encoders.TEXT."
 LOCAL = M + "local_encoder."
 
-# D2vTextConfig's own fields (modalities/text.py); the shared ones are in d2v.fairseq_multi
+# D2vTextConfig's own fields (modalities/text.py); the shared ones are in d2v.interop.fairseq_multi
 TEXT_FIELDS = MODALITY_FIELDS + (
     "max_source_positions", "learned_pos", "dropout", "no_scale_embedding", "layernorm_embedding",
     "no_token_positional_embeddings",

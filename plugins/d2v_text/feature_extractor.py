@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
+from d2v.api.errors import SpecError
+from d2v import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
 
 
 def position_ids_from_input_ids(input_ids: Tensor, padding_idx: int, past_length: int = 0) -> Tensor:

@@ -3,7 +3,7 @@
 and ``ForQuestionAnswering``.
 
 Registered as ``hf_converter`` components named after the Hugging Face architecture (see
-:mod:`d2v.hf`). Each converter offers ``hf_config_to_spec``, ``from_hf`` (strict: every weight
+:mod:`d2v.interop.hf`). Each converter offers ``hf_config_to_spec``, ``from_hf`` (strict: every weight
 must be used and every parameter filled), ``to_hf``, ``exports`` (for ``d2v convert``) and
 ``extra_files``: the tokenizer files found beside the source checkpoint (``vocab.json``,
 ``merges.txt``, ``tokenizer.json``, a sentencepiece model, ...) are written beside an export.
@@ -21,11 +21,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.hf import config_label_names, keyword_table, load_strict, rename_weight
-from d2v.layers import ACTIVATIONS
-from d2v.model import TaskModel, build_task_model
-from d2v.plugins import registry
+from d2v.api.errors import SpecError
+from d2v.interop.hf import config_label_names, keyword_table, load_strict, rename_weight
+from d2v.nn.layers import ACTIVATIONS
+from d2v.spec.model import TaskModel, build_task_model
+from d2v.api.plugins import registry
 
 #: ``Data2VecTextConfig`` defaults (transformers 5) for the fields d2v reads; a saved
 #: ``config.json`` may omit any of them. (The published checkpoints override several:
@@ -89,7 +89,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
                    "added_tokens.json", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
 
 
-#: why the drop-ins refuse these transformers keywords (see :func:`d2v.hf.check_keywords`)
+#: why the drop-ins refuse these transformers keywords (see :func:`d2v.interop.hf.check_keywords`)
 REFUSED = {"inputs_embeds": "the text embeddings start from token ids; pass input_ids",
            "logits_to_keep": "the logits of every position are computed; slice them yourself (out.logits[:, -n:])"}
 NO_POOLER_NOTE = (

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2v.errors import BadFile, SpecError
-from d2v.masking import BertMask
+from d2v.api.errors import BadFile, SpecError
+from d2v.ssl.masking import BertMask
 from d2v_text.tokenizer import Pieces, TextTokenizer, load_tokenizer, train_sentencepiece
 
 logger = logging.getLogger("d2v_text")

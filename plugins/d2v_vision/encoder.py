@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import Encoder, EncoderOutput
-from d2v.layers import make_activation, run_layer
+from d2v.api.errors import SpecError
+from d2v import Encoder, EncoderOutput
+from d2v.nn.layers import make_activation, run_layer
 from d2v_vision.patches import as_pair
 from d2v_vision.relative_position import RelativePositionBias
 

@@ -34,15 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
-from d2v.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, objective
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
+from d2v.interop.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, objective
 
 M = "modality_encoders.IMAGE."
 POSITION_NAMES = ("fixed_positional_encoder.positions", "positional_encoder.positions", "positional_encoder.pos_embed")
 DROPPED = ("encoder_mask",)
 
-# D2vImageConfig's own fields (modalities/images.py); the shared ones are in d2v.fairseq_multi
+# D2vImageConfig's own fields (modalities/images.py); the shared ones are in d2v.interop.fairseq_multi
 IMAGE_FIELDS = MODALITY_FIELDS + (
     "input_size", "in_chans", "patch_size", "embed_dim", "alibi_dims", "alibi_distance", "fixed_positions",
     "transformer_decoder", "enc_dec_transformer",

@@ -1,6 +1,6 @@
 """Hugging Face ``Data2VecVision*`` checkpoint import and export: the bare model,
 ``ForImageClassification`` and ``ForSemanticSegmentation`` (the converter contract is in
-:mod:`d2v.hf`).
+:mod:`d2v.interop.hf`).
 
 The image processor's settings (``preprocessor_config.json``, Hugging Face's
 ``BeitImageProcessor`` fields) are written beside the weights on export, so
@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.hf import NO_ATTENTIONS, config_label_names, keyword_table, load_strict, rename_weight
-from d2v.model import TaskModel, build_task_model
-from d2v.plugins import registry
+from d2v.api.errors import SpecError
+from d2v.interop.hf import NO_ATTENTIONS, config_label_names, keyword_table, load_strict, rename_weight
+from d2v.spec.model import TaskModel, build_task_model
+from d2v.api.plugins import registry
 
 #: ``Data2VecVisionConfig`` defaults (transformers 5)
 HF_DEFAULTS: dict[str, Any] = {

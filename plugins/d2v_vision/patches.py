@@ -15,8 +15,8 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
+from d2v.api.errors import SpecError
+from d2v import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
 
 
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ Segmentation examples (``mask``: a label PNG) get the same geometric transform a
 
 Files are decoded with Pillow: grayscale, palette, CMYK and RGBA images are converted to RGB
 (alpha dropped, as ``convert_rgb`` does), 16-bit grayscale is scaled to 8 bits; truncated or
-unreadable files raise a :class:`d2v.errors.SpecError` naming the file.
+unreadable files raise a :class:`d2v.api.errors.SpecError` naming the file.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-from d2v.errors import BadFile, SpecError
+from d2v.api.errors import BadFile, SpecError
 
 RESAMPLE = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
             "nearest": InterpolationMode.NEAREST}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 
 def sincos_1d(dim: int, positions: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
+from d2v.api.errors import SpecError
+from d2v import ExampleInputs, FeatureExtractor, FeatureExtractorOutput
 from d2v_vision.patches import example_images, input_grid, patch_geometry
 from d2v_vision.sincos import sincos_2d
 

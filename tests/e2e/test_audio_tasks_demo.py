@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from d2v.config import load_spec
-from d2v.convert import convert
-from d2v.runner import run
+from d2v.spec.config import load_spec
+from d2v.interop.convert import convert
+from d2v.train import run
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from d2v.cli import main
+from d2v.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "experiments" / "keywords_demo.yaml"
@@ -134,7 +134,7 @@ def test_images_in_other_modes_load_and_broken_images_follow_the_policy(tmp_path
 
 @pytest.mark.parametrize("policy", ["skip", "error"])
 def test_text_lines_that_are_not_utf8_follow_the_policy(tmp_path, policy):
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
     from d2v_text.datasets import TextLines
 
     corpus = tmp_path / "corpus.txt"
@@ -191,7 +191,7 @@ def test_a_bug_in_a_processor_is_never_skipped_as_bad_data(damaged_corpus, tmp_p
         main(["run", str(SPEC), *overrides])
     assert any("left/left_000" in note for note in caught.value.__notes__)
 
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
 
     monkeypatch.setattr(AudioProcessor, "read", lambda self, example: read(self, example, SpecError))
     assert main(["run", str(SPEC), *_overrides(root, tmp_path / "b", "data.max_skipped_fraction=0.5")]) == 2

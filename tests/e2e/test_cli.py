@@ -10,8 +10,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from d2v.cli import main
-from d2v.runner import train as train_module
+from d2v.cli.main import main
+from d2v.train import loop as train_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_misspelled_override_exit_2():
 
 
 def test_missing_spec_file_exit_2():
-    result = subprocess.run([sys.executable, "-c", "import sys; from d2v.cli import run_main; sys.exit(run_main(['nope.yaml']))"],
+    result = subprocess.run([sys.executable, "-c", "import sys; from d2v.cli.main import run_main; sys.exit(run_main(['nope.yaml']))"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "d2v-run: error: spec file 'nope.yaml' does not exist" in result.stderr
 
@@ -71,7 +71,7 @@ def test_check_demands_the_data_unless_told_not_to(capsys):
 def test_d2v_run_speaks_of_its_own_usage(capsys):
     """`d2v-run --help` shows d2v-run's usage (not `d2v-run run`), and a spec key written as an
     option gets the override the user meant instead of d2v's subcommand list."""
-    from d2v.cli import run_main
+    from d2v.cli.main import run_main
 
     with pytest.raises(SystemExit) as info:
         run_main(["--help"])

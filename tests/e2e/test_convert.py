@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from d2v.cli import main
+from d2v.cli.main import main
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,7 +64,7 @@ def test_a_text_model_without_pooler_says_so(tmp_path, capsys):
 def test_an_unanticipated_failure_is_a_named_error_and_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
     """A converter bug or an unknown layout: one line naming the source, the exception and where in
     d2v it happened; the half-written destination is removed (it would load as a damaged model)."""
-    import d2v.convert
+    import d2v.interop.convert
 
     _tiny_hf_ctc(tmp_path / "hf")
     capsys.readouterr()
@@ -72,7 +72,7 @@ def test_an_unanticipated_failure_is_a_named_error_and_leaves_nothing_behind(tmp
     def broken_save(state, path, metadata=None):
         raise RuntimeError("The size of tensor a (32) must match the size of tensor b (16) at dimension 0\nmore")
 
-    monkeypatch.setattr(d2v.convert, "save_file", broken_save)
+    monkeypatch.setattr(d2v.interop.convert, "save_file", broken_save)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "d2v"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from d2v import manifest, plugins
-from d2v.config import spec_from_dict, validate
-from d2v.runner import run
+from d2v.api import manifest
+from d2v.api import plugins
+from d2v.spec.config import spec_from_dict, validate
+from d2v.train import run
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "tests" / "plugins" / "d2v-word-count"

@@ -19,10 +19,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from d2v import plugins
-from d2v.model import build_task_model
-from d2v.pipeline import pipeline
-from d2v.predict import add_parser
+from d2v.api import plugins
+from d2v.spec.model import build_task_model
+from d2v.use.pipeline import pipeline
+from d2v.use.predict import add_parser
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -127,8 +127,8 @@ def test_audio_classification_resamples_mixes_down_and_skips_a_corrupt_file(tmp_
 
 
 def test_ctc_transcribes_the_same_from_a_d2v_and_a_hugging_face_checkpoint(tmp_path, audio_files):
-    from d2v.convert import convert
-    from d2v.hf import save_pretrained
+    from d2v.interop.convert import convert
+    from d2v.interop.hf import save_pretrained
 
     spec = {"preset": "data2vec-audio-tiny", "head": {"name": "ctc", "vocab": "librispeech"}}
     model = save_checkpoint(tmp_path / "final", spec, AUDIO, seed=3)
@@ -150,7 +150,7 @@ def test_ctc_transcribes_the_same_from_a_d2v_and_a_hugging_face_checkpoint(tmp_p
 def test_decoder_option_switches_ctc_decoding_for_one_prediction_run(tmp_path, audio_files, capsys):
     """``--decoder beam`` decodes with the head's prefix beam search (the saved spec is untouched);
     a bad decoder mapping is one clear error naming the option."""
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
     from d2v_heads.speech.ctc import ctc_beam_ids
 
     spec = {"preset": "data2vec-audio-tiny", "head": {"name": "ctc", "vocab": "librispeech"}}
@@ -411,7 +411,7 @@ def test_segmentation_writes_png_masks_at_the_image_size(tmp_path, image_files, 
 
 
 def test_bad_requests_are_one_clear_error(tmp_path, audio_files, capsys):
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
 
     spec = {"preset": "data2vec-audio-tiny", "head": {"name": "audio_classification", "label_names": KEYWORDS,
                                                       "classifier_proj_size": 16}}

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from d2v.config import load_spec
-from d2v.runner import Run, run
+from d2v.spec.config import load_spec
+from d2v.train import Run, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def test_pretrain_then_finetune(spec_name, tmp_path, monkeypatch, capsys):
 
 def test_a_backbone_that_differs_from_the_checkpoint_is_refused_with_its_settings(tmp_path, monkeypatch, capsys):
     """Fine-tuning a 2.0 checkpoint without its ALiBi would silently drop the learned scales."""
-    from d2v.cli import main
+    from d2v.cli.main import main
 
     monkeypatch.chdir(ROOT)
     pre = tmp_path / "pre"

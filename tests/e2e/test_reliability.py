@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2v.cli import main
-from d2v.config import load_spec
-from d2v.errors import SpecError, TrainingCollapse
-from d2v.runner import train as train_module
-from d2v.runner.guards import PREEMPTED_EXIT_CODE, Preempted, RunLock
+from d2v.cli.main import main
+from d2v.spec.config import load_spec
+from d2v.api.errors import SpecError, TrainingCollapse
+from d2v.train import loop as train_module
+from d2v.train.guards import PREEMPTED_EXIT_CODE, Preempted, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN2 = ROOT / "experiments" / "pretrain2_audio_demo.yaml"
@@ -215,7 +215,7 @@ def test_an_init_checkpoint_that_mostly_mismatches_needs_an_opt_in(tmp_path, sin
 _LOCK_HOLDER = """
 import os, sys, time
 from pathlib import Path
-from d2v.runner.guards import RunLock
+from d2v.train.guards import RunLock
 RunLock(Path(sys.argv[1])).acquire()
 if os.fork() == 0:  # a data-loader worker: outlives its parent for a while
     time.sleep(30)

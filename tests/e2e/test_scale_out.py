@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from d2v.cli import main
+from d2v.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["trainer.max_steps=3", "trainer.eval_every=0", "trainer.eval_before_training=false",

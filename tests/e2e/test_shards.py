@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2v import plugins
-from d2v.cli import main
-from d2v.config import load_spec
-from d2v.errors import SpecError
-from d2v.model import build_component
-from d2v.shards import ShardedDataset
+from d2v.api import plugins
+from d2v.cli.main import main
+from d2v.spec.config import load_spec
+from d2v.api.errors import SpecError
+from d2v.spec.model import build_component
+from d2v.data.shards import ShardedDataset
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from d2v.config import load_spec
-from d2v.errors import SpecError
-from d2v.runner import Run, run
+from d2v.spec.config import load_spec
+from d2v.api.errors import SpecError
+from d2v.train import Run, run
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -69,7 +69,7 @@ def test_event_files_hold_the_numbers_of_metrics_jsonl(resumed_run):
 
 
 def test_run_directory_reads_back_as_one_history(resumed_run):
-    from d2v.runs import load_run
+    from d2v.use.runs import load_run
 
     history = load_run(resumed_run)
     assert history.resume_steps == [4] and history.status == "done" and history.steps == 6

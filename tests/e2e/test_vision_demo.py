@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2v.config import load_spec
-from d2v.runner import Run, run
+from d2v.spec.config import load_spec
+from d2v.train import Run, run
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]

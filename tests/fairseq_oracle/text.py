@@ -179,7 +179,6 @@ def recorded_ema_step(module, num_updates: int, averaged: str, copied: str | Non
     if copied is not None:
         step["teacher_copied"] = params[copied].clone()
     return step
-    write_dict(out)  # fairseq users keep the dictionary beside the checkpoint
 
 
 def text1_preln(out: Path) -> None:

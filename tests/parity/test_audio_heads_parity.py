@@ -21,10 +21,10 @@ from audio_batches import LENGTHS, padded_batch
 from max_diff import MaxDiff
 
 import d2v
-from d2v.errors import SpecError
-from d2v.hf import save_pretrained
-from d2v.model import build_model
-from d2v.plugins import registry
+from d2v.api.errors import SpecError
+from d2v.interop.hf import save_pretrained
+from d2v.spec.model import build_model
+from d2v.api.plugins import registry
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402

@@ -21,11 +21,11 @@ from audio_batches import padded_batch
 from fairseq_fixtures import save_fairseq_checkpoint
 from max_diff import MaxDiff
 
-import d2v.cli
-from d2v.convert import load_d2v_checkpoint
-from d2v.errors import SpecError
-from d2v.fairseq import import_fairseq
-from d2v.model import TaskModel
+import d2v.cli.main
+from d2v.interop.convert import load_d2v_checkpoint
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import import_fairseq
+from d2v.spec.model import TaskModel
 
 transformers = pytest.importorskip("transformers")
 from transformers import Data2VecAudioConfig, Data2VecAudioForCTC, Data2VecAudioModel  # noqa: E402
@@ -185,11 +185,11 @@ def test_pretrained_backbone_matches_transformers(pretrained, tmp_path):
     assert result.task == "pretrain" and result.spec["objective"]["name"] == "data2vec"
     assert_close("1.0 import_fairseq", hidden(model, inputs, attention_mask), expected)
 
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "d2v")]) == 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "d2v")]) == 0
     converted = load_d2v_checkpoint(tmp_path / "d2v")
     assert_close("1.0 d2v convert", hidden(converted, inputs, attention_mask), expected)
 
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
     back = Data2VecAudioModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert_close("1.0 --to hf", back(inputs, attention_mask=attention_mask).last_hidden_state, expected)
@@ -314,10 +314,10 @@ def test_ctc_logits_match_transformers(finetuned, tmp_path):
     assert result.spec["freeze"] == ["feature_extractor.conv_layers"]  # feature_grad_mult: 0
     assert_close("1.0 ctc import_fairseq", logits(model, inputs, attention_mask), expected)
 
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "d2v")]) == 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "d2v")]) == 0
     assert_close("1.0 ctc d2v convert", logits(load_d2v_checkpoint(tmp_path / "d2v"), inputs, attention_mask), expected)
 
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
     back = Data2VecAudioForCTC.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert_close("1.0 ctc --to hf", back(inputs, attention_mask=attention_mask).logits, expected)
@@ -344,7 +344,7 @@ def test_ctc_dictionary_names_the_outputs(finetuned, tmp_path):
     # another dictionary: its symbols, in fairseq's order, the blank (fairseq id 0) named <pad>
     letters = list("abcdefghijklmnopqrstuvwxyz") + ["|", "#"]
     other = write_dict(tmp_path / "dict.other.txt", letters)
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "d2v"), "--dict", other]) == 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "d2v"), "--dict", other]) == 0
     converted = load_d2v_checkpoint(tmp_path / "d2v")
     assert converted.head.vocab.tokens == ["<pad>", "<s>", "</s>", "<unk>"] + letters
     assert converted.head.blank_id == 0
@@ -425,7 +425,7 @@ def test_init_checkpoint_from_a_fairseq_file_in_a_run(finetuned, tmp_path):
     spec["trainer"] = {"output_dir": str(tmp_path / "run"), "max_steps": 2, "log_every": 1, "eval_every": 0,
                        "progress_bar": False, "save_every": 0}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    assert d2v.cli.main(["run", str(tmp_path / "spec.yaml")]) == 0
+    assert d2v.cli.main.main(["run", str(tmp_path / "spec.yaml")]) == 0
     final = load_file(tmp_path / "run" / "final" / "model.safetensors")
     prefix = "w2v_encoder.w2v_model."
     # frozen (feature_grad_mult: 0) -> still fairseq's tensor after training

@@ -30,12 +30,13 @@ import yaml
 from fairseq_fixtures import save_fairseq_checkpoint
 from max_diff import MaxDiff
 
-import d2v.cli
-from d2v import plugins
-from d2v.convert import load_d2v_checkpoint
-from d2v.errors import SpecError
-from d2v.fairseq import import_fairseq, read_fairseq_checkpoint
-from d2v.model import TaskModel, build_model, load_initial_weights
+import d2v.cli.main
+from d2v.api import plugins
+from d2v.interop.convert import load_d2v_checkpoint
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import import_fairseq, read_fairseq_checkpoint
+from d2v.spec.model import TaskModel, build_model
+from d2v.interop.weights import load_initial_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -67,7 +68,7 @@ def converted(tmp_path_factory):
     def load(family: str) -> torch.nn.Module:
         if family not in folders:
             out = tmp_path_factory.mktemp(family) / "d2v"
-            assert d2v.cli.main(["convert", str(FIXTURES / family / "checkpoint.pt"), str(out)]) == 0
+            assert d2v.cli.main.main(["convert", str(FIXTURES / family / "checkpoint.pt"), str(out)]) == 0
             folders[family] = out
         out = folders[family]
         spec = yaml.safe_load((out / "spec.yaml").read_text())
@@ -134,7 +135,7 @@ def test_hugging_face_export_computes_what_fairseq_computed(family, tmp_path):
     encoder output (or CTC logits) on the padded batch."""
     transformers = pytest.importorskip("transformers")
     path, outputs = fixture(family)
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
     cls = transformers.Data2VecAudioForCTC if family.endswith("_ctc") else transformers.Data2VecAudioModel
     hf = cls.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
@@ -230,7 +231,7 @@ def test_pre_ln_checkpoints_are_refused_by_name(family, tmp_path, capsys):
     path, _ = fixture(family)
     with pytest.raises(SpecError, match=r"cfg\.model\.layer_norm_first=true \(pre-LN.* is post-LN\)"):
         import_fairseq(path)
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "out")]) != 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
     assert "layer_norm_first=true" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -258,7 +259,7 @@ def test_alibi_flag_that_disagrees_with_the_stored_scale_is_named(tmp_path, caps
     message = str(err.value)
     assert "modality_encoders.AUDIO.alibi_scale" in message and "(1, 1, 4, 1, 1)" in message
     assert "learned_alibi_scale_per_head" in message
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "out")]) != 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "out")]) != 0
     assert "alibi_scale" in capsys.readouterr().err
 
 
@@ -309,7 +310,7 @@ def test_2_0_import_reports_nothing_left_behind_and_keeps_fairseqs_objective(cap
     # every tensor of the file used (teacher and decoder included), every config key known
     assert not any("not imported" in n or "missing" in n or "unknown" in n for n in result.notes), result.notes
     # Hugging Face's Data2VecAudio has no ALiBi: the export refuses, saying so
-    assert d2v.cli.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) != 0
+    assert d2v.cli.main.main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) != 0
     assert "ALiBi" in capsys.readouterr().err
 
 

@@ -29,11 +29,12 @@ import torch
 import yaml
 from max_diff import MaxDiff
 
-from d2v import plugins
-from d2v.cli import main
-from d2v.convert import load_d2v_checkpoint
-from d2v.fairseq import import_fairseq
-from d2v.model import build_model, load_initial_weights
+from d2v.api import plugins
+from d2v.cli.main import main
+from d2v.interop.convert import load_d2v_checkpoint
+from d2v.interop.fairseq import import_fairseq
+from d2v.spec.model import build_model
+from d2v.interop.weights import load_initial_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v.cli import main
-from d2v.errors import SpecError
-from d2v.fairseq import import_fairseq, read_fairseq_checkpoint
+from d2v.cli.main import main
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import import_fairseq, read_fairseq_checkpoint
 from fairseq_fixtures import save_fairseq_checkpoint
 from max_diff import MaxDiff
 from text_pooler import assert_pooler_is_reported

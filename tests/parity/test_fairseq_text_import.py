@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from d2v.cli import main
-from d2v.convert import load_d2v_checkpoint
-from d2v.errors import SpecError
-from d2v.fairseq import import_fairseq
+from d2v.cli.main import main
+from d2v.interop.convert import load_d2v_checkpoint
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import import_fairseq
 from fairseq_fixtures import save_fairseq_checkpoint
 from max_diff import MaxDiff
 from text_pooler import assert_pooler_is_reported
@@ -255,8 +255,9 @@ def test_legacy_names_drift_and_missing_tensors(tmp_path):
 
 def test_a_finetuning_spec_starts_from_the_fairseq_file(tmp_path):
     """``model.init.checkpoint: nlp_base.pt``: the backbone comes from the .pt, the new head stays."""
-    from d2v import plugins
-    from d2v.model import build_task_model, load_initial_weights
+    from d2v.api import plugins
+    from d2v.spec.model import build_task_model
+    from d2v.interop.weights import load_initial_weights
 
     hf = hf_model(transformers.Data2VecTextForMaskedLM)
     path = save_fairseq_checkpoint(tmp_path / "nlp_base.pt", data2vec_text_cfg(), fairseq_state(hf))

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.cli import main
-from d2v.errors import SpecError
-from d2v.fairseq import import_fairseq, read_fairseq_checkpoint
-from d2v.model import build_task_model, load_initial_weights
+from d2v.api import plugins
+from d2v.cli.main import main
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import import_fairseq, read_fairseq_checkpoint
+from d2v.spec.model import build_task_model
+from d2v.interop.weights import load_initial_weights
 from fairseq_fixtures import save_fairseq_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -207,7 +208,7 @@ def test_a_classifier_whose_backbone_config_does_not_fit_is_named(tmp_path):
 def test_the_teacher_runs_the_students_parts_where_fairseqs_does(family, scope, copied):
     """fairseq's teacher runs the student's own patch embedding (no ``ema_local_encoder``), or its
     LayerNorm and prenet (``ema_encoder_only``): d2v copies those at every update, averages the rest."""
-    from d2v.ema import matches_any
+    from d2v.ssl.ema import matches_any
 
     model, result = import_fairseq(FIXTURES / family / "checkpoint.pt")
     assert (result.spec["objective"]["ema_scope"], result.spec["objective"]["copy_keys"]) == (scope, copied)

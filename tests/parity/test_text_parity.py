@@ -21,9 +21,9 @@ import torch
 from max_diff import MaxDiff
 
 import d2v
-from d2v.convert import convert
-from d2v.errors import SpecError
-from d2v.plugins import registry
+from d2v.interop.convert import convert
+from d2v.api.errors import SpecError
+from d2v.api.plugins import registry
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402

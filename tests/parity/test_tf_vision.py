@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from d2v import plugins
-from d2v.errors import SpecError
-from d2v.model import build_model
+from d2v.api import plugins
+from d2v.api.errors import SpecError
+from d2v.spec.model import build_model
 from d2v_vision.tf import require_tensorflow
 from safetensors.torch import save_file
 
@@ -25,7 +25,7 @@ try:
 except SpecError:
     pytest.skip("TensorFlow is not installed (pip install 'd2v[tf]')", allow_module_level=True)
 
-from d2v.export_cli import add_parser
+from d2v.cli.export import add_parser
 from d2v_vision.tf import from_pretrained
 from d2v_vision.tf.export import export, run_savedmodel, run_tflite
 from d2v_vision.tf.weights import architecture_of, from_torch

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from d2v.hf import from_pretrained  # noqa: E402
+from d2v.interop.hf import from_pretrained  # noqa: E402
 
 ATOL = 1e-5
 

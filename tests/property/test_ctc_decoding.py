@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v.interfaces import HeadOutput
+from d2v.api.interfaces import HeadOutput
 from d2v_heads.speech.ctc import CTCHead, collapse_ctc, ctc_greedy_ids, ctc_prefix_beam_search
 from d2v_heads.speech.ctc_vocab import CharVocab
 

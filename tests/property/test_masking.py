@@ -1,4 +1,4 @@
-"""Property tests for d2v.masking: shapes, determinism, padding, counts and statistics."""
+"""Property tests for d2v.ssl.masking: shapes, determinism, padding, counts and statistics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v import masking as M
-from d2v.errors import SpecError
+from d2v.ssl import masking as M
+from d2v.api.errors import SpecError
 
 FAST = settings(deadline=None, max_examples=40)
 seeds = st.integers(0, 2**32 - 1)

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v.data import BucketBatchSampler
+from d2v.data.loading import BucketBatchSampler
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=200)
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2v.masking import BertMask
+from d2v.ssl.masking import BertMask
 from d2v_text.processor import TextProcessor, truncate_longest_first, window_starts
 from d2v_text.tokenizer import load_tokenizer
 

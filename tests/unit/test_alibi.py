@@ -1,4 +1,4 @@
-"""ALiBi (d2v.alibi) and the audio encoder's data2vec 2.0 options (alibi, zero_padded_frames):
+"""ALiBi (d2v.nn.alibi) and the audio encoder's data2vec 2.0 options (alibi, zero_padded_frames):
 slopes and biases against the published formula and against fairseq's own ``get_alibi`` (its
 values recorded in ``tests/fairseq_oracle/fixtures/audio_alibi/``, regenerated with
 ``python tests/fairseq_oracle/make_fixtures.py audio_alibi``), the encoder against a hand-written attention,
@@ -16,8 +16,8 @@ from torch import Tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v.alibi import alibi_bias_1d, alibi_bias_2d, alibi_slopes
-from d2v.errors import SpecError
+from d2v.nn.alibi import alibi_bias_1d, alibi_bias_2d, alibi_slopes
+from d2v.api.errors import SpecError
 from d2v_audio.encoder import AudioTransformerEncoder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -229,7 +229,7 @@ def test_zero_padded_frames_false_lets_padding_reach_the_positional_conv():
 
 
 def test_teacher_includes_and_averages_alibi_scale():
-    from d2v.distill import make_teacher
+    from d2v.ssl.distill import make_teacher
     from d2v_audio.feature_extractor import ConvFeatureExtractor
 
     fe = ConvFeatureExtractor(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], dim=32)
@@ -244,7 +244,7 @@ def test_teacher_includes_and_averages_alibi_scale():
 
 
 def test_teacher_copies_a_frozen_scale():
-    from d2v.distill import make_teacher
+    from d2v.ssl.distill import make_teacher
     from d2v_audio.feature_extractor import ConvFeatureExtractor
 
     fe = ConvFeatureExtractor(conv_dim=[32], conv_kernel=[10], conv_stride=[5], dim=32)
@@ -261,8 +261,8 @@ def test_teacher_copies_a_frozen_scale():
 
 @pytest.mark.parametrize("options", [{"alibi": True}, {"zero_padded_frames": False}])
 def test_hf_export_refuses_data2vec2_audio_options(options):
-    from d2v.model import build_model
-    from d2v.plugins import registry
+    from d2v.spec.model import build_model
+    from d2v.api.plugins import registry
     from d2v_audio.hf import AudioModelConverter
 
     model = build_model({"preset": "data2vec-audio-tiny", "encoder": options}, registry(), "finetune")

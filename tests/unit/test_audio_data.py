@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from d2v_audio import datasets as audio_datasets
 from d2v_audio.datasets import AudioManifest, LibriSpeech
 from d2v_audio.processor import AudioProcessor
@@ -210,7 +210,7 @@ def test_librispeech_unreadable_audio(tmp_path):
 
 
 def test_librispeech_via_registry():
-    from d2v.plugins import registry
+    from d2v.api.plugins import registry
 
     ds = registry().get("dataset", "librispeech").build(root=str(DEMO), splits=["dev-demo"], max_examples=3)
     assert len(ds) == 3
@@ -399,7 +399,7 @@ def test_loaded_demo_batch(demo_splits):
 
 def test_min_samples_drops_short_training_examples_and_says_how_many(tmp_path):
     """fairseq's min_sample_size: utterances shorter than min_samples never reach training."""
-    from d2v.data import filter_training_examples
+    from d2v.data.loading import filter_training_examples
 
     root = make_librispeech(tmp_path, utts={"1-10-0000": 8000, "1-10-0001": 20000, "1-10-0002": 40000, "2-20-0000": 12000})
     dataset = LibriSpeech(root=str(root), splits=["train-x"])
@@ -416,8 +416,8 @@ def test_min_samples_drops_short_training_examples_and_says_how_many(tmp_path):
 
 def test_batches_are_sized_by_the_cropped_length(tmp_path):
     """Long utterances cropped to max_samples count as max_samples against the batch budget."""
-    from d2v.config import LoaderConfig
-    from d2v.data import batch_sampler_for
+    from d2v.spec.config import LoaderConfig
+    from d2v.data.loading import batch_sampler_for
 
     root = make_librispeech(tmp_path, utts={f"1-10-{i:04d}": 64000 for i in range(8)})
     dataset = LibriSpeech(root=str(root), splits=["train-x"])

@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, HeadOutput
+from d2v.api.errors import SpecError
+from d2v.api.interfaces import EncoderOutput, HeadOutput
 from d2v_audio.frame_labels import num_label_frames, segments_to_frames, shift_segments
 from d2v_audio.labelled_datasets import AudioFolder, AudioSegments, VoxCeleb
 from d2v_audio.processor import AudioProcessor

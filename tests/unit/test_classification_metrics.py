@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v.runner.train import add_counts
+from d2v.train.loop import add_counts
 from d2v_heads.shared.classification_metrics import (
     classification_summary,
     confusion_counts,

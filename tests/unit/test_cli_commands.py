@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import types
 
-from d2v import hookimpl, plugins
-from d2v.cli import main
-from d2v.errors import SpecError
+from d2v import hookimpl
+from d2v.api import plugins
+from d2v.cli.main import main
+from d2v.api.errors import SpecError
 
 
 def _plugin(name: str, fn):

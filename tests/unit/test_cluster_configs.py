@@ -16,8 +16,8 @@ from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, pa
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 from torch.distributed.fsdp import CPUOffloadPolicy
 
-from d2v.errors import SpecError
-from d2v.runner.parallel import configure_deepspeed
+from d2v.api.errors import SpecError
+from d2v.train.parallel import configure_deepspeed
 
 ROOT = Path(__file__).resolve().parents[2]
 

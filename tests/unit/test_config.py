@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 
-from d2v.config import apply_override, load_spec, spec_from_dict, validate
-from d2v.errors import SpecError
+from d2v.spec.config import apply_override, load_spec, spec_from_dict, validate
+from d2v.api.errors import SpecError
 
 
 def _write(tmp_path, text):
@@ -140,7 +140,7 @@ def test_full_precision_written_as_a_bare_no_means_no(tmp_path):
     false; that is what the user meant by 'no', not an error quoting their own word back."""
     from pathlib import Path
 
-    from d2v.config import TrainerConfig
+    from d2v.spec.config import TrainerConfig
 
     asr = Path(__file__).resolve().parents[2] / "experiments" / "asr_demo.yaml"
     spec = load_spec(asr, ["trainer.mixed_precision=no"])
@@ -152,7 +152,7 @@ def test_full_precision_written_as_a_bare_no_means_no(tmp_path):
 
 def test_output_dir_defaults_to_runs_slash_the_spec_file_stem(tmp_path):
     """Two demo specs without trainer.output_dir never write into one directory."""
-    from d2v.config import TrainerConfig
+    from d2v.spec.config import TrainerConfig
 
     first = load_spec(_write(tmp_path, GOOD.replace("trainer: {max_steps: 10}", "")))
     other = tmp_path / "keywords_try.yaml"

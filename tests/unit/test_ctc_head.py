@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.api.interfaces import EncoderOutput, Head, HeadOutput
 from d2v_heads.speech import ctc
 from d2v_heads.speech.ctc import CTCHead, collapse_ctc, ctc_greedy_ids, ctc_prefix_beam_search
 from d2v_heads.speech.ctc_vocab import LIBRISPEECH_TOKENS, CharVocab
@@ -59,7 +59,7 @@ def test_module_registers_the_ctc_head():
 
 
 def test_entry_point_builds_the_head(monkeypatch):
-    from d2v import plugins
+    from d2v.api import plugins
 
     monkeypatch.setenv("D2V_LOAD_PLUGINS", "head-ctc")
     plugins.reset()

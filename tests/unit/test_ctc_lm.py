@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.errors import SpecError
-from d2v.interfaces import HeadOutput
-from d2v.model import build_component
+from d2v.api import plugins
+from d2v.api.errors import SpecError
+from d2v.api.interfaces import HeadOutput
+from d2v.spec.model import build_component
 from d2v_heads.speech.ngram_lm import BOS, EOS, UNK, NGramLM, add_parser, adjusted_counts, discounts, estimate, raw_counts
 from d2v_heads.speech.ctc import CTCHead, ctc_beam_ids, ctc_greedy_ids
 from d2v_heads.speech.ctc_decoders import DecoderOptions, decoder_options

@@ -1,4 +1,4 @@
-"""data2vec 1.0 self-distillation (core/d2v/distill.py) on the tiny audio model."""
+"""data2vec 1.0 self-distillation (core/d2v/ssl/distill.py) on the tiny audio model."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 import torch
 from distill_helpers import build_tiny, train_on_waves, waves
 
-from d2v import plugins
-from d2v.distill import PretrainOutput, SelfDistillation, TrainingCollapse, check_collapse, regression_head
-from d2v.errors import TrainingCollapse as CoreTrainingCollapse
-from d2v.model import TaskModel, load_initial_weights
+from d2v.api import plugins
+from d2v.ssl.distill import PretrainOutput, SelfDistillation, TrainingCollapse, check_collapse, regression_head
+from d2v.api.errors import TrainingCollapse as CoreTrainingCollapse
+from d2v.spec.model import TaskModel
+from d2v.interop.weights import load_initial_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
@@ -83,7 +84,7 @@ def test_no_gradient_reaches_the_teacher():
     model(waves()).loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert model.encoder.layers[0].ffn.fc1.weight.grad is not None
-    from d2v.optim import adam  # the spec's optimizer builder skips frozen parameters
+    from d2v.train.optim import adam  # the spec's optimizer builder skips frozen parameters
 
     opt = adam(model)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -187,8 +188,8 @@ PUBLISHED_SPEECH_BASE = {
 def build_ls960(width: int = 32):
     """experiments/pretrain_audio_ls960.yaml built with every setting of the recipe but the width
     (conv channels and model dimension ``width``): the spec and the built model."""
-    from d2v.config import load_spec
-    from d2v.model import build_model
+    from d2v.spec.config import load_spec
+    from d2v.spec.model import build_model
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "experiments" / "pretrain_audio_ls960.yaml")
     model_spec = {**spec["model"], "encoder": {**spec["model"]["encoder"], "dim": width, "heads": 2, "ffn_dim": 2 * width},
@@ -259,7 +260,7 @@ def test_ls960_recipe_masks_half_the_frames_in_spans_of_ten():
 def test_ls960_recipe_optimises_and_crops_as_published():
     """Adam (decoupled weight decay) on every student parameter, never the teacher's; tri-stage LR
     (3% linear warmup to 5e-4, 90% hold, 7% decay) over 400k updates; crops of 2-20 s."""
-    from d2v.model import build_component
+    from d2v.spec.model import build_component
 
     ref = PUBLISHED_SPEECH_BASE
     spec, model = build_ls960()
@@ -288,7 +289,7 @@ def test_pre_corrupted_inputs_are_regressed_without_masking_again():
     """A processor that corrupted the inputs itself (BERT-masked text) hands over
     ``corrupted_mask``: the student regresses exactly those positions and its encoder is called
     without a mask; no masking component is needed."""
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
 
     torch.manual_seed(0)
     model = build_tiny({"name": "data2vec", "target": {"name": "data2vec", "top_k": 2}})
@@ -326,7 +327,7 @@ def test_masks_drawn_in_the_loader_depend_only_on_the_batch():
     mask that does not fit the features is an error naming both shapes."""
     import numpy as np
 
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
 
     model = build()
     transform = model.make_batch_transform()

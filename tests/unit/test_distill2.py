@@ -1,4 +1,4 @@
-"""data2vec 2.0 (core/d2v/distill2.py, plugins/d2v_targets/decoders.py) on the tiny audio model."""
+"""data2vec 2.0 (core/d2v/ssl/distill2.py, plugins/d2v_targets/decoders.py) on the tiny audio model."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 from distill_helpers import build_tiny, train_on_waves, waves
 from torch import nn
 
-from d2v import plugins
-from d2v.distill2 import ConvFrameLengths, Data2Vec2, Data2Vec2Masks, decoder_input
-from d2v.errors import SpecError
-from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
-from d2v.masking import InverseBlockMask
+from d2v.api import plugins
+from d2v.ssl.batch_masks import ConvFrameLengths, Data2Vec2Masks
+from d2v.ssl.distill2 import Data2Vec2, decoder_input
+from d2v.api.errors import SpecError
+from d2v.api.interfaces import FeatureExtractor, FeatureExtractorOutput
+from d2v.ssl.masking import InverseBlockMask
 from d2v_targets.data2vec import Data2VecTarget
 from d2v_targets.decoders import Decoder1d, Decoder2d
 
@@ -118,7 +119,7 @@ def test_decoder_input_keeps_outputs_and_puts_noise_at_masked_positions():
     mask = torch.zeros(4, 300, dtype=torch.bool)
     for r in range(4):
         mask[r, torch.randperm(300)[:200]] = True
-    from d2v.masking import keep_indices
+    from d2v.ssl.masking import keep_indices
 
     ids_keep, ids_restore = keep_indices(mask)
     kept = torch.randn(4, 100, 64)
@@ -249,7 +250,7 @@ def test_loss_decreases_on_a_tiny_synthetic_task():
 def test_inputs_corrupted_by_the_processor_are_refused():
     """data2vec 2.0 drops tokens itself; BERT-masked inputs from the processor would leak
     corrupted tokens into the student, so the spec mistake is named."""
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
 
     model = build()
     batch = waves()
@@ -270,9 +271,9 @@ def test_an_objectives_target_is_given_the_encoder_width_like_a_head():
     not repeat the encoder's width), and ``d2v check`` does not ask for them."""
     from types import SimpleNamespace
 
-    from d2v.config import spec_from_dict, validate
-    from d2v.hookspecs import hookimpl
-    from d2v.model import build_model
+    from d2v.spec.config import spec_from_dict, validate
+    from d2v.api.hookspecs import hookimpl
+    from d2v.spec.model import build_model
 
     class Plugin:
         @staticmethod

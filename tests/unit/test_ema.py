@@ -1,4 +1,4 @@
-"""d2v.ema: the EMA teacher and the decay schedule."""
+"""d2v.ssl.ema: the EMA teacher and the decay schedule."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from d2v.ema import EMATeacher, annealed_decay, matches_any
+from d2v.ssl.ema import EMATeacher, annealed_decay, matches_any
 
 
 def test_annealed_decay_values():

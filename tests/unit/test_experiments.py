@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from d2v.config import load_spec, validate
+from d2v.spec.config import load_spec, validate
 
 SPECS = sorted((Path(__file__).resolve().parents[2] / "experiments").glob("*.yaml"))
 

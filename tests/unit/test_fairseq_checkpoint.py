@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from d2v.errors import SpecError
-from d2v.fairseq import ConfigReader, read_fairseq_checkpoint
-from d2v.safe_pickle import Recorded, UnsafePickleError, load_untrusted
+from d2v.api.errors import SpecError
+from d2v.interop.fairseq import ConfigReader, read_fairseq_checkpoint
+from d2v.interop.safe_pickle import Recorded, UnsafePickleError, load_untrusted
 from fairseq_fixtures import save_fairseq_checkpoint
 
 CFG = {
@@ -72,7 +72,7 @@ def test_dangerous_globals_are_refused(tmp_path, call):
     (tmp_path / "p.pkl").write_bytes(payload)
     with pytest.raises(UnsafePickleError):
         with open(tmp_path / "p.pkl", "rb") as f:
-            from d2v.safe_pickle import _RestrictedPickleModule
+            from d2v.interop.safe_pickle import _RestrictedPickleModule
 
             _RestrictedPickleModule.load(f)
 

@@ -12,11 +12,11 @@ import yaml
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-from d2v import plugins
-from d2v.config import load_spec
-from d2v.model import build_model
-from d2v.runner.layer_options import transformer_blocks
-from d2v.runner.parallel import declare_fsdp_units
+from d2v.api import plugins
+from d2v.spec.config import load_spec
+from d2v.spec.model import build_model
+from d2v.nn.layer_options import transformer_blocks
+from d2v.train.parallel import declare_fsdp_units
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = {  # spec -> the block classes it must shard

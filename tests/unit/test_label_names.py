@@ -3,8 +3,8 @@ checkpoint, ``d2v predict`` and every export say ``positive`` instead of ``1``."
 
 from types import SimpleNamespace
 
-from d2v import plugins
-from d2v.runner.label_names import adopt_label_names
+from d2v.api import plugins
+from d2v.train.label_names import adopt_label_names
 
 
 def _adopt(head: dict, data: object) -> tuple[dict, str | None]:

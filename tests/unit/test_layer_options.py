@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.errors import SpecError
-from d2v.model import build_model
-from d2v.runner.layer_options import apply_layer_options
+from d2v.api import plugins
+from d2v.api.errors import SpecError
+from d2v.spec.model import build_model
+from d2v.nn.layer_options import apply_layer_options
 
 
 def _padding(lengths, width):
@@ -114,8 +114,8 @@ def test_a_spec_turns_checkpointing_on_and_training_is_unchanged(tmp_path, monke
     import json
     from pathlib import Path
 
-    from d2v.config import load_spec
-    from d2v.runner import run
+    from d2v.spec.config import load_spec
+    from d2v.train import run
 
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)

@@ -15,11 +15,11 @@ import yaml
 from safetensors.torch import save_file
 
 from audio_batches import padded_batch
-from d2v import plugins
-from d2v.errors import SpecError
-from d2v.export_cli import add_parser
-from d2v.model import build_model
-from d2v.onnx_export import export_onnx, load_model, run_onnx
+from d2v.api import plugins
+from d2v.api.errors import SpecError
+from d2v.cli.export import add_parser
+from d2v.spec.model import build_model
+from d2v.interop.onnx_export import export_onnx, load_model, run_onnx
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -168,7 +168,7 @@ def test_run_directory_without_final_uses_its_newest_checkpoint(tmp_path):
 
 
 def test_hugging_face_directory_exports_with_its_vocabulary(tmp_path):
-    from d2v.convert import d2v_to_hf
+    from d2v.interop.convert import d2v_to_hf
 
     model = tiny(AUDIO_CTC)
     write_checkpoint(model, tmp_path / "d2v", AUDIO_CTC)

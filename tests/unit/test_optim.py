@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from d2v import optim
-from d2v.errors import SpecError
-from d2v.model import TaskModel
-from d2v.optim import adam, adamw
-from d2v.schedules import constant
+from d2v.train import optim
+from d2v.api.errors import SpecError
+from d2v.spec.model import TaskModel
+from d2v.train.optim import adam, adamw
+from d2v.train.schedules import constant
 
 
 def _model(toy):
@@ -47,7 +47,7 @@ def test_layer_decay_scales_lr_by_depth():
 def test_frozen_parameters_are_left_out_and_all_frozen_is_an_error():
     import toy
 
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
 
     model = _model(toy)
     model.feature_extractor.requires_grad_(False)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d2v import run_reports_cli
-from d2v.cli import main
-from d2v.errors import SpecError
-from d2v.plot import build_figure, choose_panels, plot_runs, run_labels
-from d2v.runs import find_runs, format_duration, load_run, render, run_table
+from d2v.cli import reports as run_reports_cli
+from d2v.cli.main import main
+from d2v.api.errors import SpecError
+from d2v.use.plot import build_figure, choose_panels, plot_runs, run_labels
+from d2v.use.runs import find_runs, format_duration, load_run, render, run_table
 
 
 def _write_run(path: Path, lines: list, spec: dict | None = None, *, final: bool = False) -> Path:

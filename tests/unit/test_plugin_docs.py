@@ -3,7 +3,7 @@
 The page writes every interface method, optional hook and pluggy hook as an inline-code span
 ``Owner.name(param, *, option=default)``. These tests parse those spans and compare them with
 ``inspect.signature`` of the code: the abstract and optional methods of the interfaces in
-``d2v.interfaces`` and the hookspecs exactly (names, order, ``*``/``/``/``**`` markers, defaults),
+``d2v.api.interfaces`` and the hookspecs exactly (names, order, ``*``/``/``/``**`` markers, defaults),
 and the duck-typed hooks that core, the runner and the pipeline look up with ``getattr``
 against a reference implementation (every documented parameter is accepted, every required one
 is documented). A renamed parameter, a new method or a removed hook fails naming what to fix.
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from d2v import hookspecs, interfaces
+from d2v.api import hookspecs
+from d2v.api import interfaces
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "writing-a-plugin.md"
 INTERFACES = (interfaces.FeatureExtractor, interfaces.Encoder, interfaces.Head, interfaces.Target)
@@ -33,7 +34,7 @@ RECORDS = (interfaces.FeatureExtractorOutput, interfaces.EncoderOutput, interfac
 #: passes (where d2v ships no implementation) with the caller named.
 OPTIONAL_HOOKS: dict[str, str | tuple[str, tuple[str, ...]]] = {
     "FeatureExtractor.input_embeddings": "d2v_text.feature_extractor:TextEmbeddings.input_embeddings",
-    "FeatureExtractor.frame_lengths_fn": ("d2v.distill2.frame_lengths_fn calls it with no arguments", ()),
+    "FeatureExtractor.frame_lengths_fn": ("d2v.ssl.distill2.frame_lengths_fn calls it with no arguments", ()),
     "Head.tie_input_embeddings": "d2v_heads.text.lm_head:LanguageModelHead.tie_input_embeddings",
     "Head.prepare_batch": "d2v_heads.text.multiple_choice:MultipleChoiceHead.prepare_batch",
     "Head.inspect_examples": "d2v_heads.speech.ctc:CTCHead.inspect_examples",
@@ -49,15 +50,15 @@ OPTIONAL_HOOKS: dict[str, str | tuple[str, tuple[str, ...]]] = {
     "Processor.examples_from": "d2v_audio.processor:AudioProcessor.examples_from",
     "Processor.decode": "d2v_text.processor:TextProcessor.decode",
     "Processor.from_pretrained": "d2v_text.processor:TextProcessor.from_pretrained",
-    "Dataset.__getitem__": "d2v.shards:ShardedDataset.__getitem__",
-    "Dataset.light_example": "d2v.shards:ShardedDataset.light_example",
-    "Objective.forward": "d2v.distill:SelfDistillation.forward",
-    "Objective.after_optimizer_step": "d2v.distill:EMASelfDistillation.after_optimizer_step",
-    "Objective.make_batch_transform": "d2v.distill2:Data2Vec2.make_batch_transform",
-    "Masking.__call__": "d2v.masking:InverseBlockMask.__call__",
+    "Dataset.__getitem__": "d2v.data.shards:ShardedDataset.__getitem__",
+    "Dataset.light_example": "d2v.data.shards:ShardedDataset.light_example",
+    "Objective.forward": "d2v.ssl.distill:SelfDistillation.forward",
+    "Objective.after_optimizer_step": "d2v.ssl.distill:EMASelfDistillation.after_optimizer_step",
+    "Objective.make_batch_transform": "d2v.ssl.distill2:Data2Vec2.make_batch_transform",
+    "Masking.__call__": "d2v.ssl.masking:InverseBlockMask.__call__",
 }
 #: functions documented with their full dotted name, checked exactly
-FUNCTIONS = {"d2v.layers.run_layer": "d2v.layers:run_layer"}
+FUNCTIONS = {"d2v.nn.layers.run_layer": "d2v.nn.layers:run_layer"}
 OWNERS = {cls.__name__ for cls in INTERFACES} | {name.split(".")[0] for name in OPTIONAL_HOOKS}
 
 CODE_SPAN = re.compile(r"`([^`\n]+)`")

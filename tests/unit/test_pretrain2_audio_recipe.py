@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.config import load_spec, resolve_model_section
+from d2v.api import plugins
+from d2v.spec.config import load_spec, resolve_model_section
 from d2v_audio.encoder import AudioTransformerEncoder
 from d2v_audio.feature_extractor import ConvFeatureExtractor
 
@@ -77,7 +77,7 @@ def test_encoder_is_the_published_one(backbone):
 @pytest.fixture(scope="module")
 def built(spec):
     """The recipe built as it is but 32 wide (conv channels and model dimension)."""
-    from d2v.model import build_model
+    from d2v.spec.model import build_model
 
     model = dict(spec["model"])
     model["encoder"] = {**model["encoder"], "dim": 32, "heads": 4, "ffn_dim": 64}
@@ -88,7 +88,7 @@ def built(spec):
 
 def test_objective_is_the_published_one(built):
     """The built objective (not the YAML): its masks, decoder, target, loss scale and teacher."""
-    from d2v.distill2 import Data2Vec2
+    from d2v.ssl.distill2 import Data2Vec2
 
     model = built
     assert isinstance(model, Data2Vec2)
@@ -154,7 +154,7 @@ def test_demo_uses_the_same_encoder_options():
 def test_the_recipe_builds_a_student_whose_teacher_averages_alibi_scale(spec):
     """The recipe's objective at a tiny size: one training step gives alibi_scale a gradient and
     the EMA teacher moves its copy towards the student's."""
-    from d2v.model import build_model
+    from d2v.spec.model import build_model
 
     model_spec = dict(spec["model"])
     model_spec["preset"] = "data2vec-audio-tiny"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.config import load_spec, resolve_model_section
-from d2v.fairseq import ConfigReader
-from d2v.model import build_model
+from d2v.api import plugins
+from d2v.spec.config import load_spec, resolve_model_section
+from d2v.interop.fairseq import ConfigReader
+from d2v.spec.model import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def built(spec):
 
 def test_objective_is_the_published_one(built):
     """The built objective (not the YAML): its masks, decoder, target, loss scale and teacher."""
-    from d2v.distill2 import Data2Vec2
+    from d2v.ssl.distill2 import Data2Vec2
 
     model = built
     assert isinstance(model, Data2Vec2)
@@ -136,7 +136,7 @@ def test_the_recipe_builds_with_the_published_shapes(spec, single_thread):
     assert len(model.decoder.blocks) == 5 and model.decoder.blocks[0].conv.kernel_size == (9,)
     ids = torch.randint(4, 40, (2, 20))
     assert torch.isfinite(model.train()({"inputs": ids}).loss)
-    from d2v.optim import adamw
+    from d2v.train.optim import adamw
 
     groups = adamw(model, **{k: v for k, v in spec["optim"].items() if k != "name"}).param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}

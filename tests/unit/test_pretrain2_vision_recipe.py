@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.config import load_spec, resolve_model_section
+from d2v.api import plugins
+from d2v.spec.config import load_spec, resolve_model_section
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def test_backbone_is_the_published_vit_b(spec):
 @pytest.fixture(scope="module")
 def built(spec):
     """The recipe built as it is but 32 wide."""
-    from d2v.model import build_model
+    from d2v.spec.model import build_model
 
     model = dict(spec["model"])
     model["encoder"] = {**model["encoder"], "dim": 32, "heads": 4, "ffn_dim": 64}
@@ -48,7 +48,7 @@ def built(spec):
 
 def test_objective_is_the_published_one(built):
     """The built objective (not the YAML): its masks, decoder, target, loss scale and teacher."""
-    from d2v.distill2 import Data2Vec2
+    from d2v.ssl.distill2 import Data2Vec2
 
     model = built
     assert isinstance(model, Data2Vec2)

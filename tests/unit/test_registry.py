@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from d2v import hookimpl, hookspecs, plugins
-from d2v.errors import SpecError
-from d2v.registry import Component, Registry
+from d2v import hookimpl
+from d2v.api import hookspecs
+from d2v.api import plugins
+from d2v.api.errors import SpecError
+from d2v.api.registry import Component, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2v.config import spec_from_dict
-from d2v.errors import SpecError
-from d2v.runner import Run, run
-from d2v.runner import train as train_module
+from d2v.spec.config import spec_from_dict
+from d2v.api.errors import SpecError
+from d2v.train import Run, run
+from d2v.train import loop as train_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,7 +134,7 @@ def test_the_ddp_probe_leaves_no_trace():
     statistics, the RNG and the gradients are as before it (one process never probes)."""
     from types import SimpleNamespace
 
-    from d2v.runner.parallel import unused_parameters
+    from d2v.train.parallel import unused_parameters
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -157,7 +157,7 @@ def test_the_ddp_probe_leaves_no_trace():
 def _no_skips():
     from pathlib import Path
 
-    from d2v.runner.guards import SkipBudget, SkippedLog
+    from d2v.train.guards import SkipBudget, SkippedLog
 
     return SkipBudget(0.001, SkippedLog(Path("skipped.tsv")))
 
@@ -191,7 +191,7 @@ def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, 
 
     from collections import defaultdict
 
-    from d2v.runner.pending import PendingUpdate
+    from d2v.train.pending import PendingUpdate
 
     fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler), trainer=SimpleNamespace(clip_norm=0.0),
                            deepspeed=False, skip_budget=_no_skips())
@@ -225,7 +225,7 @@ def test_under_deepspeed_its_own_verdict_decides_whether_the_update_counts(norm,
     from collections import defaultdict
     from types import SimpleNamespace
 
-    from d2v.runner.pending import PendingUpdate
+    from d2v.train.pending import PendingUpdate
 
     fake = SimpleNamespace(accelerator=_FakeAccelerator(norm, scaler=False), trainer=SimpleNamespace(clip_norm=0.0),
                            deepspeed=True, skip_budget=_no_skips())
@@ -236,8 +236,8 @@ def test_under_deepspeed_its_own_verdict_decides_whether_the_update_counts(norm,
 
 
 def test_an_update_deepspeed_applied_but_d2v_would_skip_stops_the_run():
-    from d2v.errors import TrainingCollapse
-    from d2v.runner.parallel import deepspeed_skip_reason
+    from d2v.api.errors import TrainingCollapse
+    from d2v.train.parallel import deepspeed_skip_reason
 
     assert deepspeed_skip_reason(False, None) is None
     assert deepspeed_skip_reason(True, None) == "DeepSpeed found non-finite gradients"
@@ -250,7 +250,7 @@ def test_a_non_finite_loss_under_deepspeed_poisons_its_gradient_and_a_finite_one
     DeepSpeedLoss hands to backward makes them non-finite, so DeepSpeed skips the update."""
     from types import SimpleNamespace
 
-    from d2v.runner.parallel import DeepSpeedLoss
+    from d2v.train.parallel import DeepSpeedLoss
 
     torch.manual_seed(0)
     model, x = torch.nn.Linear(4, 2), torch.randn(3, 4)
@@ -269,10 +269,10 @@ def test_a_non_finite_loss_under_deepspeed_poisons_its_gradient_and_a_finite_one
 
 
 def test_layerdrop_cannot_run_under_deepspeed():
-    from d2v import plugins
-    from d2v.config import load_spec
-    from d2v.model import build_model
-    from d2v.runner.parallel import refuse_under_deepspeed
+    from d2v.api import plugins
+    from d2v.spec.config import load_spec
+    from d2v.spec.model import build_model
+    from d2v.train.parallel import refuse_under_deepspeed
 
     spec = load_spec(ROOT / "experiments" / "asr_demo.yaml", ["model.encoder.layerdrop=0.1"])
     model = build_model(spec["model"], plugins.registry(), "finetune")
@@ -292,7 +292,7 @@ def test_checkpoints_resume_only_under_the_setup_that_wrote_them(tmp_path, proce
 
     from accelerate.utils import DistributedType
 
-    from d2v.runner.parallel import check_checkpoint_layout
+    from d2v.train.parallel import check_checkpoint_layout
 
     plain, deepspeed = tmp_path / "plain", tmp_path / "deepspeed"
     (plain / "model.safetensors").parent.mkdir()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from d2v.schedules import cosine, cosine_factor, tri_stage, tri_stage_factor
+from d2v.train.schedules import cosine, cosine_factor, tri_stage, tri_stage_factor
 
 
 def test_tri_stage_phases():
@@ -42,7 +42,7 @@ def test_schedulers_drive_optimizer_lr():
 
 
 def test_polynomial_is_fairseq_linear_decay():
-    from d2v.schedules import polynomial, polynomial_factor
+    from d2v.train.schedules import polynomial, polynomial_factor
 
     # RTE recipe shape: 122 warmup updates of 2036, linear decay to 0
     assert polynomial_factor(0, 2036, 122, 1.0, 0.0) == 0.0
@@ -58,7 +58,7 @@ def test_polynomial_is_fairseq_linear_decay():
 
 
 def test_tri_stage_cannot_decay_exponentially_to_zero():
-    from d2v.errors import SpecError
+    from d2v.api.errors import SpecError
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(SpecError, match="cosine"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput
+from d2v.api.errors import SpecError
+from d2v.api.interfaces import EncoderOutput
 from d2v_targets.data2vec import Data2VecTarget, channel_std, instance_norm, layer_norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py

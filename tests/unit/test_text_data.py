@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2v.errors import SpecError
-from d2v.masking import BertMask
+from d2v.api.errors import SpecError
+from d2v.ssl.masking import BertMask
 from d2v_text.datasets import CONLL2003_NER, CoNLL, GlueTSV, SquadJSON, SwagCSV, TextLines
 from d2v_text.processor import TextProcessor
 from d2v_text.tokenizer import load_tokenizer, train_sentencepiece
@@ -181,7 +181,7 @@ def test_sentencepiece_training_has_roberta_specials(spm_dir):
 
 
 def test_cli_tokenizer_train(tmp_path, capsys):
-    from d2v.cli import main
+    from d2v.cli.main import main
 
     out = tmp_path / "spm"
     args = ["tokenizer", "train", str(DEMO / "lm" / "valid.txt"), "--vocab-size", "350", "--out", str(out)]
@@ -500,17 +500,17 @@ def test_processor_bert_masking_batch():
     assert no_rng[0] == no_rng[1]
     with pytest.raises(SpecError, match="masking applies to plain text"):
         p.load({"id": "x", "text": "a", "label": 1}, train=True)
-    from d2v.masking import RandomMask
+    from d2v.ssl.masking import RandomMask
 
     with pytest.raises(SpecError, match="masking must be the token-level"):
         TextProcessor(tokenizer=str(VOCAB), masking=RandomMask())
 
 
 def test_processor_from_spec_and_bucketed_loader():
-    from d2v import plugins
-    from d2v.config import LoaderConfig
-    from d2v.data import make_loader
-    from d2v.model import build_component
+    from d2v.api import plugins
+    from d2v.spec.config import LoaderConfig
+    from d2v.data.loading import make_loader
+    from d2v.spec.model import build_component
 
     registry = plugins.registry()
     proc = build_component(registry, "processor", {"name": "text", "tokenizer": str(VOCAB), "max_length": 48,
@@ -526,7 +526,7 @@ def test_processor_from_spec_and_bucketed_loader():
 
 
 def test_spec_validation_catches_processor_typos(tmp_path):
-    from d2v.config import load_spec, validate
+    from d2v.spec.config import load_spec, validate
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2v.errors import SpecError
-from d2v.model import build_model
-from d2v.plugins import registry
+from d2v.api.errors import SpecError
+from d2v.spec.model import build_model
+from d2v.api.plugins import registry
 from d2v_text.cache import KeyValueCache
 from d2v_text.encoder import TextTransformerEncoder
 from d2v_text.feature_extractor import TextEmbeddings, position_ids_from_input_ids

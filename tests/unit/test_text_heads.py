@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import Encoder, EncoderOutput, FeatureExtractor, FeatureExtractorOutput, HeadOutput
-from d2v.model import TaskModel
+from d2v.api.errors import SpecError
+from d2v.api.interfaces import Encoder, EncoderOutput, FeatureExtractor, FeatureExtractorOutput, HeadOutput
+from d2v.spec.model import TaskModel
 from d2v_heads.text.causal_lm import CausalLMHead, filter_logits, generate, position_ids_for
 from d2v_heads.text.entities import entity_counts, entity_scores, get_entities
 from d2v_heads.text.masked_lm import MaskedLMHead
@@ -687,8 +687,8 @@ def test_heads_read_text_processor_batches_qa_and_ner():
 def test_heads_build_from_specs_with_injected_sizes(node):
     """Every head registers under its name and takes what build_model injects (input_dim,
     vocab_size, num_layers) without the spec naming it; a typo is a spec error."""
-    from d2v import plugins
-    from d2v.model import build_component
+    from d2v.api import plugins
+    from d2v.spec.model import build_component
 
     registry = plugins.registry()
     head = build_component(registry, "head", dict(node), "model.head", input_dim=D, vocab_size=V, num_layers=2)
@@ -701,8 +701,8 @@ def test_heads_build_from_specs_with_injected_sizes(node):
 
 
 def tiny_text_model(head, **encoder):
-    from d2v import plugins
-    from d2v.model import build_model
+    from d2v.api import plugins
+    from d2v.spec.model import build_model
 
     torch.manual_seed(0)
     spec = {"preset": "data2vec-text-tiny", "encoder": encoder, "head": head}
@@ -732,7 +732,7 @@ def test_generation_with_the_d2v_text_decoder(side):
 def test_every_head_trains_on_text_processor_batches():
     """Each head on the tiny d2v text model and a real processor batch: finite loss that a few
     optimizer steps lower, predictions and metrics for every example."""
-    from d2v.masking import BertMask
+    from d2v.ssl.masking import BertMask
     from d2v_text.datasets import CoNLL, GlueTSV, SquadJSON, SwagCSV, TextLines
     from d2v_text.processor import TextProcessor
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v.config import load_spec
-from d2v.runner import train as train_module
-from d2v.runner.train import Run
+from d2v.spec.config import load_spec
+from d2v.train import loop as train_module
+from d2v.train.loop import Run
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_DROPOUT = ["model.encoder.dropout=0", "model.encoder.attention_dropout=0", "model.encoder.activation_dropout=0",
@@ -101,7 +101,7 @@ def test_under_deepspeed_the_gradients_are_scaled_to_fairseqs_update_before_its_
     """DeepSpeed reduces and steps inside backward, so the per-update normalisation happens as the
     gradients are made: each process's gradient of ``loss * sample_size`` is scaled by
     ``processes / total sample size``, and DeepSpeed's mean over processes is fairseq's update."""
-    from d2v.runner.parallel import DeepSpeedLoss
+    from d2v.train.parallel import DeepSpeedLoss
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -121,8 +121,8 @@ def test_under_deepspeed_the_gradients_are_scaled_to_fairseqs_update_before_its_
 
 
 def test_pretraining_cannot_accumulate_under_deepspeed():
-    from d2v.errors import SpecError
-    from d2v.runner.parallel import refuse_under_deepspeed
+    from d2v.api.errors import SpecError
+    from d2v.train.parallel import refuse_under_deepspeed
 
     with pytest.raises(SpecError, match=r"trainer.grad_accum: 2 cannot run under DeepSpeed for a pretraining objective"
                                         r".*Use trainer.grad_accum: 1 with more processes or larger batches"):

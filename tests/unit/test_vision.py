@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from d2v_heads.vision.segmentation_metrics import segmentation_counts, segmentation_summary
 from d2v_vision.encoder import VisionTransformerEncoder
 from d2v_vision.patches import PatchEmbedding
@@ -80,8 +80,8 @@ def test_segmentation_metrics_known_values():
 
 
 def test_layer_decay_puts_vision_blocks_in_order():
-    from d2v.model import TaskModel
-    from d2v.optim import adamw
+    from d2v.spec.model import TaskModel
+    from d2v.train.optim import adamw
     from d2v_heads.vision.image_classification import ImageClassificationHead
 
     enc = tiny(use_shared_relative_position_bias=True)

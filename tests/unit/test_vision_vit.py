@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.config import resolve_model_section
-from d2v.errors import SpecError
-from d2v.model import build_model, build_task_model
+from d2v.api import plugins
+from d2v.spec.config import resolve_model_section
+from d2v.api.errors import SpecError
+from d2v.spec.model import build_model, build_task_model
 from d2v_vision.sincos import sincos_2d
 from d2v_vision.vit_encoder import ViTEncoder
 from d2v_vision.vit_patches import ViTPatchEmbedding

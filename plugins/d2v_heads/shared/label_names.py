@@ -3,7 +3,7 @@ same in an audio, text or image spec (and becomes ``id2label`` on export)."""
 
 from __future__ import annotations
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 
 def resolve_label_names(num_labels: int | None, label_names: list[str] | None, where: str, *,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput
 
 
 def weighted_layer_sum(layer_weights: Tensor, hidden_states: tuple[Tensor, ...] | None) -> Tensor:
@@ -19,7 +19,7 @@ def weighted_layer_sum(layer_weights: Tensor, hidden_states: tuple[Tensor, ...] 
     (the embedded input, then every layer)."""
     if not hidden_states:
         raise SpecError("use_weighted_layer_sum: the encoder returned no hidden_states; the head asks for them "
-                        "through needs_hidden_states, so call it through d2v.model.TaskModel.")
+                        "through needs_hidden_states, so call it through d2v.spec.model.TaskModel.")
     if len(hidden_states) != layer_weights.numel():
         raise SpecError(
             f"use_weighted_layer_sum: the head has {layer_weights.numel()} layer weights but the encoder returned "

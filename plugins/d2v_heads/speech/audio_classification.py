@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v import EncoderOutput, Head, HeadOutput
 from d2v_heads.shared.classification_metrics import classification_summary, confusion_counts
 from d2v_heads.shared.label_names import resolve_label_names
 from d2v_heads.shared.layer_sum import head_input, make_layer_weights

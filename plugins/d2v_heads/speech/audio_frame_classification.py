@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Head, HeadOutput
 from d2v_heads.shared.label_names import resolve_label_names
 from d2v_heads.shared.classification_metrics import multilabel_counts, multilabel_summary
 from d2v_heads.shared.layer_sum import head_input, make_layer_weights

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v import EncoderOutput, Head, HeadOutput
 from d2v_heads.speech.error_rates import char_errors, error_rate, word_errors
 from d2v_heads.speech.ctc_decoders import DecoderOptions, LexiconBeamDecoder, decoder_options
 from d2v_heads.speech.ctc_vocab import BOS, EOS, CharVocab

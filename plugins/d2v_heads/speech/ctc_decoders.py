@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from d2v_heads.speech.ctc_vocab import CharVocab
 
 DECODER_NAMES = ("greedy", "beam", "lm_beam")

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 BOS = "<s>"
 EOS = "</s>"
@@ -230,7 +230,7 @@ def read_sentences(sources: Sequence[str], *, split: str = "train",
 
 
 def _spec_transcripts(path: str, split: str, overrides: Sequence[str]) -> Iterator[str]:
-    from d2v.model import spec_dataset
+    from d2v.spec.model import spec_dataset
 
     dataset = spec_dataset(path, split, list(overrides), "to read transcripts from")
     light = getattr(dataset, "light_example", dataset.__getitem__)

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Head, HeadOutput
 from d2v_heads.shared.label_names import resolve_label_names
 from d2v_heads.shared.layer_sum import head_input, make_layer_weights, valid_frames
 from d2v_heads.shared.top_k import ranked

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, HeadOutput
 from d2v_heads.text.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token_nll
 
 

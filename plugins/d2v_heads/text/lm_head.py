@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import Head
-from d2v.layers import make_activation
+from d2v.api.errors import SpecError
+from d2v import Head
+from d2v.nn.layers import make_activation
 
 IGNORE_INDEX = -100
 

@@ -21,8 +21,8 @@ from typing import Any
 from torch import Tensor
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, HeadOutput
 from d2v_heads.text.lm_head import IGNORE_INDEX, LanguageModelHead, perplexity, token_nll
 
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Head, HeadOutput
 
 #: batch entries with a per-choice sequence axis that are folded ``(B, C, ...) -> (B*C, ...)``
 FOLDED_KEYS = ("inputs", "padding_mask", "token_type_ids", "position_ids")

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Head, HeadOutput
 from d2v_heads.text.squad_metrics import squad_counts, squad_summary
 
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Head, HeadOutput
 from d2v_heads.text.entities import entity_counts, entity_scores, get_entities
 from d2v_heads.text.lm_head import IGNORE_INDEX
 from d2v_heads.shared.label_names import resolve_label_names

@@ -23,8 +23,8 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Head, HeadOutput
 from d2v_heads.shared.label_names import resolve_label_names
 from d2v_heads.shared.classification_metrics import classification_summary, confusion_counts
 from d2v_heads.shared.top_k import classification_results

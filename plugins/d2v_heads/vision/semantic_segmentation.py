@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v import hookimpl
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput, Head, HeadOutput, ResultFile
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput, Head, HeadOutput, ResultFile
 from d2v_heads.shared.label_names import resolve_label_names
 from d2v_heads.vision.segmentation_metrics import segmentation_counts, segmentation_summary
 

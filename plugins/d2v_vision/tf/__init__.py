@@ -21,7 +21,7 @@ import importlib
 import os
 from typing import Any
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 #: public name -> the module that defines it
 _LAZY = {
@@ -63,7 +63,7 @@ def from_pretrained(path: str | os.PathLike) -> Any:
 
 def export_model(loaded: Any, out: str | os.PathLike, *, format: str = "savedmodel") -> Any:
     """The ``tf_exporter`` of ``vision.transformer``: write ``loaded.model`` (a
-    ``d2v.onnx_export.LoadedModel``) as a SavedModel directory (``format="savedmodel"``) or a
+    ``d2v.interop.onnx_export.LoadedModel``) as a SavedModel directory (``format="savedmodel"``) or a
     ``.tflite`` file (``"tflite"``), checked against PyTorch first (:mod:`d2v_vision.tf.export`)."""
     require_tensorflow()
     from d2v_vision.tf.export import export

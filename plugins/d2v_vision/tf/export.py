@@ -2,7 +2,7 @@
 the Keras twin of the PyTorch model (:mod:`d2v_vision.tf.weights`) written as a SavedModel (TF
 Serving: signature ``serving_default``) or a TFLite / LiteRT flatbuffer (builtin ops only).
 
-Like the ONNX export (:mod:`d2v.onnx_export`), nothing is written before the written file itself
+Like the ONNX export (:mod:`d2v.interop.onnx_export`), nothing is written before the written file itself
 is loaded back (``tf.saved_model.load`` / the TFLite interpreter) and run on two batches of
 different sizes, its outputs within 1e-4 (relative to the largest output, at least 1) of
 PyTorch's. The graph takes ``pixel_values`` ``(batch, C, H, W)`` at the model's image size (the
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import torch
-from d2v.errors import SpecError
-from d2v.onnx_export import TOLERANCE, LoadedModel, example_batches
+from d2v.api.errors import SpecError
+from d2v.interop.onnx_export import TOLERANCE, LoadedModel, example_batches
 from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )

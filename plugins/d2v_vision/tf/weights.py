@@ -18,7 +18,7 @@ import warnings
 import keras
 import numpy as np
 import torch
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from torch import nn
 
 from d2v_vision.tf.models import (
@@ -201,6 +201,6 @@ def from_torch(model: nn.Module) -> keras.Model:
 def from_pretrained(path: str | os.PathLike) -> keras.Model:
     """The Keras model behind a d2v run directory, a d2v checkpoint or a Hugging Face
     ``Data2VecVision*`` checkpoint directory."""
-    from d2v.pipeline import locate_model
+    from d2v.interop.locate import locate_model
 
     return from_torch(locate_model(path, command="d2v_vision.tf.from_pretrained").model.eval())

@@ -1,5 +1,5 @@
 """A Conformer encoder for d2v: torchaudio's ``Conformer`` layers, driven so that they honour
-d2v's :class:`~d2v.interfaces.Encoder` contract.
+d2v's :class:`~d2v.api.interfaces.Encoder` contract.
 
 The layers, their parameters and their state-dict names are torchaudio's
 (``torchaudio.models.Conformer``, Gulati et al. 2020, arXiv 2005.08100): half-step FFN ->
@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from torchaudio.models import Conformer
 from torchaudio.models.conformer import ConformerLayer
 
-from d2v.errors import SpecError
-from d2v.interfaces import Encoder, EncoderOutput
-from d2v.masking import compute_span_mask
+from d2v.api.errors import SpecError
+from d2v import Encoder, EncoderOutput
+from d2v.ssl.masking import compute_span_mask
 
 from d2v_conformer.masked_norm import masked_norm
 from d2v_conformer.time_grid import TimeGrid

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 
 class TimeGrid:

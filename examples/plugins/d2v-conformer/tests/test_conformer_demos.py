@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v.config import load_spec, validate
-from d2v.runner import Run, run
+from d2v.spec.config import load_spec, validate
+from d2v.train import Run, run
 
 PACKAGE = Path(__file__).resolve().parents[1]
 ROOT = PACKAGE.parents[2]  # the repository: the specs name the demo corpus relative to it

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v import plugins
-from d2v.config import load_spec
-from d2v.errors import SpecError
-from d2v.masking import keep_indices
-from d2v.model import build_model
+from d2v.api import plugins
+from d2v.spec.config import load_spec
+from d2v.api.errors import SpecError
+from d2v.ssl.masking import keep_indices
+from d2v.spec.model import build_model
 from d2v_conformer.encoder import ConformerEncoder
 
 PACKAGE = Path(__file__).resolve().parents[1]

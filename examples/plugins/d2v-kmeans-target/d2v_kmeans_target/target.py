@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput
 from d2v_kmeans_target.kmeans import OnlineKMeans
 from d2v_targets.data2vec import Data2VecTarget, channel_std
 

@@ -14,10 +14,11 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from d2v import manifest, plugins
-from d2v.config import load_spec, validate
-from d2v.model import build_model
-from d2v.runner import run
+from d2v.api import manifest
+from d2v.api import plugins
+from d2v.spec.config import load_spec, validate
+from d2v.spec.model import build_model
+from d2v.train import run
 
 PACKAGE = Path(__file__).resolve().parents[1]
 ROOT = PACKAGE.parents[2]

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v.errors import SpecError
-from d2v.interfaces import EncoderOutput
+from d2v.api.errors import SpecError
+from d2v import EncoderOutput
 
 if importlib.util.find_spec("d2v_kmeans_target") is None:  # not pip-installed: test the checkout's copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

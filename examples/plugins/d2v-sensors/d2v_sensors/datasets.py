@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from d2v_sensors.recordings import EXTENSIONS, count_samples
 from d2v_sensors.signals import ACTIVITIES, SAMPLE_RATE, synthesize
 

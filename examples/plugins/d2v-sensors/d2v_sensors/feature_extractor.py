@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from d2v.distill2 import ConvFrameLengths
-from d2v.errors import SpecError
-from d2v.interfaces import FeatureExtractor, FeatureExtractorOutput
+from d2v.ssl.batch_masks import ConvFrameLengths
+from d2v.api.errors import SpecError
+from d2v import FeatureExtractor, FeatureExtractorOutput
 
 
 class SensorPatchEmbedding(FeatureExtractor):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from d2v_sensors.recordings import read_recording
 
 NORMALIZATIONS = ("recording", "channel", "none")

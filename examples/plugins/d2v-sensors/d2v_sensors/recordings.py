@@ -4,7 +4,7 @@
 * ``.csv``: comma-separated numbers, one time step per line; a first line that is not numeric
   is a header and is skipped (e.g. ``x,y,z``).
 
-Both readers fail with a :class:`~d2v.errors.SpecError` naming the file and what is wrong.
+Both readers fail with a :class:`~d2v.api.errors.SpecError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 
 EXTENSIONS = (".npy", ".csv")
 

@@ -12,7 +12,7 @@ PLUGINS = "sensors,audio,head-audio_classification,targets"
 def sensors_plugins(monkeypatch):
     """Load only the entry points the sensor specs need (the package must be pip-installed:
     `pip install -e examples/plugins/d2v-sensors`), so other installed plugins cannot interfere."""
-    from d2v import plugins
+    from d2v.api import plugins
 
     monkeypatch.setenv("D2V_LOAD_PLUGINS", PLUGINS)
     plugins.reset()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from d2v_sensors.feature_extractor import SensorPatchEmbedding
 from d2v_sensors.processor import SensorProcessor, normalize
 

@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 import pytest
 
-from d2v.errors import SpecError
+from d2v.api.errors import SpecError
 from d2v_sensors.cli import add_commands
 from d2v_sensors.datasets import SensorFolder, SyntheticActivities
 from d2v_sensors.recordings import read_recording

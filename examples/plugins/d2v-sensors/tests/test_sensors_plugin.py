@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from d2v import manifest
-from d2v.cli import main
-from d2v.config import load_spec, validate
+from d2v.api import manifest
+from d2v.cli.main import main
+from d2v.spec.config import load_spec, validate
 
 PACKAGE = Path(__file__).resolve().parents[1]
 

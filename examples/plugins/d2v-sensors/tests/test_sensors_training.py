@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from d2v.config import load_spec
-from d2v.runner import Run, run
+from d2v.spec.config import load_spec
+from d2v.train import Run, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

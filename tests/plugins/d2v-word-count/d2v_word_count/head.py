@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d2v.interfaces import EncoderOutput, Head, HeadOutput
+from d2v import EncoderOutput, Head, HeadOutput
 
 
 class WordCountHead(Head):
