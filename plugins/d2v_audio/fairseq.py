@@ -25,6 +25,7 @@ from torch import Tensor
 
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
+from d2v.interop.fairseq_multi import MULTI_FIELDS
 from d2v_audio import fairseq_ctc, fairseq_v1, fairseq_v2
 from d2v_audio.fairseq_names import Rename, collect, prefixed, rebased, refuse_unaccounted
 
@@ -119,7 +120,7 @@ class Data2VecMultiAudioImporter:
 
     def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
         notes: list[str] = []
-        m = ConfigReader(ckpt.model_cfg, "cfg.model", fairseq_v2.MULTI_FIELDS, notes)
+        m = ConfigReader(ckpt.model_cfg, "cfg.model", MULTI_FIELDS, notes)
         arch = fairseq_v2.read_arch(m)
         spec = fairseq_v2.backbone_spec(arch)
         table = fairseq_v2.backbone_names(arch)
@@ -177,7 +178,7 @@ class Wav2VecCtcImporter:
             extra: dict[str, Tensor] = {}
             dropped: set[str] = set()
         else:
-            inner = ConfigReader(inner_cfg, where, fairseq_v2.MULTI_FIELDS, notes)
+            inner = ConfigReader(inner_cfg, where, MULTI_FIELDS, notes)
             arch = fairseq_v2.read_arch(inner, finetune=outer)
             spec = fairseq_v2.backbone_spec(arch)
             table = fairseq_v2.backbone_names(arch)

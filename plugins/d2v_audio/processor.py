@@ -48,9 +48,10 @@ def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
 
 
 
-def _check_exists(path: str, where: str) -> None:
-    """libsndfile says only 'System error.' for a missing file: say what is wrong."""
-    if not os.path.exists(path):
+def _check_exists(path: Any, where: str) -> None:
+    """libsndfile says only 'System error.' for a missing file: say what is wrong (a file-like
+    object, as shards hand over, is not a path and is left to the decoder)."""
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         raise BadFile(f"audio file '{path}'{where} does not exist (looked at {os.path.abspath(path)}).")
 
 class AudioProcessor:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
+from d2v.interop.fairseq_multi import MULTI_FIELDS
 from d2v_text import fairseq_v1 as v1
 from d2v_text import fairseq_v2 as v2
 
@@ -229,7 +230,7 @@ class Data2VecMultiTextImporter:
 
     def convert(self, ckpt: FairseqCheckpoint, options: dict[str, Any]) -> FairseqImport:
         notes: list[str] = []
-        model = ConfigReader(ckpt.model_cfg, "cfg.model", known=v2.MULTI_FIELDS, notes=notes)
+        model = ConfigReader(ckpt.model_cfg, "cfg.model", known=MULTI_FIELDS, notes=notes)
         arch = v2.TextV2Arch(model)
         where = str(ckpt.path)
         v2.check_shape(ckpt.model, arch, where, "cfg.model")
@@ -295,7 +296,7 @@ class Data2VecTextClassificationImporter:
         ``model_path``. The tensors give depth and widths, not the head count or LayerNorm eps."""
         pretrained = top.section("pretrained_model_args", known=CFG_SECTIONS)
         if pretrained.values:
-            return pretrained.section("model", known=v2.MULTI_FIELDS)
+            return pretrained.section("model", known=MULTI_FIELDS)
         model_path = top.values.get("model_path")
         given = options.get("backbone")
         source = Path(given) if given else Path(str(model_path)) if model_path else None
@@ -316,4 +317,4 @@ class Data2VecTextClassificationImporter:
                             f"fine-tuned from.")
         notes.append(f"cfg.model.pretrained_model_args is null (fairseq's sentence_prediction saves only model_path): "
                      f"the backbone's config was read from {source}")
-        return ConfigReader(backbone.model_cfg, f"{source}: cfg.model", known=v2.MULTI_FIELDS, notes=notes)
+        return ConfigReader(backbone.model_cfg, f"{source}: cfg.model", known=MULTI_FIELDS, notes=notes)
