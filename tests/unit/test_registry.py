@@ -71,7 +71,7 @@ def test_listing_imports_no_model_code():
     """`d2v list` stays cheap: string factories are not resolved."""
     import subprocess
 
-    code = ("import sys; from d2v import plugins; plugins.registry();"
+    code = ("import sys; from d2v.api import plugins; plugins.registry();"
             "print(sorted(m for m in sys.modules if m.startswith(('d2v_audio.', 'd2v_targets.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
