@@ -53,7 +53,7 @@ class Data2VecAudioImporter:
         state, consumed = collect(table, ckpt.model, where)
         refuse_unaccounted(ckpt.model, consumed, fairseq_v1.BACKBONE_PREFIXES, where, fairseq_v1.SHAPE_SETTINGS)
 
-        objective, reason = fairseq_v1.objective_spec(m, _max_update(ckpt))
+        objective, reason = fairseq_v1.objective_spec(m, ckpt.max_update)
         head = next((p for p in ("final_proj", "final_proj.0") if f"{p}.weight" in ckpt.model), None)
         if objective is not None and head is None:
             objective, reason = None, "the checkpoint has no regression head (final_proj)"
@@ -97,12 +97,6 @@ def _student_name(teacher_name: str, scope: str) -> str:
     return f"encoder.{rest}" if scope == "encoder" else rest
 
 
-def _max_update(ckpt: FairseqCheckpoint) -> int:
-    """``optimization.max_update``: fairseq's default for ``ema_anneal_end_step``."""
-    value = (ckpt.cfg.get("optimization") or {}).get("max_update", 0)
-    return int(value) if isinstance(value, (int, float)) else 0
-
-
 def _zero_step() -> Tensor:
     """The objective's update counter (``import_fairseq`` then sets it to the checkpoint's
     ``optimizer_history`` count, so the EMA decay schedule continues where fairseq stopped)."""
@@ -131,7 +125,7 @@ class Data2VecMultiAudioImporter:
         consumed |= fairseq_v2.dropped(ckpt.model, "", notes)
 
         if ckpt.ema:
-            objective, reason = fairseq_v2.objective_spec(m, arch, _max_update(ckpt))
+            objective, reason = fairseq_v2.objective_spec(m, arch, ckpt.max_update)
         else:  # fairseq builds its teacher from the student only at step 0; a saved run has one
             objective, reason = None, "the checkpoint holds no EMA teacher (model['_ema'])"
         if objective is None:

@@ -23,19 +23,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from d2v.api.errors import BadFile, SpecError
+from d2v.api.errors import BadFile, SpecError, positive_int
 from d2v_audio.frame_labels import pad_frame_labels, segments_to_frames, shift_segments
 
 CROPS = ("random", "start", "none")
 NORM_EPS = 1e-7  # added to the variance, as in Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
-
-
-def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise SpecError(f"audio processor: {name} must be {kind} integer, got {value!r}.")
-    return value
 
 
 def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
@@ -45,7 +37,6 @@ def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
     mean = x.mean()
     var = ((x - mean) ** 2).mean()
     return ((x - mean) / torch.sqrt(var + NORM_EPS)).to(torch.float32)
-
 
 
 def _check_exists(path: Any, where: str) -> None:
@@ -90,19 +81,19 @@ class AudioProcessor:
         label_frame_shift: int = 320,
         label_frame_length: int = 400,
     ) -> None:
-        self.sample_rate = _positive_int(sample_rate, "sample_rate")
+        self.sample_rate = positive_int(sample_rate, "sample_rate", "audio processor")
         if not isinstance(normalize, bool):
             raise SpecError(f"audio processor: normalize must be true or false, got {normalize!r}.")
         self.normalize = normalize
-        self.max_samples = None if max_samples is None else _positive_int(max_samples, "max_samples")
-        self.min_samples = _positive_int(min_samples, "min_samples", allow_zero=True)
+        self.max_samples = None if max_samples is None else positive_int(max_samples, "max_samples", "audio processor")
+        self.min_samples = positive_int(min_samples, "min_samples", "audio processor", allow_zero=True)
         if crop is None:
             crop = "none"
         if crop not in CROPS:
             raise SpecError(f"audio processor: crop must be one of {', '.join(CROPS)}, got {crop!r}.")
         self.crop = crop
-        self.label_frame_shift = _positive_int(label_frame_shift, "label_frame_shift")
-        self.label_frame_length = _positive_int(label_frame_length, "label_frame_length")
+        self.label_frame_shift = positive_int(label_frame_shift, "label_frame_shift", "audio processor")
+        self.label_frame_length = positive_int(label_frame_length, "label_frame_length", "audio processor")
         if self.max_samples is not None and self.min_samples > self.max_samples:
             raise SpecError(
                 f"audio processor: min_samples ({self.min_samples}) is larger than max_samples "

@@ -97,11 +97,6 @@ def classification_head(weights: dict[str, Tensor], prefix: str, dim: int, activ
     return spec, state, set(parts)
 
 
-def _max_update(ckpt: FairseqCheckpoint) -> int:
-    value = (ckpt.cfg.get("optimization") or {}).get("max_update", 0)
-    return int(value) if isinstance(value, (int, float)) else 0
-
-
 # --------------------------------------------------------------------------- 1.0
 
 
@@ -177,7 +172,7 @@ class Data2VecTextImporter:
         head = v1.regression_head_names(weights)
         if head is None:
             return None, set()
-        objective, reason = v1.objective_spec(model, v1.head_layers(head), _max_update(ckpt))
+        objective, reason = v1.objective_spec(model, v1.head_layers(head), ckpt.max_update)
         if objective is None:
             notes.append(f"imported the backbone only (no data2vec objective): {reason}")
             return None, set()
@@ -235,7 +230,7 @@ class Data2VecMultiTextImporter:
         where = str(ckpt.path)
         v2.check_shape(ckpt.model, arch, where, "cfg.model")
         spec = arch.backbone(ckpt.model)
-        spec["objective"] = v2.objective_spec(arch, _max_update(ckpt))
+        spec["objective"] = v2.objective_spec(arch, ckpt.max_update)
         student, consumed = v2.backbone_tensors(ckpt.model, arch, where)
         decoder, used = v2.decoder_tensors(ckpt.model, arch, where)
         teacher, ema_used = v2.teacher_tensors(ckpt.ema, arch, student, where, notes)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2v.api.errors import BadFile, SpecError
+from d2v.api.errors import BadFile, SpecError, positive_int
 from d2v.ssl.masking import BertMask
 from d2v_text.tokenizer import Pieces, TextTokenizer, load_tokenizer, train_sentencepiece
 
@@ -57,13 +57,6 @@ def _cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "d2v"
     return Path.home() / ".cache" / "d2v"
-
-
-def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise SpecError(f"text processor: {name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}.")
-    return value
 
 
 def truncate_longest_first(n1: int, n2: int, budget: int) -> tuple[int, int]:
@@ -145,11 +138,11 @@ class TextProcessor:
         masking: Any = None,
         long_text: str = "split",
     ) -> None:
-        self.max_length = _positive_int(max_length, "max_length")
+        self.max_length = positive_int(max_length, "max_length", "text processor")
         if self.max_length < 8:
             raise SpecError(f"text processor: max_length must be at least 8 tokens, got {max_length}.")
-        self.stride = _positive_int(stride, "stride", allow_zero=True)
-        self.max_query_length = _positive_int(max_query_length, "max_query_length")
+        self.stride = positive_int(stride, "stride", "text processor", allow_zero=True)
+        self.max_query_length = positive_int(max_query_length, "max_query_length", "text processor")
         if long_text not in LONG_TEXT:
             raise SpecError(f"text processor: long_text must be one of {', '.join(LONG_TEXT)}, got {long_text!r}.")
         self.long_text = long_text

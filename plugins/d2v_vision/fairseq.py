@@ -344,9 +344,8 @@ class Data2VecMultiImageImporter:
     def objective(cfg: ImageConfig, ckpt: FairseqCheckpoint) -> dict[str, Any]:
         """The ``data2vec2`` objective: 2-D block masks, ``Decoder2d`` (one projection), the CLS
         loss, and the teacher fairseq has (see :meth:`teacher_parts`)."""
-        max_update = int((ckpt.cfg.get("optimization") or {}).get("max_update", 0) or 0)
         scope, copy_keys = Data2VecMultiImageImporter.teacher_parts(cfg)
-        return objective(cfg.model, cfg.image, cfg.decoder, depth=cfg.depth, max_update=max_update,
+        return objective(cfg.model, cfg.image, cfg.decoder, depth=cfg.depth, max_update=ckpt.max_update,
                          decoder_type="2d", mask_dims=2, decoder_projection_layers=1, encoder_zero_mask=False,
                          ema_scope=scope, copy_keys=copy_keys)
 

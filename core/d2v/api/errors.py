@@ -22,3 +22,13 @@ class BadFile(SpecError):
     leaves such an example out (listed, and counted against ``data.max_skipped_fraction``);
     anything else an example raises stops the run. Processors and datasets raise it for exactly
     these problems."""
+
+
+def positive_int(value: object, name: str, where: str, *, allow_zero: bool = False) -> int:
+    """``value`` if it is a positive (or, with ``allow_zero``, non-negative) integer, else a
+    :class:`SpecError` naming the component and the parameter (``True`` is not an integer here)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise SpecError(f"{where}: {name} must be {kind} integer, got {value!r}.")
+    return value

@@ -55,6 +55,12 @@ class FairseqCheckpoint:
         """fairseq's registered model name (``cfg.model._name``), e.g. ``data2vec_audio``."""
         return str(self.model_cfg.get("_name") or self.cfg.get("arch") or "")
 
+    @property
+    def max_update(self) -> int:
+        """``optimization.max_update`` (0 when absent): fairseq's default for ``ema_anneal_end_step``."""
+        value = (self.cfg.get("optimization") or {}).get("max_update", 0)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
 
 @dataclass
 class FairseqImport:
