@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -211,7 +212,11 @@ def test_what_deepspeed_cannot_do_exactly_stops_the_launch_at_start(tmp_path):
 def test_an_fsdp_pretraining_run_resumed_after_a_crash_ends_as_the_uninterrupted_run(tmp_path, single_thread):
     """data2vec 2.0 with its EMA teacher under FSDP2: a copy of the run as it was when the
     step-2 checkpoint was written (the later checkpoint and final/ gone, as after a crash)
-    resumes from Accelerate's FSDP checkpoint and ends with the uninterrupted run's weights."""
+    resumes from Accelerate's FSDP checkpoint and ends with the uninterrupted run's weights.
+
+    Once in about ten CI runs a worker of the resumed run died of SIGABRT on 2 busy CPU cores
+    (gloo under FSDP2; not reproduced in isolated reruns): such a launch is tried once more, with
+    its stderr kept in a warning, so a real difference still fails and the abort stays visible."""
     import shutil
 
     os.chdir(ROOT)
@@ -225,8 +230,15 @@ def test_an_fsdp_pretraining_run_resumed_after_a_crash_ends_as_the_uninterrupted
     shutil.rmtree(crashed / "final")
     shutil.rmtree(crashed / "checkpoints" / "step-00000004")
     (crashed / "checkpoints" / "latest").write_text("step-00000002")
-    resumed = launch_two(tmp_path, "fsdp", [*args, f"trainer.output_dir={crashed}", "--resume"], 29691)
-    assert resumed.returncode == 0, "\n".join(line for line in resumed.stderr.splitlines() if "rank" in line)[-4000:]
+    for attempt in range(2):  # see the docstring: one retry for an abort of a worker, said as a warning
+        run_dir = tmp_path / f"resumed-{attempt}"
+        shutil.copytree(crashed, run_dir)
+        resumed = launch_two(tmp_path, "fsdp", [*args, f"trainer.output_dir={run_dir}", "--resume"], 29691 + attempt)
+        if resumed.returncode == 0 or "Signal 6 (SIGABRT)" not in resumed.stderr:
+            break
+        warnings.warn(f"FSDP resume: a worker aborted (SIGABRT), attempt {attempt + 1}; its stderr ends: "
+                      f"{resumed.stderr[-1500:]}")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming from" in resumed.stdout and "at step 2" in resumed.stdout
-    assert max_difference(load_file(crashed / "final" / "model.safetensors"),
+    assert max_difference(load_file(run_dir / "final" / "model.safetensors"),
                           load_file(tmp_path / "whole" / "final" / "model.safetensors")) == 0.0
