@@ -104,7 +104,7 @@ class Hook:
 
     @property
     def is_method(self) -> bool:
-        return bool(getattr(self.contract, "_is_protocol", False))
+        return Protocol in self.contract.__mro__
 
 
 def _hook(name: str, kinds: str, contract: type, purpose: str) -> Hook:

@@ -11,11 +11,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from d2v.use.plot import left_out, plot_runs
     from d2v.use.runs import load_run
 
-    written = plot_runs(args.runs, args.output, everything=args.all)
-    print(f"wrote {written}")
-    if not args.all:
-        for metric in left_out([load_run(p) for p in args.runs]):
-            print(f"note: left out {metric}; --all draws it", file=sys.stderr)
+    histories = [load_run(p) for p in args.runs]  # read once: for the figure and the note
+    print(f"wrote {plot_runs(histories, args.output, everything=args.all)}")
+    for metric in [] if args.all else left_out(histories):
+        print(f"note: left out {metric}; --all draws it", file=sys.stderr)
     return 0
 
 

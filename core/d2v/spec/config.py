@@ -200,7 +200,7 @@ def override_for_option(option: str) -> str | None:
     sections = {"trainer": TrainerConfig, "data.loader": LoaderConfig, "evaluate": EvaluateConfig}
     paths = [f"{section}.{name}" for section, cls in sections.items()
              if name in {f.name for f in dataclasses.fields(cls)}]
-    paths += [f"data.{name}" for key in DATA_KEYS if key == name] + [f"model.{name}" for key in MODEL_KEYS if key == name]
+    paths += [f"{section}.{name}" for section, keys in (("data", DATA_KEYS), ("model", MODEL_KEYS)) if name in keys]
     paths += {"lr": ["optim.lr"], "seed": ["seed"], "task": ["task"]}.get(name, [])
     return f"{paths[0]}={value or '...'}" if paths else None
 

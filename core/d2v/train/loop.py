@@ -157,13 +157,7 @@ class Run:
         }
         for split, dataset in self.datasets.items():
             self.skip_budget.sizes[split] = len(dataset) + len(getattr(dataset, "skipped", None) or [])
-            left_out = list(getattr(dataset, "skipped", None) or [])
-            if left_out:
-                self.skip_budget.add(split, left_out, up_front=True)
-                if self.is_main:
-                    self.skipped_log.write(split, left_out)
-                self.print(f"data.{split}: {len(left_out)} unreadable examples left out (listed in {self.skipped_log.path})")
-                self.skip_budget.check(split)
+            self._leave_out_up_front(split, list(getattr(dataset, "skipped", None) or []), "unreadable examples")
         self.processor = build_component(self.registry, "processor", data["processor"], "data.processor")
         if self.task != "evaluate":  # an evaluated checkpoint keeps the names it was trained with
             adopted = adopt_label_names(spec["model"], self.datasets.get("train"), self.registry)
@@ -183,6 +177,17 @@ class Run:
             self.print(line)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
         self._inspect_examples()
+
+    def _leave_out_up_front(self, split: str, examples: list, why: str) -> None:
+        """Examples left out before training: listed in skipped.tsv, said, and counted against
+        ``data.max_skipped_fraction`` (the run stops here when they already exceed it)."""
+        if not examples:
+            return
+        self.skip_budget.add(split, examples, up_front=True)
+        if self.is_main:
+            self.skipped_log.write(split, examples)
+        self.print(f"data.{split}: {len(examples)} {why} left out (listed in {self.skipped_log.path})")
+        self.skip_budget.check(split)
 
     def _inspect_examples(self) -> None:
         """Let the head look at each split's light examples once (``Head.inspect_examples``)."""
@@ -220,13 +225,7 @@ class Run:
         feature_extractor = getattr(self.model, "feature_extractor", None)
         if feature_extractor is not None:
             train_set, too_short = drop_featureless(train_set, self.processor, frame_lengths_fn(feature_extractor))
-            if too_short:
-                self.skip_budget.add("train", too_short, up_front=True)
-                if self.is_main:
-                    self.skipped_log.write("train", too_short)
-                self.print(f"data.train: {len(too_short)} examples too short for a single feature frame left out "
-                           f"(listed in {self.skipped_log.path})")
-                self.skip_budget.check("train")
+            self._leave_out_up_front("train", too_short, "examples too short for a single feature frame")
         train_loader = make_loader(train_set, self.processor, self.loader_cfg, train=True, seed=self.seed,
                                    where="data.train", transform=transform, on_bad_example=self.on_bad_example)
         optimizer = build_component(self.registry, "optimizer", self.spec["optim"], "optim", model=self.model)

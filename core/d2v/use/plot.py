@@ -61,9 +61,10 @@ def choose_panels(histories: list[RunHistory], *, everything: bool = False) -> l
     if collapse:
         panels.append(Panel("target / prediction std (collapse if -> 0)", collapse))
     metrics = list(dict.fromkeys(k for s in evaluated for h in histories for k in h.metric_names(s) if k != "loss"))
+    flat = {} if everything else flat_metrics(histories)
     for key in metrics:
         curves = tuple(Curve(s, key, s) for s in evaluated if logged(s, key))
-        if everything or any(constant_value(histories, c.split, c.key) is None for c in curves):
+        if everything or key not in flat:
             panels.append(Panel(key if len(curves) > 1 else f"{curves[0].split} {key}", curves))
     if everything:
         others = dict.fromkeys(k for h in histories for k in h.metric_names("train") if k not in ALWAYS_SHOWN)
@@ -84,17 +85,23 @@ def constant_value(histories: list[RunHistory], split: str, key: str) -> float |
     return values.pop() if len(values) == 1 else None
 
 
-def left_out(histories: list[RunHistory]) -> list[str]:
-    """``"valid top5 (100 at every evaluation)"`` for each metric panel :func:`choose_panels`
-    leaves out (every split it was evaluated on constant)."""
+def flat_metrics(histories: list[RunHistory]) -> dict[str, list[tuple[str, float]]]:
+    """Evaluation metrics that never moved: ``{key: [(split, value), ...]}`` for each metric that
+    :func:`constant_value` finds constant on every split it was evaluated on."""
     evaluated = list(dict.fromkeys(s for h in histories for s in h.splits() if s != "train"))
-    out = []
+    flat = {}
     for key in dict.fromkeys(k for s in evaluated for h in histories for k in h.metric_names(s) if k != "loss"):
         splits = [s for s in evaluated if any(key in h.metric_names(s) for h in histories)]
         values = [constant_value(histories, s, key) for s in splits]
         if all(v is not None for v in values):
-            out += [f"{s} {key} ({v:g} at every evaluation)" for s, v in zip(splits, values)]
-    return out
+            flat[key] = list(zip(splits, values))
+    return flat
+
+
+def left_out(histories: list[RunHistory]) -> list[str]:
+    """``"valid top5 (100 at every evaluation)"`` for each metric panel :func:`choose_panels` leaves out."""
+    return [f"{split} {key} ({value:g} at every evaluation)"
+            for key, points in flat_metrics(histories).items() for split, value in points]
 
 
 def run_labels(paths: list[Path]) -> list[str]:
@@ -164,12 +171,13 @@ def _draw_panel(ax, panel: Panel, histories: list[RunHistory], colours: list) ->
                            for c, s in zip(panel.curves, STYLES)], fontsize="x-small")
 
 
-def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None, *, everything: bool = False) -> Path:
-    """Draw the runs' curves into one image (``output``; default ``RUN_DIR/metrics.png`` for one
-    run, ``./metrics.png`` for several) and return its path."""
-    if not run_dirs:
+def plot_runs(runs: list[str | Path | RunHistory], output: str | Path | None = None, *,
+              everything: bool = False) -> Path:
+    """Draw the runs' curves (run directories, or runs already read) into one image (``output``;
+    default ``RUN_DIR/metrics.png`` for one run, ``./metrics.png`` for several) and return its path."""
+    if not runs:
         raise SpecError("d2v plot: give at least one run directory.")
-    histories = [load_run(p) for p in run_dirs]
+    histories = [run if isinstance(run, RunHistory) else load_run(run) for run in runs]
     if output is None:
         output = histories[0].path / "metrics.png" if len(histories) == 1 else Path("metrics.png")
     output = Path(output)
