@@ -169,6 +169,7 @@ class Wav2VecCtcImporter:
             inner = ConfigReader(inner_cfg, where, fairseq_v1.DATA2VEC_AUDIO_FIELDS, notes)
             spec = fairseq_v1.backbone_spec(inner)
             table = fairseq_v1.backbone_names(spec)
+            version = fairseq_v1
             extra: dict[str, Tensor] = {}
             dropped: set[str] = set()
         else:
@@ -176,6 +177,7 @@ class Wav2VecCtcImporter:
             arch = fairseq_v2.read_arch(inner, finetune=outer)
             spec = fairseq_v2.backbone_spec(arch)
             table = fairseq_v2.backbone_names(arch)
+            version = fairseq_v2
             extra = {"encoder.mask_embedding": fairseq_v2.mask_embedding(arch)}
             dropped = fairseq_v2.dropped(ckpt.model, fairseq_ctc.PREFIX, notes)
             if encoder_fields["apply_spec_augment"] and not outer.get("zero_mask", False):
@@ -186,7 +188,6 @@ class Wav2VecCtcImporter:
 
         ctc_where = f"fairseq wav2vec_ctc checkpoint '{ckpt.path}'"
         state, consumed = collect(prefixed(table, "", fairseq_ctc.PREFIX), ckpt.model, ctc_where)
-        version = fairseq_v1 if inner_cfg.get("_name") == "data2vec_audio" else fairseq_v2
         refuse_unaccounted(ckpt.model, consumed, tuple(fairseq_ctc.PREFIX + p for p in version.BACKBONE_PREFIXES),
                            ctc_where, f"{where}: {version.SHAPE_SETTINGS}")
         state.update(extra)

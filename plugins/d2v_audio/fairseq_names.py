@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -43,7 +43,7 @@ def linear(ours: str, theirs: str, bias: bool = True) -> list[Rename]:
 
 def prefixed(table: Iterable[Rename], ours: str = "", theirs: str = "") -> list[Rename]:
     """``table`` with both sides' names prefixed (a backbone inside a CTC model, a teacher)."""
-    return [Rename(ours + r.ours, theirs + r.theirs, r.take, r.decided_by) for r in table]
+    return [replace(r, ours=ours + r.ours, theirs=theirs + r.theirs) for r in table]
 
 
 def rebased(table: Iterable[Rename], ours_from: str, ours_to: str, theirs_from: str, theirs_to: str) -> list[Rename]:
@@ -52,8 +52,7 @@ def rebased(table: Iterable[Rename], ours_from: str, ours_to: str, theirs_from: 
     out = []
     for r in table:
         if r.ours.startswith(ours_from) and r.theirs.startswith(theirs_from):
-            out.append(Rename(ours_to + r.ours[len(ours_from):], theirs_to + r.theirs[len(theirs_from):], r.take,
-                              r.decided_by))
+            out.append(replace(r, ours=ours_to + r.ours[len(ours_from):], theirs=theirs_to + r.theirs[len(theirs_from):]))
     return out
 
 
@@ -86,7 +85,6 @@ def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str) -> 
                 ) from None
         state[r.ours] = tensor.detach().clone().float().contiguous()
     return state, {r.theirs for r in table}
-
 
 
 def refuse_unaccounted(weights: dict[str, Tensor], used: set[str], prefixes: tuple[str, ...], where: str,

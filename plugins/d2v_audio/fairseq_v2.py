@@ -23,7 +23,7 @@ The AltBlocks are post-LN (``layer_norm_first: false``): the same computation as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -302,9 +302,9 @@ def teacher_names(table: list[Rename], encoder_only: bool) -> tuple[list[Rename]
             continue
         ours = "teacher.model." + r.ours[len("encoder."):]
         if not encoder_only:
-            ema.append(Rename(ours, r.theirs, r.take, r.decided_by))
+            ema.append(replace(r, ours=ours))
         elif r.theirs.startswith("blocks."):
-            ema.append(Rename(ours, r.theirs[len("blocks."):], r.take, r.decided_by))
+            ema.append(replace(r, ours=ours, theirs=r.theirs[len("blocks."):]))
         else:
             student.append(Rename(ours, r.ours))
     return ema, student
