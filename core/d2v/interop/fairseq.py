@@ -18,6 +18,7 @@ and an unknown key is ignored, each with a note.
 
 from __future__ import annotations
 
+import pickle
 import re
 import zipfile
 from collections.abc import Iterable
@@ -169,7 +170,7 @@ def read_fairseq_checkpoint(path: str | Path) -> FairseqCheckpoint:
         state = load_untrusted(path)
     except UnsafePickleError as err:
         raise SpecError(f"refused to load '{path}': {err}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, __import__("pickle").UnpicklingError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         size = path.stat().st_size
         raise SpecError(
             f"'{path}' ({size} bytes) is not a readable PyTorch checkpoint: {type(err).__name__}: "
