@@ -62,7 +62,7 @@ def from_pretrained(path: str | os.PathLike) -> Any:
 
 
 def export_model(loaded: Any, out: str | os.PathLike, *, format: str = "savedmodel") -> Any:
-    """The ``tf_exporter`` of ``vision.transformer``: write ``loaded.model`` (a
+    """``d2v export --tf-savedmodel/--tflite`` for data2vec-vision: write ``loaded.model`` (a
     ``d2v.interop.onnx_export.LoadedModel``) as a SavedModel directory (``format="savedmodel"``) or a
     ``.tflite`` file (``"tflite"``), checked against PyTorch first (:mod:`d2v_vision.tf.export`)."""
     require_tensorflow()

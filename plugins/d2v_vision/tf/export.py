@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,17 @@ import numpy as np
 import tensorflow as tf
 import torch
 from d2v.api.errors import SpecError
-from d2v.interop.onnx_export import TOLERANCE, LoadedModel, example_batches
+from d2v.interop.onnx_export import (
+    TOLERANCE,
+    LoadedModel,
+    _label_names,
+    example_batches,
+)
 from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
-from d2v_vision.tf.weights import architecture_of, from_torch
+from d2v_vision.tf.weights import from_torch
 
 FORMATS = ("savedmodel", "tflite")
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -89,10 +95,18 @@ def write_savedmodel(module: ServingModule, path: Path) -> None:
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
 
 
+Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+def savedmodel_runner(path: str | os.PathLike) -> Runner:
+    """A SavedModel's ``serving_default`` signature, loaded once: ``pixel_values`` -> outputs."""
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return lambda pixel_values: {name: value.numpy() for name, value in serve(pixel_values=tf.constant(pixel_values)).items()}
+
+
 def run_savedmodel(path: str | os.PathLike, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
     """Outputs of a SavedModel's ``serving_default`` signature on ``pixel_values``."""
-    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-    return {name: value.numpy() for name, value in serve(pixel_values=tf.constant(pixel_values)).items()}
+    return savedmodel_runner(path)(pixel_values)
 
 
 def write_tflite(module: ServingModule, path: Path, workdir: Path) -> None:
@@ -111,14 +125,24 @@ def write_tflite(module: ServingModule, path: Path, workdir: Path) -> None:
     path.write_bytes(converter.convert())
 
 
-def run_tflite(path: str | os.PathLike, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-    """Outputs of a TFLite model's ``serving_default`` signature on ``pixel_values`` (any batch size)."""
+def tflite_runner(path: str | os.PathLike) -> Runner:
+    """A TFLite model's ``serving_default`` signature, loaded once: ``pixel_values`` (any batch
+    size) -> outputs."""
     with warnings.catch_warnings():  # tf.lite.Interpreter points to ai_edge_litert, which runs the same file
         warnings.filterwarnings("ignore", message=r".*tf.lite.Interpreter is deprecated", category=UserWarning)
         interpreter = tf.lite.Interpreter(model_path=str(path))
     runner = interpreter.get_signature_runner("serving_default")
-    outputs = runner(pixel_values=pixel_values.astype(np.float32))
-    return {name: np.array(value, copy=True) for name, value in outputs.items()}  # views into the interpreter's memory
+
+    def run(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = runner(pixel_values=pixel_values.astype(np.float32))
+        return {name: np.array(value, copy=True) for name, value in outputs.items()}  # views into the interpreter's memory
+
+    return run
+
+
+def run_tflite(path: str | os.PathLike, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of a TFLite model's ``serving_default`` signature on ``pixel_values`` (any batch size)."""
+    return tflite_runner(path)(pixel_values)
 
 
 def max_difference(checks: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], what: str) -> float:
@@ -157,7 +181,6 @@ def _check_destination(out: Path, format: str) -> None:
 def _sidecar(loaded: LoadedModel, format: str, names: list[str], example: np.ndarray,
              expected: dict[str, np.ndarray], diff: float) -> dict[str, Any]:
     model = loaded.model
-    architecture = architecture_of(model)
 
     def tensor(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"name": name, "dtype": "float32", "shape": ["batch", *map(int, shape[1:])]}
@@ -172,7 +195,7 @@ def _sidecar(loaded: LoadedModel, format: str, names: list[str], example: np.nda
         "inputs": [{**tensor("pixel_values", example.shape), "layout": "channels first (batch, C, H, W)"}],
         "outputs": [tensor(name, expected[name].shape) for name in names],
         "processor": loaded.processor,
-        "labels": list(architecture.label_names) if architecture.label_names else None,
+        "labels": _label_names(getattr(model, "head", None)),
         "max_abs_diff": diff,
     }
 
@@ -199,12 +222,12 @@ def export(loaded: LoadedModel | torch.nn.Module, out: str | os.PathLike, *, for
         if format == "savedmodel":
             written, what = Path(tmp) / "savedmodel", "SavedModel"
             write_savedmodel(module, written)
-            got = [run_savedmodel(written, x) for x in inputs]
+            run = savedmodel_runner(written)
         else:
             written, what = Path(tmp) / out.name, "TFLite model"
             write_tflite(module, written, Path(tmp) / "frozen")
-            got = [run_tflite(written, x) for x in inputs]
-        diff = max_difference(list(zip(expected, got)), what)
+            run = tflite_runner(written)
+        diff = max_difference([(reference, run(x)) for reference, x in zip(expected, inputs)], what)
         if format == "savedmodel" and out.is_dir():
             shutil.rmtree(out)  # empty, or the SavedModel this export replaces (checked above)
         os.replace(written, out)
