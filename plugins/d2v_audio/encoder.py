@@ -3,7 +3,7 @@
 
 Built bottom-up from small parts::
 
-    MultiHeadAttention, FeedForward (d2v.nn.layers) -> EncoderLayer (post-LN)
+    d2v.nn.block.TransformerBlock (post-LN; ``attention.{q,k,v,out}_proj``, ``ffn.fc1/fc2``)
     PositionalConvBlock        -> PositionalConv (a stack of grouped convs)
     everything                 -> AudioTransformerEncoder
 
@@ -27,28 +27,11 @@ from torch import Tensor, nn
 from d2v.nn.alibi import alibi_bias_1d, alibi_slopes
 from d2v.api.errors import SpecError
 from d2v import Encoder, EncoderOutput
-from d2v.nn.layers import FeedForward, MultiHeadAttention, run_layer
+from d2v.nn.block import TransformerBlock
+from d2v.nn.layers import run_layer
 from d2v.ssl.masking import compute_span_mask
 
 TARGET_FEATURES = ("ffn", "end")
-
-
-class EncoderLayer(nn.Module):
-    """Post-LN block: ``x = LN(x + drop(attn(x)))``, ``y = LN(x + drop(ffn(x)))``."""
-
-    def __init__(self, dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout, eps):
-        super().__init__()
-        self.attention = MultiHeadAttention(dim, heads, attention_dropout)
-        self.attention_norm = nn.LayerNorm(dim, eps=eps)
-        self.ffn = FeedForward(dim, ffn_dim, activation, activation_dropout)
-        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Return the layer output and the FFN output (before dropout, residual and LayerNorm)."""
-        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
-        ffn_out = self.ffn(x)
-        return self.ffn_norm(x + self.dropout(ffn_out)), ffn_out
 
 
 class PositionalConvBlock(nn.Module):
@@ -236,7 +219,8 @@ class AudioTransformerEncoder(Encoder):
         self.layer_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            EncoderLayer(dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout, layer_norm_eps)
+            TransformerBlock(dim, heads, ffn_dim, activation, eps=layer_norm_eps, attention_dropout=attention_dropout,
+                             dropout=dropout, activation_dropout=activation_dropout)
             for _ in range(layers)
         )
         self.adapter = None

@@ -4,10 +4,9 @@ fairseq's RoBERTa ``TransformerEncoder``): post-LN layers over the embeddings of
 
 Built bottom-up::
 
-    MultiHeadAttention (self or cross, optional cache), FeedForward  -> TextLayer (post-LN)
-    TextLayer x N, Pooler                                           -> TextTransformerEncoder
+    d2v.nn.block.TransformerBlock (post-LN, optional cross-attention) x N, Pooler -> TextTransformerEncoder
 
-(attention and FFN are d2v.nn.layers' building blocks, shared with the audio encoder).
+(the block is core's, shared with every encoder; here its attention is called ``self_attention``).
 
 Decoder mode (``is_decoder``, as ``Data2VecTextForCausalLM`` runs it) adds the causal mask,
 optional cross-attention to ``encoder_hidden_states`` (``add_cross_attention``) and a
@@ -23,44 +22,15 @@ from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
 from d2v import Encoder, EncoderOutput
-from d2v.nn.layers import FeedForward, MultiHeadAttention, run_layer
+from d2v.nn.block import BlockNames, TransformerBlock
+from d2v.nn.layers import run_layer
 from d2v_text.cache import KeyValueCache
 
 TARGET_FEATURES = ("ffn", "end")
 
 
-class TextLayer(nn.Module):
-    """Post-LN block: ``x = LN(x + drop(self_attn(x)))``, with cross-attention
-    ``x = LN(x + drop(cross_attn(x, memory)))``, then ``y = LN(x + drop(ffn(x)))``."""
-
-    def __init__(self, *, dim, heads, ffn_dim, activation, dropout, attention_dropout, eps, cross_attention):
-        super().__init__()
-        self.self_attention = MultiHeadAttention(dim, heads, attention_dropout)
-        self.attention_norm = nn.LayerNorm(dim, eps=eps)
-        self.cross_attention = (MultiHeadAttention(dim, heads, attention_dropout, cross=True)
-                                if cross_attention else None)
-        self.cross_attention_norm = nn.LayerNorm(dim, eps=eps) if cross_attention else None
-        self.ffn = FeedForward(dim, ffn_dim, activation)
-        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(
-        self,
-        x: Tensor,
-        attn_mask: Tensor | None,
-        *,
-        memory: Tensor | None = None,
-        memory_mask: Tensor | None = None,
-        cache: KeyValueCache | None = None,
-        layer: int = 0,
-    ) -> tuple[Tensor, Tensor]:
-        """Return the layer output and the FFN output (before dropout, residual and LayerNorm)."""
-        x = self.attention_norm(x + self.dropout(self.self_attention(x, attn_mask, cache=cache, layer=layer)))
-        if memory is not None:
-            cross = self.cross_attention(x, memory_mask, memory=memory, cache=cache, layer=layer)
-            x = self.cross_attention_norm(x + self.dropout(cross))
-        ffn_out = self.ffn(x)
-        return self.ffn_norm(x + self.dropout(ffn_out)), ffn_out
+#: Hugging Face's/fairseq's RoBERTa layer names (``self_attention``, ``attention_norm``, ...)
+LAYER_NAMES = BlockNames(attention="self_attention")
 
 
 class Pooler(nn.Module):
@@ -122,8 +92,8 @@ class TextTransformerEncoder(Encoder):
         self.add_cross_attention = bool(add_cross_attention)
         self.use_cache = bool(use_cache)
         self.layers = nn.ModuleList(
-            TextLayer(dim=dim, heads=heads, ffn_dim=ffn_dim, activation=activation, dropout=dropout,
-                      attention_dropout=attention_dropout, eps=layer_norm_eps, cross_attention=add_cross_attention)
+            TransformerBlock(dim, heads, ffn_dim, activation, eps=layer_norm_eps, attention_dropout=attention_dropout,
+                             dropout=dropout, cross_attention=add_cross_attention, names=LAYER_NAMES)
             for _ in range(layers)
         )
         self.pooler = Pooler(dim) if add_pooling_layer else None

@@ -3,7 +3,7 @@ model's final LayerNorm and pooler; BEiT's ``VisionTransformer`` blocks).
 
 Built bottom-up::
 
-    Attention (SDPA with the relative bias), timm Mlp, DropPath -> Block (pre-LN, layer scale)
+    d2v.nn.block.TransformerBlock (pre-LN, layer scale, drop-path, BEiT's names)
     RelativePositionBias (per block or shared)                -> VisionTransformerEncoder
 
 ``embed`` = mask embedding where ``mask`` is True -> absolute position embeddings (if used,
@@ -19,77 +19,29 @@ self-supervised objectives, at the pretraining size) it is read from the token c
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
 from d2v import Encoder, EncoderOutput
-from d2v.nn.layers import make_activation, run_layer
+from d2v.nn.attention import AttentionNames
+from d2v.nn.block import BlockNames, TransformerBlock
+from d2v.nn.layers import run_layer
 from d2v_vision.patches import as_pair
 from d2v_vision.relative_position import RelativePositionBias
 
 TARGET_FEATURES = ("ffn", "end")
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention; the key projection has no bias (BEiT)."""
-
-    def __init__(self, *, dim: int, heads: int, dropout: float, window: tuple[int, int] | None):
-        super().__init__()
-        if dim % heads:
-            raise SpecError(f"encoder dim {dim} is not divisible by heads {heads}.")
-        self.heads = heads
-        self.dropout = dropout
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias = None if window is None else RelativePositionBias(window=window, heads=heads)
-
-    def forward(self, x: Tensor, bias: Tensor | None, grid: tuple[int, int], position_ids: Tensor | None) -> Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = (p(x).view(batch, tokens, self.heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
-        if self.relative_position_bias is not None:
-            own = self.relative_position_bias(grid, position_ids)
-            bias = own if bias is None else bias + own
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Block(nn.Module):
-    """``x + drop_path(lambda_1 * attn(LN(x)))``, then ``x + drop_path(lambda_2 * mlp(LN(x)))``."""
-
-    def __init__(self, *, dim, heads, ffn_dim, activation, dropout, attention_dropout, drop_path, eps,
-                 layer_scale_init_value, window):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attention = Attention(dim=dim, heads=heads, dropout=attention_dropout, window=window)
-        self.output_dropout = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, ffn_dim, act_layer=functools.partial(make_activation, activation), drop=(0.0, dropout))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        if layer_scale_init_value > 0:
-            self.lambda_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
-            self.lambda_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
-        else:
-            self.lambda_1 = self.lambda_2 = None
-
-    def forward(self, x: Tensor, bias: Tensor | None, grid: tuple[int, int],
-                position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Return the block output and the FFN output (before layer scale and the residual)."""
-        attn = self.output_dropout(self.attention(self.norm1(x), bias, grid, position_ids))
-        if self.lambda_1 is not None:
-            attn = self.lambda_1 * attn
-        x = x + self.drop_path(attn)
-        ffn = self.mlp(self.norm2(x))
-        scaled = ffn if self.lambda_2 is None else self.lambda_2 * ffn
-        return x + self.drop_path(scaled), ffn
+#: BEiT's names (``norm1``, ``attention.{query,key,value,proj}`` with no key bias, ``mlp``, ``lambda_1/2``)
+BLOCK_NAMES = BlockNames(attention_norm="norm1", ffn="mlp", ffn_norm="norm2",
+                         projections=AttentionNames(query="query", key="key", value="value", output="proj",
+                                                    key_bias=False),
+                         order=("attention_norm", "attention", "ffn_norm", "ffn"))
 
 
 class VisionTransformerEncoder(Encoder):
@@ -149,10 +101,12 @@ class VisionTransformerEncoder(Encoder):
             self.relative_position_bias = RelativePositionBias(window=self.window, heads=heads)
         rates = torch.linspace(0, drop_path_rate, layers).tolist() if layers else []
         self.layers = nn.ModuleList(
-            Block(dim=dim, heads=heads, ffn_dim=ffn_dim, activation=activation, dropout=dropout,
-                  attention_dropout=attention_dropout, drop_path=rates[i], eps=layer_norm_eps,
-                  layer_scale_init_value=layer_scale_init_value,
-                  window=self.window if use_relative_position_bias else None)
+            TransformerBlock(dim, heads, ffn_dim, activation, layer_norm_first=True, eps=layer_norm_eps,
+                             attention_dropout=attention_dropout, dropout=dropout, ffn_output_dropout=dropout,
+                             ffn_residual_dropout=0.0, drop_path=rates[i], layer_scale_init=layer_scale_init_value,
+                             names=BLOCK_NAMES,
+                             position_bias=(RelativePositionBias(window=self.window, heads=heads)
+                                            if use_relative_position_bias else None))
             for i in range(layers)
         )
         self.norm = nn.Identity() if self.use_mean_pooling else nn.LayerNorm(dim, eps=layer_norm_eps)
@@ -249,7 +203,7 @@ class VisionTransformerEncoder(Encoder):
         hidden_states = [x] if output_hidden_states else None
         layer_targets = [] if output_layer_targets else None
         for layer in self.layers:
-            x, ffn = run_layer(self, layer, x, bias, grid, position_ids)
+            x, ffn = run_layer(self, layer, x, bias, position=(grid, position_ids))
             if hidden_states is not None:
                 hidden_states.append(x)
             if layer_targets is not None:

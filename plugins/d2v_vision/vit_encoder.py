@@ -4,8 +4,8 @@ shared blocks, all fairseq ``AltBlock``\\ s.
 
 Built bottom-up::
 
-    Attention (fused qkv with bias, SDPA), timm Mlp, DropPath -> Block (post-LN by default)
-    Block x layers (the first ``prenet_layers`` are fairseq's modality prenet) -> ViTEncoder
+    d2v.nn.block.TransformerBlock (fused ``qkv``, post-LN by default; fairseq ``AltBlock``'s names)
+    blocks x layers (the first ``prenet_layers`` are fairseq's modality prenet) -> ViTEncoder
 
 ``embed`` = mask embedding where ``mask`` is True -> LayerNorm (post-LN models; fairseq's
 ``context_encoder.norm``) -> dropout (``prenet_dropout``). ``contextualize`` = the prenet blocks
@@ -19,76 +19,22 @@ Positions are the feature extractor's (:mod:`d2v_vision.vit_patches`), so ``posi
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
 from d2v import Encoder, EncoderOutput
-from d2v.nn.layers import make_activation, run_layer
+from d2v.nn.attention import AttentionNames
+from d2v.nn.block import BlockNames, TransformerBlock
+from d2v.nn.layers import run_layer
 
 TARGET_FEATURES = ("ffn", "end")
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused ``qkv`` projection (fairseq ``AltAttention``)."""
-
-    def __init__(self, *, dim: int, heads: int, attention_dropout: float, dropout: float):
-        super().__init__()
-        if dim % heads:
-            raise SpecError(f"encoder dim {dim} is not divisible by heads {heads}.")
-        self.heads = heads
-        self.attention_dropout = attention_dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.attention_dropout if self.training else 0.0)
-        return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)))
-
-
-class Block(nn.Module):
-    """fairseq ``AltBlock``. Post-LN: ``x = LN1(x + attn(x))``, ``y = LN2(x + mlp(x))``; pre-LN:
-    ``x = x + attn(LN1(x))``, ``y = x + mlp(LN2(x))``. Returns ``y`` and the MLP output (before
-    the residual: fairseq's ``ffn_targets``).
-
-    ``mlp_residual=False`` (pre-LN only) is what fairseq's ``AltBlock`` computes with
-    ``layer_norm_first: true``: ``r = x = mlp(LN2(x)); x = r + drop(x)``, so the residual around
-    the MLP is lost and ``y = mlp(LN2(x)) + drop_path(dropout(mlp(LN2(x))))``. Checkpoints fairseq
-    trained that way only compute what they learned with it.
-    """
-
-    def __init__(self, *, dim, heads, ffn_dim, activation, dropout, attention_dropout, activation_dropout,
-                 post_mlp_dropout, drop_path, eps, layer_norm_first, mlp_residual=True):
-        super().__init__()
-        if not mlp_residual and not layer_norm_first:
-            raise SpecError("mlp_residual: false exists only for pre-LN blocks (layer_norm_first: true), where "
-                            "fairseq's AltBlock drops that residual; its post-LN block keeps it.")
-        self.layer_norm_first = layer_norm_first
-        self.mlp_residual = mlp_residual
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attention = Attention(dim=dim, heads=heads, attention_dropout=attention_dropout, dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, ffn_dim, act_layer=functools.partial(make_activation, activation), drop=activation_dropout)
-        self.post_mlp_dropout = nn.Dropout(post_mlp_dropout)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self.layer_norm_first:
-            x = x + self.drop_path(self.attention(self.norm1(x), bias))
-            ffn = self.mlp(self.norm2(x))
-            residual = x if self.mlp_residual else ffn
-            return residual + self.drop_path(self.post_mlp_dropout(ffn)), ffn
-        x = self.norm1(x + self.drop_path(self.attention(x, bias)))
-        ffn = self.mlp(x)
-        return self.norm2(x + self.drop_path(self.post_mlp_dropout(ffn))), ffn
+#: fairseq ``AltBlock``'s names (``norm1``, ``attention.qkv`` fused, ``attention.proj``, ``norm2``, ``mlp``)
+BLOCK_NAMES = BlockNames(attention_norm="norm1", ffn="mlp", ffn_norm="norm2",
+                         projections=AttentionNames(output="proj", fused="qkv"),
+                         order=("attention_norm", "attention", "ffn_norm", "ffn"))
 
 
 class ViTEncoder(Encoder):
@@ -104,7 +50,7 @@ class ViTEncoder(Encoder):
     tokens the mean pooling skips (the feature extractor's CLS). ``use_mean_pooling`` (else the
     first token), ``use_pooler_norm`` (fairseq ``use_fc_norm``), ``add_pooling_layer``.
     ``mlp_residual``: false reproduces fairseq's pre-LN ``AltBlock`` (no residual around the MLP,
-    see :class:`Block`); the fairseq importer sets it for ``layer_norm_first: true`` checkpoints.
+    see :class:`d2v.nn.block.TransformerBlock`); the fairseq importer sets it for ``layer_norm_first: true`` checkpoints.
     """
 
     #: exempt from weight decay (never trained by data2vec 2.0; fairseq has no such parameter)
@@ -156,10 +102,11 @@ class ViTEncoder(Encoder):
         self.dropout_input = nn.Dropout(dropout_input)
         rates = torch.linspace(0, drop_path_rate, layers).tolist() if layers else []
         self.layers = nn.ModuleList(
-            Block(dim=dim, heads=heads, ffn_dim=ffn_dim, activation=activation, dropout=dropout,
-                  attention_dropout=attention_dropout, activation_dropout=activation_dropout,
-                  post_mlp_dropout=post_mlp_dropout, drop_path=rates[i], eps=layer_norm_eps,
-                  layer_norm_first=layer_norm_first, mlp_residual=mlp_residual)
+            TransformerBlock(dim, heads, ffn_dim, activation, layer_norm_first=layer_norm_first, eps=layer_norm_eps,
+                             attention_dropout=attention_dropout, dropout=dropout,
+                             activation_dropout=activation_dropout, ffn_output_dropout=activation_dropout,
+                             ffn_residual_dropout=post_mlp_dropout, drop_path=rates[i], mlp_residual=mlp_residual,
+                             names=BLOCK_NAMES)
             for i in range(layers)
         )
         self.norm = nn.LayerNorm(dim, eps=layer_norm_eps) if layer_norm_first else None

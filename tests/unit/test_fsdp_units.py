@@ -20,12 +20,12 @@ from d2v.train.parallel import declare_fsdp_units
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = {  # spec -> the block classes it must shard
-    "experiments/asr_demo.yaml": ["EncoderLayer"],
-    "experiments/sst2_demo.yaml": ["TextLayer"],
-    "experiments/vision_cls_demo.yaml": ["Block"],
-    "experiments/pretrain_audio_demo.yaml": ["EncoderLayer"],
-    "experiments/pretrain_text_demo.yaml": ["TextLayer"],
-    "experiments/pretrain2_vision_demo.yaml": ["Block"],
+    "experiments/asr_demo.yaml": ["TransformerBlock"],
+    "experiments/sst2_demo.yaml": ["TransformerBlock"],
+    "experiments/vision_cls_demo.yaml": ["TransformerBlock"],
+    "experiments/pretrain_audio_demo.yaml": ["TransformerBlock"],
+    "experiments/pretrain_text_demo.yaml": ["TransformerBlock"],
+    "experiments/pretrain2_vision_demo.yaml": ["TransformerBlock"],
     "examples/plugins/d2v-conformer/experiments/pretrain2_conformer_demo.yaml": ["ConformerLayer"],
 }
 

@@ -34,7 +34,7 @@ HEADS = {None: TFData2VecVisionModel, "ImageClassificationHead": TFData2VecVisio
 
 
 def _activation(mlp: nn.Module) -> str:
-    act = mlp.act
+    act = mlp.activation
     if isinstance(act, nn.GELU):
         return "gelu" if act.approximate == "none" else "gelu_tanh"
     names = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}
@@ -66,8 +66,8 @@ def architecture_of(model: nn.Module) -> Architecture:
         "eps": (first.norm1.eps if first else 1e-12), "window": tuple(encoder.window), "patch_size": extractor.patch_size,
         "num_channels": extractor.num_channels, "absolute_positions": encoder.position_embeddings is not None,
         "shared_relative_bias": encoder.relative_position_bias is not None,
-        "per_layer_relative_bias": bool(first is not None and first.attention.relative_position_bias is not None),
-        "layer_scale": bool(first is not None and first.lambda_1 is not None), "mean_pooling": encoder.use_mean_pooling,
+        "per_layer_relative_bias": bool(first is not None and first.attention.has_position_bias),
+        "layer_scale": bool(first is not None and first.has_layer_scale), "mean_pooling": encoder.use_mean_pooling,
         "add_pooling_layer": encoder.add_pooling_layer,
     }
     if head_name == "ImageClassificationHead":
@@ -139,12 +139,12 @@ def copy_backbone(keras_model: TFData2VecVisionModel, model: nn.Module) -> None:
         _norm(block.norm2, torch_block.norm2, f"{where}.norm2")
         for name in ("query", "key", "value", "proj"):
             _dense(getattr(block.attention, name), getattr(torch_block.attention, name), f"{where}.attention.{name}")
-        if torch_block.attention.relative_position_bias is not None:
+        if torch_block.attention.has_position_bias:
             _put(block.attention.relative_position_bias.table, torch_block.attention.relative_position_bias.table,
                  f"{where}.attention.relative_position_bias")
         _dense(block.fc1, torch_block.mlp.fc1, f"{where}.mlp.fc1")
         _dense(block.fc2, torch_block.mlp.fc2, f"{where}.mlp.fc2")
-        if torch_block.lambda_1 is not None:
+        if torch_block.has_layer_scale:
             _put(block.lambda_1, torch_block.lambda_1, f"{where}.lambda_1")
             _put(block.lambda_2, torch_block.lambda_2, f"{where}.lambda_2")
     if tf_encoder.norm is not None:
