@@ -15,14 +15,15 @@ mapping. No ``transformers`` import is needed (the config defaults are written o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
-from d2v.interop.hf import config_label_names, keyword_table, load_strict, rename_weight
+from d2v.interop.hf import (check_supported, config_label_names, exports_parts, full_config, head_hf_config,
+                            hf_weight_name, hf_weight_names, keyword_table, load_strict, read_side_json)
+from d2v.nn.layers import ACTIVATIONS
 from d2v.spec.model import TaskModel, build_task_model
 from d2v.api.plugins import registry
 
@@ -76,7 +77,12 @@ HF_DEFAULTS: dict[str, Any] = {
     "apply_spec_augment": True,
 }
 
+#: fields the model reads with ``getattr`` (not ``Data2VecAudioConfig`` fields): null is allowed there
+NOT_CONFIG_FIELDS = ("apply_spec_augment",)
+
 BACKBONE_PREFIX = "data2vec_audio."
+#: the classes of audio.conv and audio.transformer (other modalities' components also have ``hparams``)
+BACKBONE_CLASSES = ("ConvFeatureExtractor", "AudioTransformerEncoder")
 
 #: (d2v name, Hugging Face name) of the backbone; ``{i}`` is a layer index.
 RENAMES: list[tuple[str, str]] = [
@@ -98,24 +104,14 @@ RENAMES: list[tuple[str, str]] = [
 HEAD_RENAMES: list[tuple[str, str]] = [("head.proj.", "lm_head.")]
 
 
-def full_config(config: dict[str, Any]) -> dict[str, Any]:
-    """An HF config dict with every missing field set to its ``Data2VecAudioConfig`` default."""
-    return {**HF_DEFAULTS, **config}
-
-
-def _check_supported(config: dict[str, Any]) -> None:
-    problems = []
-    if config.get("feat_extract_activation") != "gelu":
-        problems.append(f"feat_extract_activation={config.get('feat_extract_activation')!r} (only 'gelu')")
-    if not isinstance(config.get("hidden_act"), str):
-        problems.append(f"hidden_act={config.get('hidden_act')!r} (a name such as 'gelu' is needed)")
-    if problems:
-        raise SpecError("this Data2VecAudio checkpoint uses features d2v does not implement: " + "; ".join(problems) + ".")
+def audio_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``Data2VecAudioConfig``'s defaults filled in (see :func:`d2v.interop.hf.full_config`)."""
+    return full_config(config, HF_DEFAULTS, nullable=NOT_CONFIG_FIELDS)
 
 
 def _backbone_spec(config: dict[str, Any]) -> dict[str, Any]:
-    c = full_config(config)
-    _check_supported(c)
+    c = audio_config(config)
+    check_supported("Data2VecAudio", c, feat_extract_activation=("gelu",), hidden_act=ACTIVATIONS)
     dim = c["hidden_size"]
     output_hidden_size = c.get("output_hidden_size")
     return {
@@ -176,35 +172,24 @@ def _placeholder_vocab(config: dict[str, Any]) -> list[str]:
     return tokens
 
 
-def _json_size(path: Path) -> int | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return len(data) if isinstance(data, (dict, list)) else None
-
-
 def _ctc_vocab(config: dict[str, Any]) -> str | list[str]:
     """The head's vocabulary: the checkpoint's ``vocab.json`` when it has one of the right
     size, else placeholders (decoding then shows ids, the logits and loss are unaffected)."""
-    source = config.get("_name_or_path")
-    if source:
-        path = Path(source) / "vocab.json"
-        if path.is_file() and _json_size(path) == config["vocab_size"]:
-            return str(path)
+    if config.get("_name_or_path"):
+        try:
+            vocab = read_side_json(config, "vocab.json")
+        except (OSError, ValueError):
+            vocab = None
+        if isinstance(vocab, (dict, list)) and len(vocab) == config["vocab_size"]:
+            return str(Path(config["_name_or_path"]) / "vocab.json")
     return _placeholder_vocab(config)
-
-
-def _is_audio_backbone(model: nn.Module) -> bool:
-    """The audio.conv + audio.transformer pair (other modalities' components also have ``hparams``)."""
-    return (type(getattr(model, "feature_extractor", None)).__name__ == "ConvFeatureExtractor"
-            and type(getattr(model, "encoder", None)).__name__ == "AudioTransformerEncoder")
 
 
 class AudioModelConverter:
     """``Data2VecAudioModel`` <-> ``TaskModel(feature_extractor, encoder, head=None)``."""
 
     architecture = "Data2VecAudioModel"
+    head_class: str | None = None
     head_renames: list[tuple[str, str]] = []
     #: ``Data2VecAudioModel.forward``'s parameters (the drop-in's call, see :func:`d2v.interop.hf.check_keywords`)
     hf_forward = keyword_table("input_values", "attention_mask", "mask_time_indices")
@@ -217,8 +202,7 @@ class AudioModelConverter:
     def processor_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         """The ``data.processor`` for this checkpoint (``d2v predict``): the rate and normalisation
         of its ``preprocessor_config.json`` (``Wav2Vec2FeatureExtractor``), else 16 kHz, normalised."""
-        side = Path(config.get("_name_or_path") or ".") / "preprocessor_config.json"
-        settings = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        settings = read_side_json(config, "preprocessor_config.json") or {}
         return {"name": "audio", "sample_rate": int(settings.get("sampling_rate", 16000)),
                 "normalize": bool(settings.get("do_normalize", True))}
 
@@ -237,28 +221,9 @@ class AudioModelConverter:
     def build(self, config: dict[str, Any]) -> TaskModel:
         return build_task_model(self.hf_config_to_spec(config), registry())
 
-    def rename_from_hf(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-        """HF names -> d2v names; also returns the HF names no rule knows."""
-        renamed, unknown = {}, []
-        for name, tensor in state_dict.items():
-            bare = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
-            ours = rename_weight(bare, RENAMES, to_hf=False)
-            if ours is None:
-                ours = rename_weight(name, self.head_renames, to_hf=False)
-            if ours is None:
-                unknown.append(name)
-            else:
-                renamed[ours] = tensor
-        return renamed, unknown
-
     def from_hf(self, config: dict[str, Any], state_dict: dict[str, Tensor]) -> TaskModel:
         model = self.build(config)
-        renamed, unknown = self.rename_from_hf(state_dict)
-        if unknown:
-            raise SpecError(
-                f"{self.architecture}: the checkpoint has weights d2v does not know "
-                f"({len(unknown)}): {', '.join(sorted(unknown))}."
-            )
+        renamed = hf_weight_names(state_dict, self.architecture, RENAMES, self.head_renames, prefix=BACKBONE_PREFIX)
         # HF only creates the mask embedding when SpecAugment is on; keep ours otherwise
         if "encoder.mask_embedding" not in renamed:
             renamed["encoder.mask_embedding"] = model.encoder.mask_embedding.detach().clone()
@@ -272,17 +237,10 @@ class AudioModelConverter:
         head = getattr(model, "head", None)
         config = self._hf_config(feature_extractor, encoder, head)
         with_mask_embedding = config["mask_time_prob"] > 0 or config["mask_feature_prob"] > 0
+        prefix = BACKBONE_PREFIX if self.head_renames else ""
         state: dict[str, Tensor] = {}
-        own = model.state_dict()
-        for name, tensor in own.items():
-            if name.startswith("head."):
-                theirs = rename_weight(name, self.head_renames, to_hf=True)
-            else:
-                theirs = rename_weight(name, RENAMES, to_hf=True)
-                if theirs is not None and self.head_renames:
-                    theirs = BACKBONE_PREFIX + theirs
-            if theirs is None:
-                raise SpecError(f"{self.architecture} export: no Hugging Face name for d2v weight '{name}'.")
+        for name, tensor in model.state_dict().items():
+            theirs = hf_weight_name(name, self.architecture, RENAMES, self.head_renames, prefix=prefix)
             if theirs.endswith("masked_spec_embed") and not with_mask_embedding:
                 continue
             state[theirs] = tensor.detach().clone().contiguous()
@@ -305,8 +263,7 @@ class AudioModelConverter:
                 "attention biases and always zeroes padded frames, so the exported model would compute something "
                 "else. Keep the d2v checkpoint (d2v convert --to d2v) instead of exporting to Hugging Face."
             )
-        config = dict(HF_DEFAULTS)
-        config.update(
+        config = full_config(
             {
                 "hidden_size": enc["dim"],
                 "num_hidden_layers": enc["layers"],
@@ -339,7 +296,8 @@ class AudioModelConverter:
                 "adapter_stride": enc["adapter_stride"],
                 "num_adapter_layers": enc["num_adapter_layers"],
                 "output_hidden_size": encoder.output_dim,
-            }
+            },
+            HF_DEFAULTS,
         )
         if fe["layer_norm_eps"] != enc["layer_norm_eps"]:
             raise SpecError(
@@ -357,21 +315,20 @@ class AudioModelConverter:
 
     def exports(self, model: nn.Module) -> bool:
         """Whether this converter is the right one to export ``model`` (used by ``d2v convert``)."""
-        return _is_audio_backbone(model) and getattr(model, "head", None) is None
+        return exports_parts(model, *BACKBONE_CLASSES, self.head_class)
 
 
 class AudioCTCConverter(AudioModelConverter):
     """``Data2VecAudioForCTC`` <-> ``TaskModel(feature_extractor, encoder, CTCHead)``."""
 
     architecture = "Data2VecAudioForCTC"
+    head_class = "CTCHead"
     head_renames = HEAD_RENAMES
     hf_forward = keyword_table("input_values", "attention_mask", "labels")
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         spec = _backbone_spec(config)
-        c = full_config(config)
-        if c.get("vocab_size") is None:
-            raise SpecError("Data2VecAudioForCTC config.json has no vocab_size.")
+        c = audio_config(config)  # a null vocab_size is refused there, as transformers does
         spec["head"] = {
             "name": "ctc",
             "vocab": _ctc_vocab(c),
@@ -384,7 +341,7 @@ class AudioCTCConverter(AudioModelConverter):
     def build(self, config: dict[str, Any]) -> TaskModel:
         model = super().build(config)
         blank = getattr(model.head, "blank_id", None)
-        pad = full_config(config)["pad_token_id"]
+        pad = audio_config(config)["pad_token_id"]
         if blank is not None and blank != pad:
             raise SpecError(
                 f"Data2VecAudioForCTC: the CTC blank is pad_token_id={pad}, but the vocabulary puts <pad> at {blank}."
@@ -395,9 +352,6 @@ class AudioCTCConverter(AudioModelConverter):
         if head is None or not hasattr(head, "hf_config"):
             raise SpecError(f"Data2VecAudioForCTC export needs a CTC head (with hf_config()), got {type(head).__name__}.")
         return head.hf_config()
-
-    def exports(self, model: nn.Module) -> bool:
-        return _is_audio_backbone(model) and type(getattr(model, "head", None)).__name__ == "CTCHead"
 
     def extra_files(self, model: nn.Module) -> dict[str, str]:
         vocab = getattr(model.head, "vocab", None)
@@ -417,7 +371,7 @@ class _AudioHeadConverter(AudioModelConverter):
     hf_forward = keyword_table("input_values", "attention_mask", "labels")
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
-        c = full_config(config)
+        c = audio_config(config)
         if self.reject_adapter and c.get("add_adapter"):
             raise SpecError(f"{self.architecture} does not support add_adapter=True (transformers refuses it too); "
                             f"set add_adapter to false in config.json.")
@@ -430,12 +384,7 @@ class _AudioHeadConverter(AudioModelConverter):
         return {}
 
     def head_config(self, head: nn.Module | None) -> dict[str, Any]:
-        if type(head).__name__ != self.head_class:
-            raise SpecError(f"{self.architecture} export needs a {self.head_name} head, got {type(head).__name__}.")
-        return head.hf_config()
-
-    def exports(self, model: nn.Module) -> bool:
-        return _is_audio_backbone(model) and type(getattr(model, "head", None)).__name__ == self.head_class
+        return head_hf_config(self.architecture, head, self.head_class, self.head_name)
 
 
 class AudioSequenceClassificationConverter(_AudioHeadConverter):
@@ -481,7 +430,7 @@ class AudioXVectorConverter(_AudioHeadConverter):
                     ("head.classifier.", "classifier."), ("head.objective.weight", "objective.weight")]
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
-        c = full_config(config)
+        c = audio_config(config)
         if c.get("add_adapter"):
             output = c.get("output_hidden_size") or c["hidden_size"]
             if output != c["hidden_size"] or c["use_weighted_layer_sum"]:

@@ -22,7 +22,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
-from d2v.interop.hf import config_label_names, keyword_table, load_strict, rename_weight
+from d2v.interop.hf import (check_supported, config_label_names, default_label_names, exports_parts, full_config,
+                            has_backbone, head_hf_config, hf_weight_name, hf_weight_names, keyword_table, load_strict)
 from d2v.nn.layers import ACTIVATIONS
 from d2v.spec.model import TaskModel, build_task_model
 from d2v.api.plugins import registry
@@ -54,6 +55,8 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 BACKBONE_PREFIX = "data2vec_text."
+#: the classes of text.embeddings and text.transformer
+BACKBONE_CLASSES = ("TextEmbeddings", "TextTransformerEncoder")
 
 #: (d2v name, Hugging Face name) of the backbone; ``{i}`` is a layer index.
 RENAMES: list[tuple[str, str]] = [
@@ -103,15 +106,8 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inpu
 DECODER_INPUTS = ("encoder_hidden_states", "encoder_attention_mask")
 
 
-def full_config(config: dict[str, Any]) -> dict[str, Any]:
-    """An HF config dict with every missing (or null) field d2v reads set to its default."""
-    return {**HF_DEFAULTS, **{k: v for k, v in config.items() if v is not None or k == "classifier_dropout"}}
-
-
 def _backbone_spec(c: dict[str, Any], *, pooler: bool) -> dict[str, Any]:
-    if not isinstance(c["hidden_act"], str) or c["hidden_act"] not in ACTIVATIONS:
-        raise SpecError(f"this Data2VecText checkpoint uses hidden_act={c['hidden_act']!r}; d2v supports "
-                        f"{', '.join(sorted(ACTIVATIONS))}.")
+    check_supported("Data2VecText", c, hidden_act=ACTIVATIONS)
     if not isinstance(c["pad_token_id"], int):
         raise SpecError("Data2VecText config.json: pad_token_id must be a token id (RoBERTa positions are "
                         f"counted from it), got {c['pad_token_id']!r}.")
@@ -145,20 +141,11 @@ def _backbone_spec(c: dict[str, Any], *, pooler: bool) -> dict[str, Any]:
     }
 
 
-def _label_names(config: dict[str, Any]) -> list[str] | None:
-    """Class names in id order; ``None`` when they are HF's ``LABEL_i`` defaults (the head then
-    keeps ``num_labels`` only)."""
+def _label_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """``label_names`` in id order, or ``num_labels`` alone when the names are HF's ``LABEL_i``
+    defaults (the text heads then name no classes)."""
     names = config_label_names(config)
-    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
-
-
-def _num_labels(config: dict[str, Any]) -> int:
-    id2label = config.get("id2label")
-    return len(id2label) if isinstance(id2label, dict) and id2label else int(config.get("num_labels", 2))
-
-
-def _is_text_backbone(feature_extractor: Any, encoder: Any) -> bool:
-    return type(feature_extractor).__name__ == "TextEmbeddings" and type(encoder).__name__ == "TextTransformerEncoder"
+    return {"num_labels": len(names)} if names == default_label_names(len(names)) else {"label_names": names}
 
 
 def _read_side_files(directory: str | Path | None) -> dict[str, str | bytes]:
@@ -195,7 +182,7 @@ class TextModelConverter:
     # -- config ---------------------------------------------------------------------------
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
-        c = full_config(config)
+        c = full_config(config, HF_DEFAULTS)
         pooler = self.uses_pooler and bool(config.get("_add_pooling_layer", True))
         spec = _backbone_spec(c, pooler=pooler)
         if self.head_name is not None:
@@ -208,7 +195,7 @@ class TextModelConverter:
     def processor_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         """The ``data.processor`` for this checkpoint (``d2v predict``): the tokenizer files beside it."""
         return {"name": "text", "tokenizer": str(config.get("_name_or_path") or "."),
-                "max_length": int(full_config(config)["max_position_embeddings"]) - 2}
+                "max_length": int(full_config(config, HF_DEFAULTS)["max_position_embeddings"]) - 2}
 
     # -- import ---------------------------------------------------------------------------
 
@@ -216,23 +203,8 @@ class TextModelConverter:
         return build_task_model(self.hf_config_to_spec(config), registry())
 
     def _tied(self, config: dict[str, Any]) -> bool:
-        return self.head_name in ("masked_lm", "causal_lm") and bool(full_config(config)["tie_word_embeddings"])
-
-    def rename_from_hf(self, state_dict: dict[str, Tensor], tied: bool) -> tuple[dict[str, Tensor], list[str]]:
-        """HF names -> d2v names; also returns the HF names no rule knows."""
-        renamed, unknown = {}, []
-        for name, tensor in state_dict.items():
-            bare = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
-            if bare in DERIVED or (tied and name == "lm_head.decoder.weight"):
-                continue
-            ours = rename_weight(bare, RENAMES, to_hf=False)
-            if ours is None:
-                ours = rename_weight(name, self.head_renames, to_hf=False)
-            if ours is None:
-                unknown.append(name)
-            else:
-                renamed[ours] = tensor
-        return renamed, unknown
+        return (self.head_name in ("masked_lm", "causal_lm")
+                and bool(full_config(config, HF_DEFAULTS)["tie_word_embeddings"]))
 
     def from_hf(self, config: dict[str, Any], state_dict: dict[str, Tensor]) -> TaskModel:
         if self.architecture == "Data2VecTextModel" and not any(
@@ -242,12 +214,10 @@ class TextModelConverter:
             config["_add_pooling_layer"] = False
         model = self.build(config)
         tied = self._tied(config)
-        renamed, unknown = self.rename_from_hf(state_dict, tied)
-        if unknown:
-            raise SpecError(
-                f"{self.architecture}: the checkpoint has weights d2v does not know "
-                f"({len(unknown)}): {', '.join(sorted(unknown))}."
-            )
+        derived = {name for name in state_dict
+                   if name.removeprefix(BACKBONE_PREFIX) in DERIVED or (tied and name == "lm_head.decoder.weight")}
+        kept = {name: tensor for name, tensor in state_dict.items() if name not in derived}
+        renamed = hf_weight_names(kept, self.architecture, RENAMES, self.head_renames, prefix=BACKBONE_PREFIX)
         if tied and "feature_extractor.word_embeddings.weight" in renamed:
             renamed["head.decoder.weight"] = renamed["feature_extractor.word_embeddings.weight"]
         load_strict(model, renamed, self.architecture)
@@ -259,32 +229,26 @@ class TextModelConverter:
     # -- export ---------------------------------------------------------------------------
 
     def to_hf(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        head = getattr(model, "head", None)
-        config = self._hf_config(model.feature_extractor, model.encoder, head)
+        config = self._hf_config(model)
         skip_decoder = self.head_name in ("masked_lm", "causal_lm") and config.get("tie_word_embeddings", True)
+        prefix = BACKBONE_PREFIX if self.prefixed else ""
         state: dict[str, Tensor] = {}
         for name, tensor in model.state_dict().items():
-            if name.startswith("head."):
-                if skip_decoder and name == "head.decoder.weight":
-                    continue
-                theirs = rename_weight(name, self.head_renames, to_hf=True)
-            else:
-                if name.startswith("encoder.pooler.") and not self.uses_pooler:
-                    continue  # HF builds this class without the pooler
-                theirs = rename_weight(name, RENAMES, to_hf=True)
-                if theirs is not None and self.prefixed:
-                    theirs = BACKBONE_PREFIX + theirs
-            if theirs is None:
-                raise SpecError(f"{self.architecture} export: no Hugging Face name for d2v weight '{name}'.")
+            if skip_decoder and name == "head.decoder.weight":
+                continue
+            if name.startswith("encoder.pooler.") and not self.uses_pooler:
+                continue  # HF builds this class without the pooler
+            theirs = hf_weight_name(name, self.architecture, RENAMES, self.head_renames, prefix=prefix)
             state[theirs] = tensor.detach().clone().contiguous()
         if model.feature_extractor.token_type_embeddings is None:
             # type_vocab_size 0 (fairseq's data2vec): HF always has the table; one zero row adds nothing
-            name = (BACKBONE_PREFIX if self.prefixed else "") + "embeddings.token_type_embeddings.weight"
+            name = prefix + "embeddings.token_type_embeddings.weight"
             state[name] = model.feature_extractor.word_embeddings.weight.new_zeros(1, config["hidden_size"])
         return config, state
 
-    def _hf_config(self, feature_extractor: nn.Module, encoder: nn.Module, head: nn.Module | None) -> dict[str, Any]:
-        if not _is_text_backbone(feature_extractor, encoder):
+    def _hf_config(self, model: nn.Module) -> dict[str, Any]:
+        feature_extractor, encoder = model.feature_extractor, model.encoder
+        if not has_backbone(model, *BACKBONE_CLASSES):
             raise SpecError(
                 f"{self.architecture} export needs the text.embeddings feature extractor and the text.transformer "
                 f"encoder, got {type(feature_extractor).__name__} and {type(encoder).__name__}."
@@ -316,7 +280,7 @@ class TextModelConverter:
         }
         # without a pooler, config.json says nothing: transformers reads no add_pooling_layer from it
         # (it builds a random pooler), and one there would swallow from_pretrained(DIR, add_pooling_layer=False)
-        config.update(self._head_config(head, config))
+        config.update(self._head_config(getattr(model, "head", None), config))
         return {"model_type": "data2vec-text", "architectures": [self.architecture], **config}
 
     def _head_config(self, head: nn.Module | None, backbone: dict[str, Any]) -> dict[str, Any]:
@@ -324,9 +288,7 @@ class TextModelConverter:
             if head is not None:
                 raise SpecError(f"{self.architecture} export is for a model without a head, got {type(head).__name__}.")
             return {}
-        if type(head).__name__ != self.head_class or not hasattr(head, "hf_config"):
-            raise SpecError(f"{self.architecture} export needs a {self.head_name} head, got {type(head).__name__}.")
-        fields = dict(head.hf_config())
+        fields = head_hf_config(self.architecture, head, self.head_class, self.head_name)
         if fields.get("is_decoder") and not backbone["is_decoder"]:
             fields.pop("is_decoder")  # HF runs ForCausalLM bidirectionally too when is_decoder is false
         for key, value in fields.items():
@@ -352,10 +314,7 @@ class TextModelConverter:
 
     def exports(self, model: nn.Module) -> bool:
         """Whether this converter is the right one to export ``model`` (used by ``d2v convert``)."""
-        head = getattr(model, "head", None)
-        if not _is_text_backbone(getattr(model, "feature_extractor", None), getattr(model, "encoder", None)):
-            return False
-        return head is None if self.head_class is None else type(head).__name__ == self.head_class
+        return exports_parts(model, *BACKBONE_CLASSES, self.head_class)
 
 
 class _TextLMConverter(TextModelConverter):
@@ -413,11 +372,10 @@ class TextSequenceClassificationConverter(TextModelConverter):
     prefixed = True
 
     def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
-        names = _label_names(config)
         dropout = config["classifier_dropout"]
         return {"problem_type": config.get("problem_type"),
                 "classifier_dropout": config["hidden_dropout_prob"] if dropout is None else dropout,
-                **({"label_names": names} if names else {"num_labels": _num_labels(config)})}
+                **_label_fields(config)}
 
 
 class TextMultipleChoiceConverter(TextModelConverter):
@@ -452,13 +410,12 @@ class TextTokenClassificationConverter(TextModelConverter):
     prefixed = True
 
     def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
-        names = _label_names(config)
         dropout = config["classifier_dropout"]
-        fields: dict[str, Any] = {"classifier_dropout": config["hidden_dropout_prob"] if dropout is None else dropout}
+        fields: dict[str, Any] = {"classifier_dropout": config["hidden_dropout_prob"] if dropout is None else dropout,
+                                  **_label_fields(config)}
+        names = fields.get("label_names")
         if names:
-            fields.update(label_names=names, outside_label="O" if "O" in names else names[0])
-        else:
-            fields["num_labels"] = _num_labels(config)
+            fields["outside_label"] = "O" if "O" in names else names[0]
         return fields
 
 
@@ -475,9 +432,9 @@ class TextQuestionAnsweringConverter(TextModelConverter):
     prefixed = True
 
     def head_fields(self, config: dict[str, Any]) -> dict[str, Any]:
-        if _num_labels(config) != 2:
-            raise SpecError(f"Data2VecTextForQuestionAnswering needs num_labels=2 (start and end logits), "
-                            f"got {_num_labels(config)}.")
+        count = len(config_label_names(config))
+        if count != 2:
+            raise SpecError(f"Data2VecTextForQuestionAnswering needs num_labels=2 (start and end logits), got {count}.")
         return {}
 
     def hf_outputs(self, out: Any) -> dict[str, Any]:

@@ -16,7 +16,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
-from d2v.interop.hf import NO_ATTENTIONS, config_label_names, keyword_table, load_strict, rename_weight
+from d2v.interop.hf import (NO_ATTENTIONS, check_supported, config_label_names, exports_parts, full_config,
+                            has_backbone, head_hf_config, hf_weight_name, hf_weight_names, keyword_table, load_strict,
+                            read_side_json)
+from d2v.nn.layers import ACTIVATIONS
 from d2v.spec.model import TaskModel, build_task_model
 from d2v.api.plugins import registry
 
@@ -52,12 +55,10 @@ RENAMES: list[tuple[str, str]] = [
     ("encoder.pooler_norm.", "pooler.layernorm."),
 ]
 BACKBONE_PREFIX = "data2vec_vision."
+#: the classes of vision.patches and vision.transformer
+BACKBONE_CLASSES = ("PatchEmbedding", "VisionTransformerEncoder")
 #: the output options every ``Data2VecVision*.forward`` names after its inputs
 OUTPUT_OPTIONS = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding", "return_dict")
-
-
-def full_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {**HF_DEFAULTS, **config}
 
 
 def _size(value: Any) -> int | list[int]:
@@ -65,9 +66,8 @@ def _size(value: Any) -> int | list[int]:
 
 
 def backbone_spec(config: dict[str, Any], *, add_pooling_layer: bool) -> dict[str, Any]:
-    c = full_config(config)
-    if not isinstance(c["hidden_act"], str):
-        raise SpecError(f"Data2VecVision config: hidden_act must be a name such as 'gelu', got {c['hidden_act']!r}.")
+    c = full_config(config, HF_DEFAULTS)
+    check_supported("Data2VecVision", c, hidden_act=ACTIVATIONS)
     return {
         "feature_extractor": {"name": "vision.patches", "dim": c["hidden_size"], "image_size": _size(c["image_size"]),
                               "patch_size": c["patch_size"], "num_channels": c["num_channels"],
@@ -87,17 +87,13 @@ def backbone_spec(config: dict[str, Any], *, add_pooling_layer: bool) -> dict[st
     }
 
 
-def _is_vision_backbone(model: nn.Module) -> bool:
-    return (type(getattr(model, "feature_extractor", None)).__name__ == "PatchEmbedding"
-            and type(getattr(model, "encoder", None)).__name__ == "VisionTransformerEncoder")
-
-
 class VisionModelConverter:
     """``Data2VecVisionModel`` <-> ``TaskModel(patches, transformer, head=None)`` (no pooler)."""
 
     architecture = "Data2VecVisionModel"
     hf_forward = keyword_table("pixel_values", "bool_masked_pos", *OUTPUT_OPTIONS, output_attentions=NO_ATTENTIONS)
     head_class: str | None = None
+    head_name: str | None = None
     add_pooling_layer = False
     #: (d2v name, HF name) of the head's weights, at the top level of the HF class
     head_renames: list[tuple[str, str]] = []
@@ -109,13 +105,10 @@ class VisionModelConverter:
         """The ``data.processor`` for this checkpoint (``d2v predict``): its
         ``preprocessor_config.json`` (``BeitImageProcessor`` fields), else the model's image size
         with BEiT's defaults."""
-        from pathlib import Path
-
         from d2v_vision.processor import PIL_RESAMPLE
 
-        side = Path(config.get("_name_or_path") or ".") / "preprocessor_config.json"
-        settings = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
-        image_size = config.get("image_size", HF_DEFAULTS["image_size"])
+        settings = read_side_json(config, "preprocessor_config.json") or {}
+        image_size = full_config(config, HF_DEFAULTS)["image_size"]
         spec: dict[str, Any] = {"name": "image", "augment": False, "size": settings.get("size", image_size),
                                 "crop_size": settings.get("crop_size", image_size)}
         for key in ("do_resize", "do_center_crop", "rescale_factor", "image_mean", "image_std"):
@@ -127,7 +120,9 @@ class VisionModelConverter:
         return spec
 
     def head_config(self, head: nn.Module | None) -> dict[str, Any]:
-        return {}
+        if self.head_class is None:
+            return {}
+        return head_hf_config(self.architecture, head, self.head_class, self.head_name)
 
     def build(self, config: dict[str, Any]) -> TaskModel:
         return build_task_model(self.hf_config_to_spec(config), registry())
@@ -135,39 +130,24 @@ class VisionModelConverter:
     def from_hf(self, config: dict[str, Any], state_dict: dict[str, Tensor]) -> TaskModel:
         model = self.build(config)
         own = model.state_dict()
-        renamed, unknown = {}, []
-        for name, tensor in state_dict.items():
-            if "relative_position_index" in name:  # a buffer older checkpoints saved; recomputed
-                continue
-            bare = name[len(BACKBONE_PREFIX):] if name.startswith(BACKBONE_PREFIX) else name
-            ours = rename_weight(bare, RENAMES, to_hf=False) or rename_weight(name, self.head_renames, to_hf=False)
-            if ours is None:
-                unknown.append(name)
-                continue
-            renamed[ours] = tensor.reshape(own[ours].shape) if ours == "encoder.mask_embedding" else tensor
-        if unknown:
-            raise SpecError(f"{self.architecture}: the checkpoint has weights d2v does not know "
-                            f"({len(unknown)}): {', '.join(sorted(unknown))}.")
-        # Hugging Face has a mask token only with use_mask_token; keep d2v's otherwise
-        renamed.setdefault("encoder.mask_embedding", own["encoder.mask_embedding"].clone())
+        # relative_position_index: a buffer older checkpoints saved; recomputed
+        kept = {name: tensor for name, tensor in state_dict.items() if "relative_position_index" not in name}
+        renamed = hf_weight_names(kept, self.architecture, RENAMES, self.head_renames, prefix=BACKBONE_PREFIX)
+        # Hugging Face has a mask token (1, 1, D) only with use_mask_token; keep d2v's otherwise
+        mask = renamed.get("encoder.mask_embedding", own["encoder.mask_embedding"].clone())
+        renamed["encoder.mask_embedding"] = mask.reshape(own["encoder.mask_embedding"].shape)
         load_strict(model, renamed, self.architecture)
         return model
 
     def to_hf(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        if not _is_vision_backbone(model):
+        if not has_backbone(model, *BACKBONE_CLASSES):
             raise SpecError(f"{self.architecture} export needs the vision.patches feature extractor and the "
                             f"vision.transformer encoder.")
         config = self.hf_config(model)
         state: dict[str, Tensor] = {}
         prefix = BACKBONE_PREFIX if self.head_class else ""
         for name, tensor in model.state_dict().items():
-            if name.startswith("head."):
-                theirs = rename_weight(name, self.head_renames, to_hf=True)
-            else:
-                theirs = rename_weight(name, RENAMES, to_hf=True)
-                theirs = None if theirs is None else prefix + theirs
-            if theirs is None:
-                raise SpecError(f"{self.architecture} export: no Hugging Face name for d2v weight '{name}'.")
+            theirs = hf_weight_name(name, self.architecture, RENAMES, self.head_renames, prefix=prefix)
             if name.startswith("encoder.pooler_norm") and not self.add_pooling_layer:
                 continue
             if name == "encoder.mask_embedding":
@@ -181,8 +161,7 @@ class VisionModelConverter:
             raise SpecError("Hugging Face has one hidden_size, image_size and patch_size; the feature extractor and the "
                             f"encoder disagree ({fe} vs {enc}).")
         image = enc["image_size"]
-        config = dict(HF_DEFAULTS)
-        config.update({
+        config = full_config({
             "hidden_size": enc["dim"], "num_hidden_layers": enc["layers"], "num_attention_heads": enc["heads"],
             "intermediate_size": enc["ffn_dim"], "hidden_act": enc["activation"],
             "hidden_dropout_prob": enc["dropout"], "attention_probs_dropout_prob": enc["attention_dropout"],
@@ -194,7 +173,7 @@ class VisionModelConverter:
             "use_shared_relative_position_bias": enc["use_shared_relative_position_bias"],
             "layer_scale_init_value": enc["layer_scale_init_value"], "drop_path_rate": enc["drop_path_rate"],
             "use_mean_pooling": enc["use_mean_pooling"],
-        })
+        }, HF_DEFAULTS)
         config.update(self.head_config(getattr(model, "head", None)))
         return {"model_type": "data2vec-vision", "architectures": [self.architecture], **config}
 
@@ -219,8 +198,7 @@ class VisionModelConverter:
         return {"preprocessor_config.json": json.dumps(processor.hf_config(), indent=2, sort_keys=True) + "\n"}
 
     def exports(self, model: nn.Module) -> bool:
-        head = getattr(model, "head", None)
-        return _is_vision_backbone(model) and (type(head).__name__ == self.head_class if self.head_class else head is None)
+        return exports_parts(model, *BACKBONE_CLASSES, self.head_class)
 
     def export_tensorflow(self, loaded: Any, out: str, *, format: str) -> Any:
         """``d2v export --tf-savedmodel/--tflite``: the ``TF`` twin of this architecture
@@ -236,18 +214,14 @@ class VisionImageClassificationConverter(VisionModelConverter):
     architecture = "Data2VecVisionForImageClassification"
     hf_forward = keyword_table("pixel_values", "labels", *OUTPUT_OPTIONS, output_attentions=NO_ATTENTIONS)
     head_class = "ImageClassificationHead"
+    head_name = "image_classification"
     add_pooling_layer = True
     head_renames = [("head.classifier.", "classifier.")]
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
         spec = super().hf_config_to_spec(config)
-        spec["head"] = {"name": "image_classification", "label_names": config_label_names(config)}
+        spec["head"] = {"name": self.head_name, "label_names": config_label_names(config)}
         return spec
-
-    def head_config(self, head: nn.Module | None) -> dict[str, Any]:
-        if type(head).__name__ != self.head_class:
-            raise SpecError(f"{self.architecture} export needs an image_classification head, got {type(head).__name__}.")
-        return head.hf_config()
 
 
 class VisionSemanticSegmentationConverter(VisionModelConverter):
@@ -256,18 +230,14 @@ class VisionSemanticSegmentationConverter(VisionModelConverter):
     architecture = "Data2VecVisionForSemanticSegmentation"
     hf_forward = keyword_table("pixel_values", "labels", *OUTPUT_OPTIONS, output_attentions=NO_ATTENTIONS)
     head_class = "SemanticSegmentationHead"
+    head_name = "semantic_segmentation"
     head_renames = [("head.", "")]
 
     def hf_config_to_spec(self, config: dict[str, Any]) -> dict[str, Any]:
-        c = full_config(config)
+        c = full_config(config, HF_DEFAULTS)
         spec = super().hf_config_to_spec(config)
-        spec["head"] = {"name": "semantic_segmentation", "label_names": config_label_names(config),
+        spec["head"] = {"name": self.head_name, "label_names": config_label_names(config),
                         **{k: c[k] for k in ("out_indices", "pool_scales", "use_auxiliary_head", "auxiliary_loss_weight",
                                              "auxiliary_channels", "auxiliary_num_convs", "auxiliary_concat_input",
                                              "semantic_loss_ignore_index")}}
         return spec
-
-    def head_config(self, head: nn.Module | None) -> dict[str, Any]:
-        if type(head).__name__ != self.head_class:
-            raise SpecError(f"{self.architecture} export needs a semantic_segmentation head, got {type(head).__name__}.")
-        return head.hf_config()

@@ -27,7 +27,13 @@ A converter is any object with::
                                                        # checkpoint's inputs (``d2v predict``)
 
 ``config`` always carries ``_name_or_path`` (the checkpoint directory) so a converter can find
-side files such as ``vocab.json``.
+side files such as ``vocab.json`` (:func:`read_side_json`).
+
+What every modality's converters share lives here: :func:`full_config` (the one rule for filling
+a ``config.json`` with the config class's defaults, and for its nulls), :func:`check_supported`,
+:func:`config_label_names`, the weight renaming (:func:`hf_weight_names` on import,
+:func:`hf_weight_name` on export, :func:`load_strict`) and the choice of converter for an export
+(:func:`exports_parts`, :func:`head_hf_config`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,19 +251,40 @@ def rename_weight(name: str, table: Sequence[tuple[str, str]], *, to_hf: bool) -
     return None
 
 
-def config_label_names(config: dict[str, Any]) -> list[str]:
-    """Class names in id order from a config's ``id2label`` (checked to number the classes
-    0..n-1), else Hugging Face's ``LABEL_i`` for ``num_labels`` classes (its default is 2)."""
-    id2label = config.get("id2label")
-    if isinstance(id2label, dict) and id2label:
-        try:
-            by_id = {int(k): str(v) for k, v in id2label.items()}
-        except (TypeError, ValueError):
-            raise SpecError(f"config.json: id2label keys must be class ids, got {sorted(id2label)[:3]}.") from None
-        if sorted(by_id) != list(range(len(by_id))):
-            raise SpecError(f"config.json: id2label must number the classes 0..{len(by_id) - 1}, got {sorted(by_id)}.")
-        return [by_id[i] for i in range(len(by_id))]
-    return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
+def hf_weight_names(state_dict: dict[str, Tensor], architecture: str, renames: Sequence[tuple[str, str]],
+                    head_renames: Sequence[tuple[str, str]] = (), *, prefix: str = "") -> dict[str, Tensor]:
+    """A Hugging Face state dict under d2v's names: a backbone weight (with or without the HF
+    class's backbone ``prefix``, e.g. ``data2vec_audio.``) through ``renames``, any other through
+    ``head_renames``. Weights no rule knows are one error listing them all."""
+    renamed, unknown = {}, []
+    for name, tensor in state_dict.items():
+        bare = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        ours = rename_weight(bare, renames, to_hf=False)
+        if ours is None:
+            ours = rename_weight(name, head_renames, to_hf=False)
+        if ours is None:
+            unknown.append(name)
+        else:
+            renamed[ours] = tensor
+    if unknown:
+        raise SpecError(f"{architecture}: the checkpoint has weights d2v does not know "
+                        f"({len(unknown)}): {', '.join(sorted(unknown))}.")
+    return renamed
+
+
+def hf_weight_name(name: str, architecture: str, renames: Sequence[tuple[str, str]],
+                   head_renames: Sequence[tuple[str, str]] = (), *, prefix: str = "") -> str:
+    """The Hugging Face name of d2v weight ``name``: ``head.*`` through ``head_renames`` (HF keeps
+    head weights at the top level), the backbone's through ``renames`` behind ``prefix`` (the HF
+    class's backbone attribute, empty for the bare model). No rule is an export error."""
+    if name.startswith("head."):
+        theirs = rename_weight(name, head_renames, to_hf=True)
+    else:
+        theirs = rename_weight(name, renames, to_hf=True)
+        theirs = None if theirs is None else prefix + theirs
+    if theirs is None:
+        raise SpecError(f"{architecture} export: no Hugging Face name for d2v weight '{name}'.")
+    return theirs
 
 
 def load_strict(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
@@ -273,6 +300,100 @@ def load_strict(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> 
         if result.unexpected_keys:
             lines.append(f"  not used by the model ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys)}")
         raise SpecError("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- converter parts
+
+
+def has_backbone(model: Any, feature_extractor: str, encoder: str) -> bool:
+    """Whether ``model``'s ``feature_extractor`` and ``encoder`` are of the classes named (each
+    modality's converters export only its own parts; other modalities' parts look alike)."""
+    return (type(getattr(model, "feature_extractor", None)).__name__ == feature_extractor
+            and type(getattr(model, "encoder", None)).__name__ == encoder)
+
+
+def exports_parts(model: Any, feature_extractor: str, encoder: str, head: str | None) -> bool:
+    """A converter's ``exports(model)``: the backbone classes named and the head class of its HF
+    class (``head`` None: the bare model, no head)."""
+    own_head = getattr(model, "head", None)
+    return has_backbone(model, feature_extractor, encoder) and (
+        own_head is None if head is None else type(own_head).__name__ == head)
+
+
+def head_hf_config(architecture: str, head: Any, head_class: str, head_name: str) -> dict[str, Any]:
+    """The ``config.json`` fields of a head of class ``head_class`` (``head.hf_config()``); any other
+    head is an export error naming ``head_name``, the head the HF class has."""
+    if type(head).__name__ != head_class or not hasattr(head, "hf_config"):
+        article = "an" if head_name[:1] in "aeiou" else "a"
+        raise SpecError(f"{architecture} export needs {article} {head_name} head, got {type(head).__name__}.")
+    return dict(head.hf_config())
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+#: fields every transformers config may set to null: ``PreTrainedConfig``'s special token ids
+NULLABLE = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def full_config(config: dict[str, Any], defaults: dict[str, Any], *, nullable: Collection[str] = ()) -> dict[str, Any]:
+    """``config`` (a ``config.json`` dict) with every field it lacks set from ``defaults`` (the
+    transformers config class's defaults, which each modality writes out).
+
+    One rule for every modality, transformers' own: ``from_pretrained`` passes every field
+    ``config.json`` names to the config class, null included, and only a missing field takes the
+    class's default. So a null is kept, never replaced by the default: ``classifier_dropout: null``
+    means "use hidden_dropout_prob" (``Data2VecTextConfig`` keeps it and ``to_dict()`` writes it back
+    as null), ``pad_token_id: null`` means "no padding token" (not the default id), and
+    ``Data2VecAudioConfig`` fills a null ``output_hidden_size`` with ``hidden_size`` (the audio
+    converter reads None the same way). transformers 5 refuses a null anywhere else
+    (``hidden_size: null`` fails its type check), and so does this function: a null is allowed
+    where the default is None, for the :data:`NULLABLE` token ids and for the keys in ``nullable``
+    (fields a model reads with ``getattr`` and a default, which the config class does not check).
+    A ``config.json`` d2v exports therefore reads back in d2v exactly as in transformers.
+    """
+    refused = [key for key, value in config.items() if value is None and defaults.get(key) is not None
+               and key not in NULLABLE and key not in nullable]
+    if refused:
+        was = ", ".join(f"{key}={defaults[key]!r}" for key in refused)
+        raise SpecError(f"config.json sets {', '.join(refused)} to null, which transformers refuses too; remove the "
+                        f"key to take the default ({was}) or give a value.")
+    return {**defaults, **config}
+
+
+def check_supported(family: str, config: dict[str, Any], **supported: Collection[Any]) -> None:
+    """Refuse a checkpoint whose field ``key`` (a keyword) holds a value d2v does not implement
+    (not one of those given: e.g. ``hidden_act=ACTIVATIONS``), every problem in one error."""
+    problems = [f"{key}={config.get(key)!r} (d2v has {', '.join(sorted(map(repr, values)))})"
+                for key, values in supported.items() if config.get(key) not in list(values)]
+    if problems:
+        raise SpecError(f"this {family} checkpoint uses features d2v does not implement: {'; '.join(problems)}.")
+
+
+def default_label_names(count: int) -> list[str]:
+    """Hugging Face's class names when a config names none: ``LABEL_0 .. LABEL_{count-1}``."""
+    return [f"LABEL_{i}" for i in range(count)]
+
+
+def config_label_names(config: dict[str, Any]) -> list[str]:
+    """Class names in id order from a config's ``id2label`` (checked to number the classes
+    0..n-1), else Hugging Face's ``LABEL_i`` for ``num_labels`` classes (its default is 2)."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        try:
+            by_id = {int(k): str(v) for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise SpecError(f"config.json: id2label keys must be class ids, got {sorted(id2label)[:3]}.") from None
+        if sorted(by_id) != list(range(len(by_id))):
+            raise SpecError(f"config.json: id2label must number the classes 0..{len(by_id) - 1}, got {sorted(by_id)}.")
+        return [by_id[i] for i in range(len(by_id))]
+    return default_label_names(int(config.get("num_labels", 2)))
+
+
+def read_side_json(config: dict[str, Any], name: str) -> Any:
+    """The JSON file ``name`` beside the checkpoint (``config["_name_or_path"]``), None when it has none."""
+    path = Path(config.get("_name_or_path") or ".") / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 # --------------------------------------------------------------------------- loading
