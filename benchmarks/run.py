@@ -42,14 +42,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(model, inputs: dict, labels, mode: str, dtype: str, device: str) -> Callable[[], None]:
-    """One fine-tuning step or one inference forward, as a closure."""
+#: what is timed: Hugging Face eager and compiled (``torch.compile`` of the whole model), d2v as
+#: loaded, and d2v with ``padding_free`` on (cases with padding only)
+IMPLS = ("hf", "hf_compiled", "d2v", "d2v_padding_free")
+
+
+def model_for(impl: str, hf, ours):
+    """The model ``impl`` times (d2v's ``padding_free`` is set on its encoder)."""
+    if impl.startswith("hf"):
+        return torch.compile(hf) if impl == "hf_compiled" else hf
+    from d2v.nn.layer_options import set_padding_free
+
+    set_padding_free(ours, impl == "d2v_padding_free")
+    return ours
+
+
+def make_step(model, inputs: dict, labels, mode: str, dtype: str, device: str,
+              before: Callable[[], None] = lambda: None) -> Callable[[], None]:
+    """One fine-tuning step or one inference forward, as a closure (``before`` runs first: the
+    d2v variants share one model and switch ``padding_free`` there)."""
     cast = DTYPES[dtype]
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=cast)) if cast is not None else nullcontext
     if mode == "train":  # fused: what transformers' Trainer and d2v's optim both use by default
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
         def step() -> None:
+            before()
             model.train()
             with autocast():
                 loss = model(**inputs, labels=labels).loss
@@ -58,6 +76,7 @@ def make_step(model, inputs: dict, labels, mode: str, dtype: str, device: str) -
             optimizer.zero_grad(set_to_none=True)
     else:
         def step() -> None:
+            before()
             model.eval()
             with torch.no_grad(), autocast():
                 model(**inputs)
@@ -105,7 +124,7 @@ def probe_memory(case: str, impl: str, mode: str, dtype: str, size: str, device:
     """Peak MB of one step, with model, optimizer state and warm-up already resident."""
     hf, ours, inputs, labels, _ = build(case, size, device)
     hf, ours = prepare(hf, ours, options)
-    model = hf if impl == "hf" else ours
+    model = model_for(impl, hf, ours)
     hf = ours = None  # only the measured model stays resident
     step = make_step(model, inputs, labels, mode, dtype, device)
     step()  # optimizer state, caches
@@ -135,45 +154,58 @@ def memory_in_subprocess(case: str, impl: str, mode: str, dtype: str, size: str,
 
 
 def prepare(hf, ours, options: argparse.Namespace):
-    """Apply ``--compile`` (d2v: ``trainer.compile``'s per-block compile; HF: ``torch.compile`` of
-    the model, its usual way) and ``--gradient-checkpointing`` (d2v: ``trainer.gradient_checkpointing``;
-    HF: ``gradient_checkpointing_enable()``)."""
+    """Apply ``--compile d2v`` (``trainer.compile``'s per-block compile; the compiled Hugging Face
+    baseline is its own column, ``hf_compiled``) and ``--gradient-checkpointing`` (d2v:
+    ``trainer.gradient_checkpointing``; HF: ``gradient_checkpointing_enable()``)."""
     from d2v.nn.layer_options import apply_layer_options
 
-    apply_layer_options(ours, compile=options.compile in ("d2v", "both"),
-                        gradient_checkpointing=options.gradient_checkpointing)
+    apply_layer_options(ours, compile=options.compile == "d2v", gradient_checkpointing=options.gradient_checkpointing)
     if options.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if options.compile == "both":
-        hf = torch.compile(hf)
     return hf, ours
+
+
+def impls_for(case: str, args: argparse.Namespace) -> list[str]:
+    wanted = ["hf"] + (["hf_compiled"] if args.hf_compiled else []) + ["d2v"]
+    return wanted + (["d2v_padding_free"] if args.padding_free and CASES[case].padded else [])
 
 
 def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: dict[str, float]) -> dict[str, Any]:
     hf, ours, inputs, labels, samples = build(case, args.size, args.device)
     hf, ours = prepare(hf, ours, args)
-    steps = {"hf": make_step(hf, inputs, labels, mode, dtype, args.device),
-             "d2v": make_step(ours, inputs, labels, mode, dtype, args.device)}
+    impls = impls_for(case, args)
+    steps = {}
+    for impl in impls:
+        model = model_for(impl, hf, ours)
+        before = (lambda on=(impl == "d2v_padding_free"): model_for("d2v_padding_free" if on else "d2v", hf, ours)) \
+            if impl.startswith("d2v") else (lambda: None)
+        steps[impl] = make_step(model, inputs, labels, mode, dtype, args.device, before)
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {"hf": [], "d2v": []}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(args.repeats):
         for impl, step in steps.items():
             times[impl].append(timed(step, args.device))
     speed = {impl: samples / statistics.median(t) for impl, t in times.items()}
+    best = max((impl for impl in impls if impl.startswith("d2v")), key=speed.get)
     flops = step_flops(steps["d2v"])
     row: dict[str, Any] = {
         "case": case, "mode": mode, "dtype": dtype, "device": args.device, "size": args.size,
         "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
-        "hf_samples_per_s": round(speed["hf"], 3), "d2v_samples_per_s": round(speed["d2v"], 3),
-        "speed_ratio": round(speed["d2v"] / speed["hf"], 3),
+        **{f"{impl}_samples_per_s": round(speed[impl], 3) for impl in impls},
+        "speed_ratio": round(speed["d2v"] / speed["hf"], 3), "best_d2v": best,
+        "best_speed_ratio": round(speed[best] / speed["hf"], 3),
         "d2v_flops_fraction": round(flops * speed["d2v"] / samples / peaks[dtype], 4),
     }
+    if "hf_compiled" in speed:
+        row["best_vs_hf_compiled"] = round(speed[best] / speed["hf_compiled"], 3)
+    if "d2v_padding_free" in speed:
+        row["padding_free_ratio"] = round(speed["d2v_padding_free"] / speed["d2v"], 3)
     if args.memory:
-        hf_mb = memory_in_subprocess(case, "hf", mode, dtype, args.size, args.device, args)
-        d2v_mb = memory_in_subprocess(case, "d2v", mode, dtype, args.size, args.device, args)
-        row.update(hf_peak_mb=round(hf_mb, 1), d2v_peak_mb=round(d2v_mb, 1), memory_ratio=round(d2v_mb / hf_mb, 3))
+        peak = {impl: memory_in_subprocess(case, impl, mode, dtype, args.size, args.device, args) for impl in impls}
+        row.update({f"{impl}_peak_mb": round(mb, 1) for impl, mb in peak.items()})
+        row["memory_ratio"] = round(peak[best] / min(peak[i] for i in impls if i.startswith("hf")), 3)
     return row
 
 
@@ -185,19 +217,26 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Measured with `python benchmarks/run.py --device {args.device} --size {args.size}{flags} --write-docs` on "
         f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}. Same weights, same padded "
         "batch, interleaved timings (median of "
-        f"{args.repeats}). Speed ratio = d2v samples/s / HF samples/s (> 1: d2v faster); memory ratio = d2v peak / "
-        "HF peak, one fresh process per measurement (< 1: d2v smaller); FLOP fraction = d2v's achieved FLOP/s "
-        "over this machine's large-matmul FLOP/s in that dtype.",
+        f"{args.repeats}). Samples/s per implementation: HF eager, HF + `torch.compile` (when measured), d2v "
+        "padded, d2v `padding_free` (audio and text). Ratios use d2v's faster variant (`best`): vs HF eager, vs "
+        "HF compiled; padding-free / padded; memory = d2v best's peak / the smaller HF peak, one fresh process per "
+        "measurement (< 1: d2v smaller); FLOP fraction = d2v padded's achieved FLOP/s over this machine's "
+        "large-matmul FLOP/s in that dtype.",
         "",
-        "| case | step | dtype | HF samples/s | d2v samples/s | speed ratio | HF peak MB | d2v peak MB | memory ratio | d2v FLOP fraction |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | step | dtype | HF | HF compiled | d2v | d2v padding-free | best / HF | best / HF compiled "
+        "| padding-free / padded | memory ratio | d2v FLOP fraction |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def cell(row: dict[str, Any], key: str, bold: bool = False) -> str:
+        value = row.get(key)
+        return "-" if value is None else (f"**{value:.2f}**" if bold else f"{value:.2f}")
+
     for r in rows:
         lines.append(f"| {CASES[r['case']].description} | {'fine-tune' if r['mode'] == 'train' else 'inference'} | "
-                     f"{r['dtype']} | {r['hf_samples_per_s']:.2f} | {r['d2v_samples_per_s']:.2f} | "
-                     f"**{r['speed_ratio']:.2f}** | {r.get('hf_peak_mb', float('nan')):.0f} | "
-                     f"{r.get('d2v_peak_mb', float('nan')):.0f} | {r.get('memory_ratio', float('nan')):.2f} | "
-                     f"{r['d2v_flops_fraction']:.1%} |")
+                     f"{r['dtype']} | " + " | ".join(cell(r, f"{impl}_samples_per_s") for impl in IMPLS) +
+                     f" | {cell(r, 'best_speed_ratio', True)} | {cell(r, 'best_vs_hf_compiled', True)} | "
+                     f"{cell(r, 'padding_free_ratio')} | {cell(r, 'memory_ratio')} | {r['d2v_flops_fraction']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,14 +244,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", choices=("base", "tiny"), default="base")
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=None, choices=list(CASES) + ["realistic", "small"],
+                        help="case names, or 'realistic' / 'small' (default: small on CPU, realistic on a GPU)")
     parser.add_argument("--modes", nargs="*", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
-    parser.add_argument("--compile", choices=("none", "d2v", "both"), default="none",
-                        help="torch.compile: d2v's per-block trainer.compile, or that and torch.compile(HF model)")
+    parser.add_argument("--compile", choices=("none", "d2v"), default="none",
+                        help="d2v's per-block trainer.compile")
+    parser.add_argument("--hf-compiled", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time torch.compile(HF model) (default: on a GPU only)")
+    parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time d2v with padding_free on the padded cases (audio, text)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="activation checkpointing on both sides (memory for speed)")
     parser.add_argument("--write-docs", action="store_true", help="put the table into its block of docs/performance.md")
@@ -225,6 +269,12 @@ def main() -> None:
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU is available here")
+    gpu = args.device.startswith("cuda")
+    if args.hf_compiled is None:
+        args.hf_compiled = gpu
+    groups = {"realistic": [c for c in CASES if CASES[c].realistic], "small": [c for c in CASES if not CASES[c].realistic]}
+    chosen = args.cases or ["realistic" if gpu else "small"]
+    args.cases = [c for name in chosen for c in groups.get(name, [name])]
     peaks = {dtype: matmul_peak(args.device, dtype) for dtype in args.dtypes}
     rows = []
     for case in args.cases:

@@ -29,6 +29,7 @@ from d2v.api.errors import SpecError
 from d2v import Encoder, EncoderOutput
 from d2v.nn.block import TransformerBlock
 from d2v.nn.layers import run_layer
+from d2v.nn.packing import PackedBatch
 from d2v.ssl.masking import compute_span_mask
 
 TARGET_FEATURES = ("ffn", "end")
@@ -149,6 +150,9 @@ class AudioTransformerEncoder(Encoder):
       ``alibi_scale`` (a parameter, shape ``(layers if alibi_scale_per_layer else 1, heads if
       alibi_scale_per_head else 1)``, initialised to ``alibi_scale_init``, learned when
       ``alibi_learned_scale``) is clamped at 0 before use, as fairseq does.
+    ``padding_free``: the Transformer layers run on the real frames only (:mod:`d2v.nn.packing`);
+    outputs at real frames are the padded path's, padded frames of the outputs are zero.
+
     * ``zero_padded_frames=False``: padded frames reach the positional conv as they are
       (fairseq 2.0's ``ModalitySpecificEncoder``); ``True`` zeroes them first (Hugging Face,
       fairseq 1.0). Valid frames near the padding depend on this through the conv.
@@ -188,6 +192,7 @@ class AudioTransformerEncoder(Encoder):
         alibi_scale_per_head: bool = True,
         alibi_scale_per_layer: bool = False,
         zero_padded_frames: bool = True,
+        padding_free: bool = False,
     ):
         #: the constructor arguments (what the Hugging Face exporter reads back)
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -206,6 +211,7 @@ class AudioTransformerEncoder(Encoder):
         self.output_dim = int(output_hidden_size or dim)
         self.heads = heads
         self.zero_padded_frames = bool(zero_padded_frames)
+        self.padding_free = bool(padding_free)
         self.alibi = bool(alibi)
         if self.alibi:
             shape = (layers if alibi_scale_per_layer else 1, heads if alibi_scale_per_head else 1)
@@ -338,15 +344,21 @@ class AudioTransformerEncoder(Encoder):
         hidden_states = [x] if output_hidden_states else None
         layer_targets = [] if output_layer_targets else None
         may_drop = self.training and self.layerdrop > 0 and not output_layer_targets
+        packed = PackedBatch.of(padding_mask) if self.padding_free else None
+        if packed is not None:  # the padding is left out; a bool key mask is then not needed
+            x = packed.pack(x)
+            attn_mask = attn_mask if attn_mask is None or attn_mask.is_floating_point() else None
 
         for index, layer in enumerate(self.layers):
             if not (may_drop and torch.rand(()) < self.layerdrop):
                 mask = attn_mask if bias is None else self._biased_mask(bias, scales[index], padding_mask, x.dtype)
-                x, ffn_out = run_layer(self, layer, x, mask)
+                x, ffn_out = run_layer(self, layer, x, mask, packed=packed)
                 if layer_targets is not None:
                     layer_targets.append(ffn_out if target_feature == "ffn" else x)
             if hidden_states is not None:
                 hidden_states.append(x)
+        if packed is not None:
+            x, hidden_states, layer_targets = packed.unpack_all(x, hidden_states, layer_targets)
 
         if self.adapter is not None:
             x = self.adapter(x)

@@ -156,7 +156,7 @@ def _backbone_spec(config: dict[str, Any]) -> dict[str, Any]:
             "output_hidden_size": None if output_hidden_size in (None, dim) else output_hidden_size,
             # data2vec 2.0 audio options Hugging Face's Data2VecAudio does not have: off
             "alibi": False, "alibi_scale_init": 1.0, "alibi_learned_scale": True, "alibi_scale_per_head": True,
-            "alibi_scale_per_layer": False, "zero_padded_frames": True,
+            "alibi_scale_per_layer": False, "zero_padded_frames": True, "padding_free": False,
         },
     }
 

@@ -24,6 +24,7 @@ from d2v.api.errors import SpecError
 from d2v import Encoder, EncoderOutput
 from d2v.nn.block import BlockNames, TransformerBlock
 from d2v.nn.layers import run_layer
+from d2v.nn.packing import PackedBatch
 from d2v_text.cache import KeyValueCache
 
 TARGET_FEATURES = ("ffn", "end")
@@ -58,6 +59,9 @@ class TextTransformerEncoder(Encoder):
     ``encoder_attention_mask`` ``(B, T_enc)`` (1 = real, HF's convention) for cross-attention,
     ``past_key_values`` (a :class:`KeyValueCache`) and ``use_cache`` (default: the ``use_cache``
     setting; only a decoder caches). The returned cache is updated in place.
+
+    ``padding_free`` (encoders only): the layers run on the real tokens only
+    (:mod:`d2v.nn.packing`); outputs at real tokens are the padded path's, padded ones are zero.
     """
 
     batch_keys = ("encoder_hidden_states", "encoder_attention_mask", "past_key_values", "use_cache")
@@ -78,6 +82,7 @@ class TextTransformerEncoder(Encoder):
         add_pooling_layer: bool = False,
         use_cache: bool = True,
         initializer_range: float = 0.02,
+        padding_free: bool = False,
     ):
         #: the constructor arguments (what the Hugging Face exporter reads back)
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -85,7 +90,11 @@ class TextTransformerEncoder(Encoder):
         if add_cross_attention and not is_decoder:
             raise SpecError("text.transformer: add_cross_attention needs is_decoder: true (cross-attention "
                             "belongs to a decoder, as in Hugging Face).")
+        if padding_free and is_decoder:
+            raise SpecError("text.transformer: padding_free is for encoders; a decoder's causal mask, key/value "
+                            "cache and cross-attention run on the padded batch. Set padding_free: false.")
         self.hparams = hparams
+        self.padding_free = bool(padding_free)
         self.dim = int(dim)
         self.num_layers = int(layers)
         self.is_decoder = bool(is_decoder)
@@ -167,13 +176,18 @@ class TextTransformerEncoder(Encoder):
 
         hidden_states = [x] if output_hidden_states else None
         layer_targets = [] if output_layer_targets else None
+        packed = PackedBatch.of(padding_mask) if self.padding_free else None
+        if packed is not None:  # the padding is left out, and with it the key mask
+            x, attn_mask = packed.pack(x), None
         for index, layer in enumerate(self.layers):
             x, ffn_out = run_layer(self, layer, x, attn_mask, memory=encoder_hidden_states, memory_mask=memory_mask,
-                                   cache=cache, layer=index)
+                                   cache=cache, layer=index, packed=packed)
             if layer_targets is not None:
                 layer_targets.append(ffn_out if target_feature == "ffn" else x)
             if hidden_states is not None:
                 hidden_states.append(x)
+        if packed is not None:
+            x, hidden_states, layer_targets = packed.unpack_all(x, hidden_states, layer_targets)
 
         if padding_mask is not None:
             padding_mask = padding_mask.bool()[:, -x.shape[1]:]

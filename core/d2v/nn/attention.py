@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
+from d2v.nn.packing import PackedBatch
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,12 @@ class MultiHeadAttention(nn.Module):
         cache: Any = None,
         layer: int = 0,
         position: tuple = (),
+        packed: PackedBatch | None = None,
     ) -> Tensor:
         """``x`` ``(B, T, D)``; ``attn_mask`` bool (True where a key may be attended) or float
-        (logits to add), broadcastable to ``(B, H, T, T_keys)``."""
+        (logits to add), broadcastable to ``(B, H, T, T_keys)``. ``packed``: ``x`` is ``(1, N, D)``,
+        the real tokens of a padded batch (:mod:`d2v.nn.packing`); ``attn_mask`` is then a float
+        bias on the padded grid or None."""
         if self.cross:
             (q,) = self._project(x, ("query",))
             if cache is not None and layer in cache.cross_attention:
@@ -126,6 +130,12 @@ class MultiHeadAttention(nn.Module):
             attn_mask = own if attn_mask is None else attn_mask + own
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if packed is not None:
+            if self.cross or cache is not None:
+                raise SpecError("padding-free attention is for self-attention without a key/value cache; "
+                                "set padding_free: false for decoders.")
+            out = packed.attention(q, k, v, attn_mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.projection("output")(out.transpose(1, 2).flatten(2))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from d2v.api.errors import SpecError
 from d2v.nn.attention import AttentionNames, MultiHeadAttention
 from d2v.nn.layers import FeedForward
+from d2v.nn.packing import PackedBatch
 
 
 @dataclass(frozen=True)
@@ -131,19 +132,21 @@ class TransformerBlock(nn.Module):
         memory_mask: Tensor | None = None,
         cache: Any = None,
         layer: int = 0,
+        packed: PackedBatch | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``attn_mask``: bool (True where a key may be attended) or float logits to add (ALiBi,
         a shared relative position bias). ``position``: arguments of the position-bias module.
-        ``memory``/``memory_mask``/``cache``/``layer``: cross-attention and incremental decoding."""
+        ``memory``/``memory_mask``/``cache``/``layer``: cross-attention and incremental decoding.
+        ``packed``: ``x`` holds a padded batch's real tokens only (:mod:`d2v.nn.packing`)."""
         attention, ffn_module = self.part("attention"), self.part("ffn")
         norm1, norm2 = self.part("attention_norm"), self.part("ffn_norm")
         if self.layer_norm_first:
-            attended = attention(norm1(x), attn_mask, cache=cache, layer=layer, position=position)
+            attended = attention(norm1(x), attn_mask, cache=cache, layer=layer, position=position, packed=packed)
             x = x + self.drop_path(self._scaled(0, self.dropout(attended)))
             ffn = ffn_module(norm2(x))
             residual = x if self.mlp_residual else ffn
             return residual + self.drop_path(self._scaled(1, self.ffn_residual_dropout(ffn))), ffn
-        attended = attention(x, attn_mask, cache=cache, layer=layer, position=position)
+        attended = attention(x, attn_mask, cache=cache, layer=layer, position=position, packed=packed)
         x = norm1(x + self.drop_path(self._scaled(0, self.dropout(attended))))
         if memory is not None:
             if not self.has_cross_attention:

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from d2v.api.errors import SpecError
 from d2v.api.interfaces import Encoder
 
 
@@ -48,3 +49,17 @@ def apply_layer_options(model: nn.Module, *, gradient_checkpointing: bool = Fals
         shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
         done.append(f"torch.compile ({shown}) on {len(blocks)} Transformer blocks")
     return done
+
+
+def set_padding_free(model: nn.Module, on: bool = True) -> int:
+    """Switch ``padding_free`` (:mod:`d2v.nn.packing`) on or off in every encoder of ``model``
+    that has it, e.g. a model from ``d2v.from_pretrained`` or a pipeline's; returns how many.
+    An encoder without the option is an error when asked to switch it on."""
+    found = [e for e in encoders(model) if hasattr(e, "padding_free")]
+    if on and not found:
+        names = ", ".join(sorted({type(e).__name__ for e in encoders(model)})) or "none"
+        raise SpecError(f"padding_free: no encoder of this model can leave the padding out (encoders: {names}); "
+                        f"the audio and text Transformer encoders can.")
+    for encoder in found:
+        encoder.padding_free = bool(on)
+    return len(found)
