@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from d2v.api.errors import BadFile, SpecError, positive_int
 from d2v_audio.frame_labels import pad_frame_labels, segments_to_frames, shift_segments
@@ -247,6 +248,19 @@ class AudioProcessor:
         }
         batch.update(self.collate_labels(examples))
         return batch
+
+    @property
+    def length_bucket(self) -> int:
+        """Fixed-shape inference pads batches to whole half-seconds (``d2v predict --compile``)."""
+        return self.sample_rate // 2
+
+    def pad_batch(self, batch: dict[str, Any], length: int) -> dict[str, Any]:
+        """A collated batch padded further to ``length`` samples (zeros, masked)."""
+        extra = length - batch["inputs"].shape[1]
+        if extra <= 0:
+            return batch
+        return {**batch, "inputs": F.pad(batch["inputs"], (0, extra)),
+                "padding_mask": F.pad(batch["padding_mask"], (0, extra), value=True)}
 
     def collate_labels(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Task labels carried by the examples (all of them or none): ``label`` -> ``labels``

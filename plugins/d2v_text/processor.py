@@ -426,6 +426,24 @@ class TextProcessor:
             row[: len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         return out
 
+    #: fixed-shape inference pads batches to a multiple of this many tokens (``d2v predict --compile``)
+    length_bucket = 32
+
+    def pad_batch(self, batch: dict[str, Any], length: int) -> dict[str, Any]:
+        """A collated batch padded further to ``length`` tokens (never beyond ``max_length``):
+        ``<pad>`` ids, masked; every other per-token tensor with its padding value."""
+        current = batch["inputs"].shape[-1]
+        extra = min(length, max(self.max_length, current)) - current
+        if extra <= 0:
+            return batch
+        values = {"inputs": self.pad_token_id, "padding_mask": True, "labels": IGNORE_INDEX}
+        padded = dict(batch)
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == current:
+                fill = values.get(key, False if value.dtype == torch.bool else 0)
+                padded[key] = torch.nn.functional.pad(value, (0, extra), value=fill)
+        return padded
+
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad loaded examples into one batch (see "What a batch holds" in docs/text.md)."""
         if not examples:

@@ -444,3 +444,29 @@ def test_exit_status_is_1_when_any_input_failed_unless_failures_are_allowed(tmp_
     assert cli([str(tmp_path / "final"), good, bad, "--allow-failures"], capsys)[0] == 0
     assert cli([str(tmp_path / "final"), bad, missing, "--allow-failures"], capsys)[0] == 1
     assert cli([str(tmp_path / "final"), good], capsys)[0] == 0
+
+
+def test_compiled_fixed_shape_prediction_equals_eager(tmp_path, audio_files, capsys):
+    """``--compile`` pads each batch to a bucket length (a few fixed shapes, each compiled once)
+    and predicts what the eager model does: CTC transcripts and text-classification scores."""
+    ctc = {"preset": "data2vec-audio-tiny", "head": {"name": "ctc", "vocab": "librispeech"}}
+    save_checkpoint(tmp_path / "asr", ctc, AUDIO, seed=3)
+    files = [str(audio_files / "tone16k.wav"), str(audio_files / "stereo44k.wav")]
+    eager = pipeline(model=str(tmp_path / "asr"), device="cpu", batch_size=1)(files)
+    code, compiled, _ = cli([str(tmp_path / "asr"), *files, "--device", "cpu", "--batch-size", "1",
+                             "--compile", "eager", "--pad-to-multiple-of", "4000"], capsys)
+    assert code == 0 and [{k: r[k] for k in ("input", "text")} for r in compiled] == eager
+
+    spec = {"preset": "data2vec-text-tiny", "head": {"name": "text_classification", "label_names": ["neg", "pos"]}}
+    save_checkpoint(tmp_path / "cls", spec, TEXT, seed=6)
+    texts = ["a rather long sentence with many words in it", "short", "two words"]
+    plain = pipeline(model=str(tmp_path / "cls"), batch_size=1)(texts)
+    pipe = pipeline(model=str(tmp_path / "cls"), batch_size=1, compile={"backend": "eager"})
+    shapes = []
+    original = pipe.processor.pad_batch
+    pipe.processor.pad_batch = lambda batch, length: shapes.append(length) or original(batch, length)
+    bucketed = pipe(texts)
+    assert set(shapes) == {32}  # every text padded to one 32-token bucket
+    for a, b in zip(bucketed, plain):
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)

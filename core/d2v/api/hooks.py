@@ -85,6 +85,10 @@ class HfBatch(Protocol):
     def hf_batch(self, model: Any, batch: dict[str, Any]) -> dict: ...
 
 
+class PadBatch(Protocol):
+    def pad_batch(self, batch: dict[str, Any], length: int) -> dict[str, Any]: ...
+
+
 class ProcessorSpec(Protocol):
     def processor_spec(self, config: dict[str, Any]) -> dict | None: ...
 
@@ -144,6 +148,8 @@ HOOKS: tuple[Hook, ...] = (
     _hook("examples_from", "processor", ExamplesFrom, "a user's file or value as examples (d2v predict)"),
     _hook("file_suffixes", "processor", tuple, "which files of a directory d2v predict reads"),
     _hook("decode", "processor", Decode, "token ids back to text"),
+    _hook("pad_batch", "processor", PadBatch, "a collated batch padded further, to a bucket length"),
+    _hook("length_bucket", "processor", int, "the length step fixed-shape inference (predict --compile) pads to"),
     _hook("from_pretrained", "processor", FromPretrained, "the processor rebuilt from a checkpoint's files"),
     _hook("hf_outputs", "hf_converter", HfOutputs, "the Hugging Face output fields of a class"),
     _hook("hf_batch", "hf_converter", HfBatch, "the Hugging Face class's call defaults"),

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from d2v.api.errors import SpecError
 from d2v.interop.locate import LocatedModel, locate_model
+from d2v.use.static_shapes import bucket_for, compile_for_inference, padded_to_bucket
 
 if TYPE_CHECKING:
     import torch
@@ -142,12 +143,15 @@ class Pipeline:
 
     ``top_k`` is how many candidates a result lists; ``options`` go to the head's ``predict_step``
     (generation: ``max_new_tokens``, ``strategy``, ``temperature``, ``sample_top_k`` (the sampling
-    pool), ``top_p``, ``seed``).
+    pool), ``top_p``, ``seed``). ``compile`` (``True`` or ``torch.compile`` options): fixed-shape
+    compiled inference, CUDA graphs on a GPU, with batch lengths padded up to a multiple of
+    ``pad_to_multiple_of`` (default: the processor's ``length_bucket``; :mod:`d2v.use.static_shapes`).
     """
 
     def __init__(self, model: nn.Module, processor: Any, *, task: str | None = None,
                  device: str | torch.device | None = None, batch_size: int = 8, top_k: int = 5,
-                 progress: bool = False, **options: Any):
+                 progress: bool = False, compile: bool | dict[str, Any] = False,
+                 pad_to_multiple_of: int | None = None, **options: Any):
         self.head = getattr(model, "head", None)
         if self.head is None:
             raise SpecError("this model has no task head (a pretrained backbone); predicting needs a fine-tuned "
@@ -169,6 +173,8 @@ class Pipeline:
         self.processor = processor
         self.batch_size, self.top_k, self.progress, self.options = int(batch_size), int(top_k), progress, options
         self.decode = getattr(processor, "decode", None)
+        self.bucket = bucket_for(processor, pad_to_multiple_of) if compile or pad_to_multiple_of else None
+        self.compiled = compile_for_inference(self.model, compile, self.device.type) if compile else None
 
     @property
     def is_pair_task(self) -> bool:
@@ -269,7 +275,7 @@ class Pipeline:
         import torch
         from accelerate.utils import send_to_device
 
-        batch = send_to_device(batch, self.device)
+        batch = send_to_device(padded_to_bucket(batch, self.processor, self.bucket), self.device)
         step = getattr(self.head, "predict_step", None)
         with torch.no_grad():
             if callable(step):
@@ -280,7 +286,8 @@ class Pipeline:
 
 def pipeline(task: str | None = None, model: Any = None, *, processor: Any = None,
              device: str | torch.device | None = None, batch_size: int = 8, top_k: int = 5,
-             progress: bool = False, **options: Any) -> Pipeline:
+             progress: bool = False, compile: bool | dict[str, Any] = False, pad_to_multiple_of: int | None = None,
+             **options: Any) -> Pipeline:
     """A :class:`Pipeline` for ``task`` (default: the model's own, from its head) on ``model``: a
     run directory, a ``final/`` checkpoint or a Hugging Face checkpoint directory (the processor
     comes with it); or a model object (from ``d2v.from_pretrained``, or a d2v ``TaskModel``)
@@ -301,7 +308,7 @@ def pipeline(task: str | None = None, model: Any = None, *, processor: Any = Non
     if processor is None:
         raise SpecError("d2v.pipeline: a model object needs its processor= (or pass the checkpoint's path as model=).")
     return Pipeline(model, processor, task=task, device=device, batch_size=batch_size, top_k=top_k,
-                    progress=progress, **options)
+                    progress=progress, compile=compile, pad_to_multiple_of=pad_to_multiple_of, **options)
 
 
 __all__ = ["LocatedModel", "Pipeline", "build_processor", "head_tasks", "load_model", "locate_model", "pipeline"]

@@ -54,6 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="where result files (segmentation masks) go; default: beside --out, else ./predictions")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch (batched by length; default 8)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model for fixed shapes (CUDA graphs on a GPU); batches are padded to a "
+                        "few bucket lengths so each compiles once (default backend: inductor)")
+    p.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+                   help="bucket length for --compile (audio: samples, default half a second; text: tokens, default 32)")
     p.add_argument("--allow-failures", action="store_true",
                    help="exit 0 when some inputs failed (they stay listed), as long as one got a result")
     p.add_argument("--top-k", type=int, default=5, help="candidates listed per result (labels, tokens, next "
@@ -189,8 +194,10 @@ def predict_command(args: argparse.Namespace) -> int:
         raise SpecError("d2v predict: give inputs (files, directories or globs), --text or --verify A B.")
     if args.verify and (args.inputs or args.text):
         raise SpecError("d2v predict: --verify scores pairs; give inputs or --verify, not both.")
+    compile_setting = {"backend": args.compile} if args.compile else False
     pipe = pipeline(args.task, model=args.model, device=args.device, batch_size=args.batch_size, top_k=args.top_k,
-                    progress=True, **_options(args))
+                    progress=True, compile=compile_setting, pad_to_multiple_of=args.pad_to_multiple_of,
+                    **_options(args))
     if args.verify and not pipe.is_pair_task:
         pair_tasks = tuple(getattr(pipe.head, "pair_tasks", ()) or ())
         if not pair_tasks or args.task is not None:
