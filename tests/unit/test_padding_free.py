@@ -19,20 +19,25 @@ ENCODERS = {
 }
 
 
-def _pair(name):
+#: on a GPU the packed attention is a nested jagged tensor through SDPA's variable-length kernels
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _pair(name, device):
     torch.manual_seed(0)
     padded = ENCODERS[name]().eval()
     packed = ENCODERS[name](padding_free=True).eval()
     packed.load_state_dict(padded.state_dict())
-    return padded, packed
+    return padded.to(device), packed.to(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(ENCODERS))
-def test_padding_free_equals_the_padded_path_at_real_positions(name):
-    padded, packed = _pair(name)
+def test_padding_free_equals_the_padded_path_at_real_positions(name, device):
+    padded, packed = _pair(name, device)
     lengths = torch.tensor([11, 7, 3])
-    padding = torch.arange(11)[None, :] >= lengths[:, None]
-    x = torch.randn(3, 11, 32)
+    padding = (torch.arange(11)[None, :] >= lengths[:, None]).to(device)
+    x = torch.randn(3, 11, 32).to(device)
     outputs = []
     for model in (padded, packed):
         inputs = x.clone().requires_grad_(True)
