@@ -25,14 +25,11 @@ from torch import Tensor
 
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
-from d2v.interop.fairseq_multi import MULTI_FIELDS
+from d2v.interop.fairseq_multi import MULTI_FIELDS, decoder_names
+from d2v.interop.fairseq_names import Rename, collect, collect_ema, prefixed, rebased, refuse_unaccounted
 from d2v_audio import fairseq_ctc, fairseq_v1, fairseq_v2
-from d2v_audio.fairseq_names import Rename, collect, prefixed, rebased, refuse_unaccounted
 
-
-def _ema_collect(table: list[Rename], ema: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], set[str]]:
-    state, used = collect(table, ema, f"{where} (its EMA teacher, model['_ema'])")
-    return state, {f"_ema.{name}" for name in used}
+EMA = "(its EMA teacher, model['_ema'])"
 
 
 # --------------------------------------------------------------------------- data2vec 1.0
@@ -86,7 +83,7 @@ class Data2VecAudioImporter:
             source = {r.ours: student[_student_name(r.ours, scope)] for r in teacher_table}
             used: set[str] = set()
         else:
-            source, used = _ema_collect(teacher_table, ckpt.ema, f"fairseq checkpoint '{ckpt.path}'")
+            source, used = collect_ema(teacher_table, ckpt.ema, f"fairseq checkpoint '{ckpt.path}' {EMA}")
         if scope == "encoder":  # the mask embedding belongs to the model in fairseq; the teacher never uses it
             source["teacher.model.mask_embedding"] = student["encoder.mask_embedding"].clone()
         return source, used
@@ -131,10 +128,12 @@ class Data2VecMultiAudioImporter:
         if objective is None:
             notes.append(f"imported the backbone only (no data2vec2 objective): {reason}")
         else:
-            decoder_state, decoder_used = collect(fairseq_v2.decoder_names(arch), ckpt.model, str(ckpt.path))
+            decoder = decoder_names(f"{fairseq_v2.AUDIO}decoder", objective["decoder_layers"],
+                                    objective["decoder_projection_layers"])
+            decoder_state, decoder_used = collect(decoder, ckpt.model, str(ckpt.path))
             encoder_only = bool(objective["copy_keys"])  # ema_encoder_only: the teacher copies the rest
             from_ema, from_student = fairseq_v2.teacher_names(table, encoder_only)
-            teacher_state, teacher_used = _ema_collect(from_ema, ckpt.ema, f"fairseq checkpoint '{ckpt.path}'")
+            teacher_state, teacher_used = collect_ema(from_ema, ckpt.ema, f"fairseq checkpoint '{ckpt.path}' {EMA}")
             teacher_state.update({r.ours: state[r.theirs].clone() for r in from_student})
             teacher_state["teacher.model.mask_embedding"] = state["encoder.mask_embedding"].clone()
             state.update(decoder_state)

@@ -23,10 +23,16 @@ convs, kernel ``max(3, conv_pos // pos_conv_depth)``) and post-LN layers exist i
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
+from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader
-from d2v_audio.fairseq_names import Rename, activation, conv_layers, linear, unsupported
+from d2v.interop.fairseq_names import Rename, linear
+
+#: fairseq activation names (``fairseq.utils.get_activation_fn``) -> d2v's
+ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "relu": "relu",
+               "swish": "silu", "tanh": "tanh"}
 
 #: ``Wav2Vec2Config`` fields (fairseq/models/wav2vec/wav2vec2.py)
 WAV2VEC2_FIELDS = (
@@ -56,6 +62,50 @@ BACKBONE_PREFIXES = ("feature_extractor.", "layer_norm.", "post_extract_proj.", 
 SHAPE_SETTINGS = "conv_feature_layers, conv_bias, encoder_layers, pos_conv_depth"
 DEFAULT_CONV = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
 LAYER_NORM_EPS = 1e-5  # fairseq's LayerNorm / Fp32LayerNorm default
+
+
+# --------------------------------------------------------------------------- config values (1.0 and 2.0)
+
+
+def conv_layers(spec: str, where: str) -> list[tuple[int, int, int]]:
+    """fairseq's conv stack string, e.g. ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"``, read without
+    ``eval``: only list/tuple literals of integers, ``+`` and ``*`` are accepted."""
+
+    def value(node: ast.AST):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [value(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError(ast.dump(node))
+
+    try:
+        layers = value(ast.parse(str(spec), mode="eval").body)
+        layers = [tuple(int(v) for v in layer) for layer in layers]
+        if not layers or any(len(layer) != 3 for layer in layers):
+            raise ValueError("not a list of (dim, kernel, stride)")
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise SpecError(f"{where} = {spec!r} is not a list of (dim, kernel, stride) triples ({err}).") from None
+    return layers
+
+
+def activation(name: str, where: str) -> str:
+    try:
+        return ACTIVATIONS[str(name)]
+    except KeyError:
+        raise SpecError(f"{where} = {name!r}: d2v knows the fairseq activations {', '.join(ACTIVATIONS)}.") from None
+
+
+def unsupported(where: str, problems: list[str]) -> None:
+    """A SpecError listing the architecture features d2v does not implement."""
+    if problems:
+        raise SpecError(f"{where} uses features d2v's audio components do not implement: " + "; ".join(problems) + ".")
+
+
+# --------------------------------------------------------------------------- the 1.0 backbone
 
 
 def backbone_spec(m: ConfigReader) -> dict[str, Any]:

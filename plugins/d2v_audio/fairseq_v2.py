@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from d2v.interop.fairseq import ConfigReader
-from d2v.interop.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, UnsupportedObjective, objective
-from d2v_audio.fairseq_names import Rename, chunk, conv_layers, linear, reshaped, unsupported
+from d2v.interop.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, UnsupportedObjective, encoder_blocks, objective
+from d2v.interop.fairseq_names import Rename, linear, reshaped
+from d2v_audio.fairseq_v1 import conv_layers, unsupported
 
 AUDIO = "modality_encoders.AUDIO."
 
@@ -44,6 +45,9 @@ AUDIO_FIELDS = MODALITY_FIELDS + (
 #: where the backbone's weights live (the decoder is the objective's), and the settings that say how many there are
 BACKBONE_PREFIXES = tuple(AUDIO + part for part in ("local_encoder.", "project_features.", "relative_positional_encoder.",
                                                     "context_encoder.", "alibi_scale")) + ("blocks.",)
+#: the ``audio.transformer`` module of each ``AltBlock`` part (the fused qkv split in three)
+BLOCK = {"norm1": "attention_norm", "attn.qkv": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+         "attn.proj": "attention.out_proj", "norm2": "ffn_norm", "mlp.fc1": "ffn.fc1", "mlp.fc2": "ffn.fc2"}
 SHAPE_SETTINGS = ("depth, modalities.audio.feature_encoder_spec, prenet_depth, conv_pos_depth, use_alibi_encoder, "
                   "layer_norm_first")
 DEFAULT_CONV = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
@@ -208,16 +212,6 @@ def backbone_spec(arch: AudioArch) -> dict[str, Any]:
     }
 
 
-def _block(ours: str, theirs: str) -> list[Rename]:
-    table = linear(f"{ours}.attention_norm", f"{theirs}.norm1")
-    for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-        table += [Rename(f"{ours}.attention.{proj}.{n}", f"{theirs}.attn.qkv.{n}", chunk(part, 3))
-                  for n in ("weight", "bias")]
-    table += linear(f"{ours}.attention.out_proj", f"{theirs}.attn.proj")
-    table += linear(f"{ours}.ffn.fc1", f"{theirs}.mlp.fc1")
-    table += linear(f"{ours}.ffn.fc2", f"{theirs}.mlp.fc2")
-    table += linear(f"{ours}.ffn_norm", f"{theirs}.norm2")
-    return table
 
 
 def backbone_names(arch: AudioArch) -> list[Rename]:
@@ -231,10 +225,7 @@ def backbone_names(arch: AudioArch) -> list[Rename]:
     for j in range(arch.pos_depth):
         table += linear(f"encoder.pos_conv.layers.{j}.conv", f"{AUDIO}relative_positional_encoder.{j + 1}.0")
     table += linear("encoder.layer_norm", f"{AUDIO}context_encoder.norm")
-    for i in range(arch.prenet):
-        table += _block(f"encoder.layers.{i}", f"{AUDIO}context_encoder.blocks.{i}")
-    for i in range(arch.depth):
-        table += _block(f"encoder.layers.{arch.prenet + i}", f"blocks.{i}")
+    table += encoder_blocks(AUDIO, arch.prenet, arch.depth, BLOCK)
     if arch.alibi:
         rows = arch.layers if arch.alibi_per_layer else 1
         cols = arch.heads if arch.alibi_per_head else 1
@@ -261,20 +252,6 @@ def mask_embedding(arch: AudioArch) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the 2.0 objective
-
-
-def decoder_names(arch: AudioArch) -> list[Rename]:
-    d = arch.decoder
-    table: list[Rename] = []
-    for i in range(int(d.get("decoder_layers", 5))):
-        table += linear(f"decoder.blocks.{i}.conv", f"{AUDIO}decoder.blocks.{i}.0")
-    layers = int(d.get("projection_layers", 1))
-    if layers == 1:
-        table += linear("decoder.proj", f"{AUDIO}decoder.proj")
-    else:  # Linear, GELU, ..., Linear: the Linear layers sit at even indices in both
-        for k in range(0, 2 * layers, 2):
-            table += linear(f"decoder.proj.{k}", f"{AUDIO}decoder.proj.{k}")
-    return table
 
 
 def objective_spec(m: ConfigReader, arch: AudioArch, max_update: int = 0) -> tuple[dict[str, Any] | None, str | None]:

@@ -34,6 +34,7 @@ from torch import Tensor
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport, read_fairseq_checkpoint
 from d2v.interop.fairseq_multi import MULTI_FIELDS
+from d2v.interop.fairseq_names import collect, collect_ema, prefixed
 from d2v_text import fairseq_v1 as v1
 from d2v_text import fairseq_v2 as v2
 
@@ -113,13 +114,10 @@ class Data2VecTextImporter:
         model = ConfigReader(ckpt.model_cfg, "cfg.model",
                              known=v1.ROBERTA_FIELDS if roberta else v1.DATA2VEC_TEXT_FIELDS, notes=notes)
         arch = v1.TextV1Arch(model, roberta)
-        weights = v1.legacy_renamed(ckpt.model)
-        renamed = {new: old for new, old in zip(weights, ckpt.model)}
+        weights = ckpt.model
         spec = arch.backbone_spec(weights)
-        pairs = v1.backbone_names(arch)
-        state = v1.collect(weights, pairs, str(ckpt.path))
-        consumed = {renamed[theirs] for _, theirs in pairs}
-        consumed |= {k for k in ckpt.model if k == v1.P + "version"}
+        state, consumed = collect(v1.backbone_names(arch, weights), weights, str(ckpt.path), v1.WHAT)
+        consumed |= {k for k in weights if k == v1.P + "version"}
         vocab = spec["feature_extractor"]["vocab_size"]
         check_dictionary(options, vocab, notes)
 
@@ -131,12 +129,12 @@ class Data2VecTextImporter:
             state.update(head_state)
             consumed |= used
             task = "finetune"
-            lm_head = {k for k in ckpt.model if k.startswith("encoder.lm_head.")}
+            lm_head = {k for k in weights if k.startswith("encoder.lm_head.")}
             if lm_head:  # RoBERTa fine-tuning keeps the pretraining LM head beside the classifier
                 consumed |= lm_head
                 notes.append("encoder.lm_head.* (the pretraining LM head a RoBERTa fine-tuning keeps) is left out: "
                              "the model is the classifier")
-            leftovers = {k for k in ckpt.model if k.startswith("encoder.regression_head.")} | {
+            leftovers = {k for k in weights if k.startswith("encoder.regression_head.")} | {
                 f"_ema.{k}" for k in ckpt.ema}
             if leftovers:  # data2vec_text fine-tuned as itself keeps (and updates) its pretraining parts
                 consumed |= leftovers
@@ -152,10 +150,10 @@ class Data2VecTextImporter:
             notes.append(f"encoder.lm_head (RobertaLMHead) -> masked_lm head ({'tied to' if tied else 'untied from'} "
                          f"the word embeddings)")
         if task == "pretrain" and not roberta:
-            objective, used = self.objective(ckpt, model, arch, weights, state, notes)
+            objective, used = self.objective(ckpt, model, arch, state, notes)
             if objective is not None:
                 spec["objective"] = objective
-                consumed |= {renamed[name] for name in used if name in renamed} | {n for n in used if n.startswith("_ema.")}
+                consumed |= used
         notes.append("fairseq zeroes the embeddings of padding tokens before the first layer; outputs at real tokens "
                      "are the same, outputs at padding positions are not used")
         notes += arch.notes()
@@ -164,29 +162,30 @@ class Data2VecTextImporter:
         return FairseqImport(spec=spec, task=task, state_dict=state, consumed=consumed, notes=notes)
 
     @staticmethod
-    def objective(ckpt: FairseqCheckpoint, model: ConfigReader, arch: v1.TextV1Arch, weights: dict[str, Tensor],
-                  state: dict[str, Tensor], notes: list[str]) -> tuple[dict[str, Any] | None, set[str]]:
+    def objective(ckpt: FairseqCheckpoint, model: ConfigReader, arch: v1.TextV1Arch, state: dict[str, Tensor],
+                  notes: list[str]) -> tuple[dict[str, Any] | None, set[str]]:
         """data2vec 1.0's pretraining parts: the regression head and the EMA teacher (``encoder._ema``),
         added to ``state``; the objective spec (``None`` with a note when d2v has no equivalent) and
         the fairseq names used."""
-        head = v1.regression_head_names(weights)
+        head = v1.regression_head_names(ckpt.model)
         if head is None:
             return None, set()
         objective, reason = v1.objective_spec(model, v1.head_layers(head), ckpt.max_update)
         if objective is None:
             notes.append(f"imported the backbone only (no data2vec objective): {reason}")
             return None, set()
-        used = {theirs for _, theirs in head}
-        state.update({ours: weights[theirs].float() for ours, theirs in head})
-        pairs = v1.teacher_names(arch)
+        head_state, used = collect(head, ckpt.model, str(ckpt.path))
+        state.update(head_state)
+        teacher = v1.teacher_names(arch, ckpt.ema)
         if ckpt.ema:
-            ema = v1.legacy_renamed(ckpt.ema)
-            state.update(v1.collect(ema, pairs, f"{ckpt.path} (its EMA teacher, model['encoder._ema'])"))
+            teacher_state, _ = collect_ema(teacher, ckpt.ema, f"{ckpt.path} (its EMA teacher, model['encoder._ema'])",
+                                           v1.WHAT)
+            state.update(teacher_state)
             used |= {f"_ema.{k}" for k in ckpt.ema}  # the teacher's tensors and its version buffer
         else:
             notes.append("the checkpoint holds no EMA teacher (encoder._ema); the teacher starts as a copy of the "
                          "student, as fairseq's make_ema_teacher does")
-            state.update({ours: state[ours[len("teacher.model."):]].clone() for ours, _ in pairs})
+            state.update({r.ours: state[r.ours[len("teacher.model."):]].clone() for r in teacher})
         state["num_updates"] = torch.zeros((), dtype=torch.long)
         task = ckpt.cfg.get("task") or {}
         notes.append(f"the data2vec objective regresses the positions the processor masks: set data.processor.masking "
@@ -231,8 +230,8 @@ class Data2VecMultiTextImporter:
         v2.check_shape(ckpt.model, arch, where, "cfg.model")
         spec = arch.backbone(ckpt.model)
         spec["objective"] = v2.objective_spec(arch, ckpt.max_update)
-        student, consumed = v2.backbone_tensors(ckpt.model, arch, where)
-        decoder, used = v2.decoder_tensors(ckpt.model, arch, where)
+        student, consumed = collect(v2.backbone_names(arch), ckpt.model, where, v2.WHAT)
+        decoder, used = v2.decoder_tensors(ckpt.model, spec["objective"], where)
         teacher, ema_used = v2.teacher_tensors(ckpt.ema, arch, student, where, notes)
         state = {**student, **decoder, **teacher, "num_updates": v2.zero_step()}
         consumed |= used | ema_used
@@ -265,8 +264,8 @@ class Data2VecTextClassificationImporter:
         arch = v2.TextV2Arch(inner)
         v2.check_shape(local, arch, str(ckpt.path), inner.where)
         spec = arch.backbone(local)
-        state, used = v2.backbone_tensors(local, arch, str(ckpt.path), shown_prefix="model.")
-        consumed = {"model." + n for n in used}
+        state, consumed = collect(prefixed(v2.backbone_names(arch), theirs="model."), ckpt.model, str(ckpt.path),
+                                  v2.WHAT)
         head, head_state, head_used = classification_head(
             ckpt.model, "classification_heads.", arch.dim, str(top.get("pooler_activation_fn", "tanh")),
             float(top.get("pooler_dropout", 0.0)), options, notes)

@@ -29,9 +29,12 @@ from torch import Tensor
 
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader
+from d2v.interop.fairseq_names import Rename, linear, prefixed
 
 P = "encoder.sentence_encoder."
 LAYER_NORM_EPS = 1e-5  # fairseq's LayerNorm default
+#: what the text importers' missing tensors are, in their errors
+WHAT = "tensors of the text encoder its config describes"
 
 #: ``Data2VecTextConfig`` fields (examples/data2vec/models/data2vec_text.py)
 DATA2VEC_TEXT_FIELDS = (
@@ -169,30 +172,26 @@ def shapes(weights: dict[str, Tensor], dim: int, prefix: str = P, tokens: str = 
     return int(vocab), int(weights[prefix + positions].shape[0])
 
 
-def backbone_names(arch: TextV1Arch, prefix: str = P) -> list[tuple[str, str]]:
-    """(d2v name, fairseq name) for every backbone tensor."""
-    pairs = [("feature_extractor.word_embeddings.weight", prefix + "embed_tokens.weight"),
-             ("feature_extractor.position_embeddings.weight", prefix + "embed_positions.weight")]
-    pairs += [(f"feature_extractor.layer_norm.{k}", f"{prefix}layernorm_embedding.{k}") for k in ("weight", "bias")]
+def embedding_names(prefix: str, norm: str = "layernorm_embedding") -> list[Rename]:
+    """The token and position tables and their LayerNorm (``norm``) under ``prefix`` (1.0 and 2.0)."""
+    return [Rename("feature_extractor.word_embeddings.weight", prefix + "embed_tokens.weight"),
+            Rename("feature_extractor.position_embeddings.weight", prefix + "embed_positions.weight"),
+            *linear("feature_extractor.layer_norm", prefix + norm)]
+
+
+def embedding_norm(weights: dict[str, Tensor], prefix: str) -> str:
+    """The embeddings' LayerNorm as the file names it: ``emb_layer_norm`` in older checkpoints
+    (fairseq renames it to ``layernorm_embedding`` on load)."""
+    return "emb_layer_norm" if f"{prefix}emb_layer_norm.weight" in weights else "layernorm_embedding"
+
+
+def backbone_names(arch: TextV1Arch, weights: dict[str, Tensor], prefix: str = P) -> list[Rename]:
+    """Every backbone tensor of the encoder ``arch`` describes (the LayerNorm named as in ``weights``)."""
+    table = embedding_names(prefix, embedding_norm(weights, prefix))
     for i in range(arch.layers):
         for theirs, ours in LAYER_NAMES:
-            pairs += [(f"encoder.layers.{i}.{ours}.{k}", f"{prefix}layers.{i}.{theirs}.{k}") for k in ("weight", "bias")]
-    return pairs
-
-
-def legacy_renamed(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """fairseq's own upgrade: ``emb_layer_norm`` -> ``layernorm_embedding`` (older checkpoints)."""
-    return {k.replace(".emb_layer_norm.", ".layernorm_embedding."): v for k, v in weights.items()}
-
-
-def collect(weights: dict[str, Tensor], pairs: list[tuple[str, str]], where: str) -> dict[str, Tensor]:
-    """``{d2v name: tensor}``; a SpecError names every fairseq tensor that is missing."""
-    missing = [theirs for _, theirs in pairs if theirs not in weights]
-    if missing:
-        raise SpecError(f"{where}: the checkpoint lacks {len(missing)} tensors of the text encoder its config "
-                        f"describes: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}. Is the file "
-                        f"complete (download it again), and does its cfg.model match its weights?")
-    return {ours: weights[theirs].float() for ours, theirs in pairs}
+            table += linear(f"encoder.layers.{i}.{ours}", f"{prefix}layers.{i}.{theirs}")
+    return table
 
 
 # --------------------------------------------------------------------------- the 1.0 objective
@@ -236,26 +235,26 @@ def objective_spec(model: ConfigReader, head_layers: int, max_update: int) -> tu
     }, None
 
 
-def regression_head_names(weights: dict[str, Tensor]) -> list[tuple[str, str]] | None:
-    """(d2v name, fairseq name) of the regression head: ``encoder.regression_head.{i}`` (old files:
-    ``encoder.lm_head.{i}``, which fairseq renames on load); ``None`` when the file has none.
-    One layer is d2v's plain ``Linear``, more keep the Sequential's indices."""
+def regression_head_names(weights: dict[str, Tensor]) -> list[Rename] | None:
+    """The regression head: ``encoder.regression_head.{i}`` (old files: ``encoder.lm_head.{i}``,
+    which fairseq renames on load); ``None`` when the file has none. One layer is d2v's plain
+    ``Linear``, more keep the Sequential's indices."""
     for prefix in ("encoder.regression_head.", "encoder.lm_head."):
         indices = sorted({int(k[len(prefix):].split(".")[0]) for k in weights
                           if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()})
         if indices:
             if indices == [0]:
-                return [(f"regression_head.{k}", f"{prefix}0.{k}") for k in ("weight", "bias")]
-            return [(f"regression_head.{i}.{k}", f"{prefix}{i}.{k}") for i in indices for k in ("weight", "bias")]
+                return linear("regression_head", f"{prefix}0")
+            return [r for i in indices for r in linear(f"regression_head.{i}", f"{prefix}{i}")]
     return None
 
 
-def head_layers(pairs: list[tuple[str, str]]) -> int:
+def head_layers(table: list[Rename]) -> int:
     """How many Linear layers the stored head has (fairseq: Linear, GELU, Linear, ...)."""
-    return len(pairs) // 2
+    return len(table) // 2
 
 
-def teacher_names(arch: TextV1Arch) -> list[tuple[str, str]]:
-    """(d2v teacher name, name in ``encoder._ema``): the EMA copy of ``sentence_encoder``, whose
+def teacher_names(arch: TextV1Arch, ema: dict[str, Tensor]) -> list[Rename]:
+    """``teacher.model.*`` from ``encoder._ema``: the EMA copy of ``sentence_encoder``, whose
     names :func:`d2v.interop.fairseq.read_fairseq_checkpoint` prefixes with ``encoder.``."""
-    return [(f"teacher.model.{ours}", theirs) for ours, theirs in backbone_names(arch, prefix="encoder.")]
+    return prefixed(backbone_names(arch, ema, prefix="encoder."), ours="teacher.model.")

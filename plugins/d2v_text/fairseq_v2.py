@@ -29,8 +29,10 @@ from torch import Tensor
 
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader
-from d2v.interop.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, objective
-from d2v_text.fairseq_v1 import LAYER_NORM_EPS, shapes
+from d2v.interop.fairseq_multi import (DECODER_FIELDS, MODALITY_FIELDS, decoder_names, encoder_blocks,
+                                       ema_holds_blocks_only, objective)
+from d2v.interop.fairseq_names import Rename, collect, collect_ema, rebased
+from d2v_text.fairseq_v1 import LAYER_NORM_EPS, embedding_names, shapes
 
 M = "modality_encoders.TEXT."
 LOCAL = M + "local_encoder."
@@ -40,9 +42,12 @@ TEXT_FIELDS = MODALITY_FIELDS + (
     "max_source_positions", "learned_pos", "dropout", "no_scale_embedding", "layernorm_embedding",
     "no_token_positional_embeddings",
 )
-BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-SIMPLE = {"norm1": "attention_norm", "attn.proj": "self_attention.out_proj", "norm2": "ffn_norm",
-          "mlp.fc1": "ffn.fc1", "mlp.fc2": "ffn.fc2"}
+#: the ``text.transformer`` module of each ``AltBlock`` part (the fused qkv split in three)
+BLOCK = {"norm1": "attention_norm",
+         "attn.qkv": ("self_attention.q_proj", "self_attention.k_proj", "self_attention.v_proj"),
+         "attn.proj": "self_attention.out_proj", "norm2": "ffn_norm", "mlp.fc1": "ffn.fc1", "mlp.fc2": "ffn.fc2"}
+#: what the 2.0 text importers' missing tensors are, in their errors
+WHAT = "tensors of the data2vec 2.0 text model"
 
 
 class TextV2Arch:
@@ -129,83 +134,20 @@ def check_shape(weights: dict[str, Tensor], arch: TextV2Arch, where: str, config
                         f"to another model (for a classifier: pass the pretraining checkpoint it was fine-tuned from).")
 
 
-def block_tensors(weights: dict[str, Tensor], theirs: str, ours: str, dim: int) -> tuple[dict[str, Tensor], list[str]]:
-    """One AltBlock (``theirs`` = its fairseq prefix) as a ``text.transformer`` layer (``ours``):
-    the d2v tensors and the fairseq names used. The fused ``qkv`` rows are q, k, v in that order
-    (fairseq reshapes them to ``(3, heads, head_dim)``)."""
-    out: dict[str, Tensor] = {}
-    used: list[str] = []
-    for part in BLOCK_PARTS:
-        for kind in ("weight", "bias"):
-            name = f"{theirs}{part}.{kind}"
-            value = weights[name].float()
-            used.append(name)
-            if part == "attn.qkv":
-                for index, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                    out[f"{ours}self_attention.{proj}.{kind}"] = value[index * dim:(index + 1) * dim].clone()
-            else:
-                out[f"{ours}{SIMPLE[part]}.{kind}"] = value
-    return out, used
+def backbone_names(arch: TextV2Arch) -> list[Rename]:
+    """Every backbone tensor (no decoder), fairseq names relative to the ``data2vec_multi`` model."""
+    return embedding_names(LOCAL) + encoder_blocks(M, 0, arch.depth, BLOCK)  # no prenet (checked above)
 
 
-def required_names(depth: int, block_prefix: str = "blocks.", prefix: str = "") -> list[str]:
-    """Every fairseq name of the backbone (no decoder)."""
-    names = [prefix + LOCAL + n for n in ("embed_tokens.weight", "embed_positions.weight",
-                                          "layernorm_embedding.weight", "layernorm_embedding.bias")]
-    for i in range(depth):
-        names += [f"{prefix}{block_prefix}{i}.{p}.{k}" for p in BLOCK_PARTS for k in ("weight", "bias")]
-    return names
-
-
-def check_complete(weights: dict[str, Tensor], names: list[str], where: str, shown_prefix: str = "") -> None:
-    missing = [shown_prefix + n for n in names if n not in weights]
-    if missing:
-        raise SpecError(f"{where}: the checkpoint lacks {len(missing)} tensors of the data2vec 2.0 text model: "
-                        f"{', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}. Is the file complete "
-                        f"(download it again), and does its cfg.model match its weights?")
-
-
-def backbone_tensors(weights: dict[str, Tensor], arch: TextV2Arch, where: str,
-                     prefix: str = "", shown_prefix: str = "") -> tuple[dict[str, Tensor], set[str]]:
-    """The backbone under d2v names from fairseq-named ``weights`` (names under ``prefix``;
-    errors show them under ``shown_prefix``, e.g. ``model.`` when the caller stripped it)."""
-    check_complete(weights, required_names(arch.depth, prefix=prefix), where, shown_prefix)
-    state = {
-        "feature_extractor.word_embeddings.weight": weights[prefix + LOCAL + "embed_tokens.weight"].float(),
-        "feature_extractor.position_embeddings.weight": weights[prefix + LOCAL + "embed_positions.weight"].float(),
-        "feature_extractor.layer_norm.weight": weights[prefix + LOCAL + "layernorm_embedding.weight"].float(),
-        "feature_extractor.layer_norm.bias": weights[prefix + LOCAL + "layernorm_embedding.bias"].float(),
-    }
-    used = {prefix + LOCAL + n for n in ("embed_tokens.weight", "embed_positions.weight",
-                                         "layernorm_embedding.weight", "layernorm_embedding.bias")}
-    for i in range(arch.depth):
-        tensors, names = block_tensors(weights, f"{prefix}blocks.{i}.", f"encoder.layers.{i}.", arch.dim)
-        state.update(tensors)
-        used.update(names)
-    return state, used
-
-
-def decoder_tensors(weights: dict[str, Tensor], arch: TextV2Arch, where: str) -> tuple[dict[str, Tensor], set[str]]:
-    """``Decoder1d``: ``M.decoder.blocks.{i}.0`` -> ``decoder.blocks.{i}.conv``, ``M.decoder.proj*`` as is."""
+def decoder_tensors(weights: dict[str, Tensor], objective: dict[str, Any],
+                    where: str) -> tuple[dict[str, Tensor], set[str]]:
+    """``Decoder1d`` (``M.decoder.*``) as the ``objective`` node describes it."""
     prefix = M + "decoder."
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for name, value in weights.items():
-        if not name.startswith(prefix):
-            continue
-        rest = name[len(prefix):]
-        parts = rest.split(".")
-        if rest.startswith("proj."):
-            state["decoder." + rest] = value.float()
-        elif len(parts) == 4 and parts[0] == "blocks" and parts[2] == "0":
-            state[f"decoder.blocks.{parts[1]}.conv.{parts[3]}"] = value.float()
-        else:
-            continue
-        used.add(name)
-    if not state:
+    if not any(name.startswith(prefix) for name in weights):
         raise SpecError(f"{where}: no decoder tensors ({prefix}*) -- not a data2vec 2.0 text pretraining checkpoint "
                         f"with its Decoder1d (fine-tuned files drop it; they import as data2vec_text_classification).")
-    return state, used
+    table = decoder_names(M + "decoder", objective["decoder_layers"], objective["decoder_projection_layers"])
+    return collect(table, weights, where, WHAT)
 
 
 def objective_spec(arch: TextV2Arch, max_update: int) -> dict[str, Any]:
@@ -226,16 +168,10 @@ def teacher_tensors(ema: dict[str, Tensor], arch: TextV2Arch, student: dict[str,
         notes.append("the checkpoint has no _ema (EMA teacher): the teacher starts as a copy of the student")
         return {f"teacher.model.{k[len('encoder.'):]}": v.clone() for k, v in student.items()
                 if k.startswith("encoder.")}, set()
-    block_prefix = "" if all(k.split(".", 1)[0].isdigit() for k in ema) else "blocks."
-    names = [f"{block_prefix}{i}.{p}.{k}" for i in range(arch.depth) for p in BLOCK_PARTS for k in ("weight", "bias")]
-    check_complete(ema, names, f"{where} (_ema)", shown_prefix="_ema.")
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for i in range(arch.depth):
-        tensors, fs_names = block_tensors(ema, f"{block_prefix}{i}.", f"teacher.model.layers.{i}.", arch.dim)
-        state.update(tensors)
-        used.update("_ema." + n for n in fs_names)
-    if block_prefix and arch.text.get("ema_local_encoder", False):
+    blocks_only = ema_holds_blocks_only(ema)
+    table = rebased(backbone_names(arch), "encoder.", "teacher.model.", "blocks.", "" if blocks_only else "blocks.")
+    state, used = collect_ema(table, ema, f"{where} (_ema)", WHAT)
+    if not blocks_only and arch.text.get("ema_local_encoder", False):
         notes.append("ema_local_encoder: fairseq's teacher has its own embeddings (_ema.modality_encoders.TEXT.*); "
                      "d2v's text teacher reuses the student's, so those are not imported")
     return state, used

@@ -36,7 +36,9 @@ from torch import Tensor
 
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader, FairseqCheckpoint, FairseqImport
-from d2v.interop.fairseq_multi import DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, objective
+from d2v.interop.fairseq_multi import (DECODER_FIELDS, MODALITY_FIELDS, MULTI_FIELDS, decoder_names, encoder_blocks,
+                                       ema_holds_blocks_only, objective)
+from d2v.interop.fairseq_names import Rename, collect, collect_ema, linear, prefixed, rebased
 
 M = "modality_encoders.IMAGE."
 POSITION_NAMES = ("fixed_positional_encoder.positions", "positional_encoder.positions", "positional_encoder.pos_embed")
@@ -54,7 +56,9 @@ CLASSIFIER_FIELDS = (
     "dropout_input", "layerdrop", "prenet_layerdrop", "prenet_dropout", "use_fc_norm", "prediction_mode",
     "no_decay_blocks",
 )
-BLOCK_NAMES = {"attn.qkv": "attention.qkv", "attn.proj": "attention.proj"}
+#: the ``vision.vit_transformer`` module of each ``AltBlock`` part (the fused qkv stays fused)
+BLOCK = {"norm1": "norm1", "attn.qkv": "attention.qkv", "attn.proj": "attention.proj", "norm2": "norm2",
+         "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
 
 # --------------------------------------------------------------------------- the architecture
@@ -129,98 +133,46 @@ class ImageConfig:
         return {"feature_extractor": extractor, "encoder": encoder}
 
 
-def rename(name: str, prenet: int, patch_dim_differs: bool) -> str | None:
-    """The d2v name (relative to the backbone) of a fairseq ``data2vec_multi`` tensor name, or
-    ``None`` when it is not part of the backbone."""
-    if name.startswith(M):
-        rest = name[len(M):]
-        if rest in POSITION_NAMES:
-            return "feature_extractor.positions"
-        if rest == "extra_tokens":
-            return "feature_extractor.extra_tokens"
-        if patch_dim_differs:
-            for old, new in (("local_encoder.0.proj.", "feature_extractor.projection."),
-                             ("local_encoder.1.", "feature_extractor.patch_projection.")):
-                if rest.startswith(old):
-                    return new + rest[len(old):]
-        elif rest.startswith("local_encoder.proj."):
-            return "feature_extractor.projection." + rest[len("local_encoder.proj."):]
-        if rest.startswith("context_encoder.norm."):
-            return "encoder.layer_norm." + rest[len("context_encoder.norm."):]
-        if rest.startswith("context_encoder.blocks."):
-            index, tail = rest[len("context_encoder.blocks."):].split(".", 1)
-            return f"encoder.layers.{int(index)}.{_block(tail)}"
-        return None
-    if name.startswith("blocks."):
-        index, tail = name[len("blocks."):].split(".", 1)
-        return f"encoder.layers.{prenet + int(index)}.{_block(tail)}"
-    if name.startswith("norm."):
-        return "encoder." + name
-    return None
+def position_name(weights: dict[str, Tensor], prefix: str = "") -> str:
+    """The positions' fairseq name in this file (older files: ``positional_encoder.*``)."""
+    return next((M + n for n in POSITION_NAMES if prefix + M + n in weights), M + POSITION_NAMES[0])
 
 
-def _block(tail: str) -> str:
-    for old, new in BLOCK_NAMES.items():
-        if tail.startswith(old + "."):
-            return new + tail[len(old):]
-    return tail
-
-
-def decoder_name(name: str) -> str | None:
-    """``modality_encoders.IMAGE.decoder.blocks.<i>.0.weight`` -> ``decoder.blocks.<i>.conv.weight``."""
-    prefix = M + "decoder."
-    if not name.startswith(prefix):
-        return None
-    rest = name[len(prefix):]
-    if rest.startswith("proj."):
-        return "decoder." + rest
-    parts = rest.split(".")
-    if len(parts) == 4 and parts[0] == "blocks" and parts[2] == "0":
-        return f"decoder.blocks.{parts[1]}.conv.{parts[3]}"
-    return None
-
-
-def map_backbone(weights: dict[str, Tensor], cfg: ImageConfig,
-                 prefix: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Backbone tensors of ``weights`` (fairseq names, ``prefix`` stripped) under d2v names, and
-    for each d2v name the fairseq name it came from (names fairseq drops, ``encoder_mask``, are
-    listed under ``dropped:<name>``)."""
-    out: dict[str, Tensor] = {}
-    source: dict[str, str] = {}
-    differs = cfg.patch_dim != cfg.dim
-    for name, value in weights.items():
-        if not name.startswith(prefix):
-            continue
-        local = name[len(prefix):]
-        if local.startswith(M) and local[len(M):] in DROPPED:
-            source[f"dropped:{name}"] = name
-            continue
-        target = rename(local, cfg.prenet, differs)
-        if target is not None:
-            out[target] = value.float()
-            source[target] = name
-    return out, source
-
-
-def required_names(cfg: ImageConfig) -> list[str]:
-    """Every fairseq tensor name of the image backbone ``cfg`` describes (no decoder)."""
+def backbone_names(cfg: ImageConfig, positions: str = M + POSITION_NAMES[0]) -> list[Rename]:
+    """Every backbone tensor of the image model ``cfg`` describes (no decoder), fairseq names
+    relative to the ``data2vec_multi`` model."""
     if cfg.patch_dim != cfg.dim:
-        names = [M + "local_encoder.0.proj.weight", M + "local_encoder.0.proj.bias",
-                 M + "local_encoder.1.weight", M + "local_encoder.1.bias"]
+        table = linear("feature_extractor.projection", M + "local_encoder.0.proj")
+        table += linear("feature_extractor.patch_projection", M + "local_encoder.1")
     else:
-        names = [M + "local_encoder.proj.weight", M + "local_encoder.proj.bias"]
-    names.append(M + "fixed_positional_encoder.positions")
+        table = linear("feature_extractor.projection", M + "local_encoder.proj")
+    table.append(Rename("feature_extractor.positions", positions))
     if cfg.extra:
-        names.append(M + "extra_tokens")
-    names += ["norm.weight", "norm.bias"] if cfg.layer_norm_first else \
-        [M + "context_encoder.norm.weight", M + "context_encoder.norm.bias"]
-    modules = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-    parts = [f"{m}.{k}" for m in modules for k in ("weight", "bias")]
-    for i in range(cfg.prenet):
-        names += [f"{M}context_encoder.blocks.{i}.{p}" for p in parts]
-    for i in range(cfg.depth):
-        names += [f"blocks.{i}.{p}" for p in parts]
-    return names
+        table.append(Rename("feature_extractor.extra_tokens", M + "extra_tokens"))
+    if cfg.layer_norm_first:
+        table += linear("encoder.norm", "norm")
+    else:
+        table += linear("encoder.layer_norm", M + "context_encoder.norm")
+    return table + encoder_blocks(M, cfg.prenet, cfg.depth, BLOCK)
+
+
+def described(cfg: ImageConfig) -> str:
+    """What a missing backbone tensor is, in the error."""
+    return f"tensors of the data2vec 2.0 image model (depth {cfg.depth}, prenet_depth {cfg.prenet})"
+
+
+def dropped(weights: dict[str, Tensor], prefix: str = "") -> set[str]:
+    """Tensors fairseq itself drops (``encoder_mask``), counted as used."""
+    return {prefix + M + n for n in DROPPED} & set(weights)
+
+
+def backbone_tensors(weights: dict[str, Tensor], cfg: ImageConfig, where: str,
+                     prefix: str = "") -> tuple[dict[str, Tensor], set[str]]:
+    """The backbone under d2v names from ``weights`` (fairseq names under ``prefix``, which the
+    error shows), and the fairseq names used."""
+    table = prefixed(backbone_names(cfg, position_name(weights, prefix)), theirs=prefix)
+    state, used = collect(table, weights, where, described(cfg))
+    return state, used | dropped(weights, prefix)
 
 
 def expected_shapes(cfg: ImageConfig) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, tuple]]:
@@ -286,17 +238,6 @@ def check_decoder_fits(weights: dict[str, Tensor], cfg: ImageConfig, where: str)
                         f"{len(present)} decoder blocks ({M}decoder.blocks.*): its config and its weights disagree.")
 
 
-def check_complete(state: dict[str, Tensor], cfg: ImageConfig, where: str, prefix: str = "") -> None:
-    """A :class:`SpecError` naming, by fairseq name, every backbone tensor ``state`` (d2v names) lacks."""
-    differs = cfg.patch_dim != cfg.dim
-    missing = [prefix + n for n in required_names(cfg) if rename(n, cfg.prenet, differs) not in state]
-    if missing:
-        raise SpecError(f"{where}: the checkpoint lacks {len(missing)} tensors of the data2vec 2.0 image model "
-                        f"(depth {cfg.depth}, prenet_depth {cfg.prenet}): {', '.join(missing[:12])}"
-                        f"{' ...' if len(missing) > 12 else ''}. Is the file complete (download it again), and does "
-                        f"its cfg.model match its weights?")
-
-
 # --------------------------------------------------------------------------- data2vec_multi (pretraining)
 
 
@@ -315,19 +256,16 @@ class Data2VecMultiImageImporter:
 
         check_config_fits(ckpt.model, cfg, str(ckpt.path))
         check_decoder_fits(ckpt.model, cfg, str(ckpt.path))
-        student, sources = map_backbone(ckpt.model, cfg)
-        check_complete(student, cfg, str(ckpt.path))
+        student, consumed = backbone_tensors(ckpt.model, cfg, str(ckpt.path))
         student["encoder.mask_embedding"] = torch.zeros(cfg.dim)
-        consumed = set(sources.values())
-        state = dict(student)
-        for name, value in ckpt.model.items():
-            target = decoder_name(name)
-            if target is not None:
-                state[target] = value.float()
-                consumed.add(name)
-        if not any(k.startswith("decoder.") for k in state):
+        if not any(k.startswith(M + "decoder.") for k in ckpt.model):
             raise SpecError(f"{ckpt.path}: no decoder tensors ({M}decoder.*) -- not a data2vec 2.0 pretraining "
                             f"checkpoint with a Decoder2d.")
+        settings = spec["objective"]
+        table = decoder_names(M + "decoder", settings["decoder_layers"], settings["decoder_projection_layers"])
+        decoder, used = collect(table, ckpt.model, str(ckpt.path), described(cfg))
+        state = {**student, **decoder}
+        consumed |= used
         teacher, used = self.teacher(ckpt, cfg, student, spec["objective"]["ema_scope"], notes)
         state.update(teacher)
         consumed |= used
@@ -365,31 +303,32 @@ class Data2VecMultiImageImporter:
     def teacher(ckpt: FairseqCheckpoint, cfg: ImageConfig, student: dict[str, Tensor], scope: str,
                 notes: list[str]) -> tuple[dict[str, Tensor], set[str]]:
         """The EMA teacher's state (``teacher.model.*``) from ``_ema``, and the names used."""
+        where, keep = f"{ckpt.path} (_ema)", "" if scope == "all" else "encoder."
         if not ckpt.ema:
             notes.append("the checkpoint has no _ema (EMA teacher): the teacher starts as a copy of the student")
-            source, sources = dict(student), {}
-        elif all(k.split(".", 1)[0].isdigit() for k in ckpt.ema):
+            source, used = dict(student), set()
+        elif ema_holds_blocks_only(ckpt.ema):
             # ema_encoder_only: fairseq averaged the shared blocks only (names "<j>.attn.qkv.weight")
             check_config_fits({f"_ema.blocks.{k}": v for k, v in ckpt.ema.items()}, cfg, str(ckpt.path), "_ema.")
-            mapped, block_sources = map_backbone({f"blocks.{k}": v for k, v in ckpt.ema.items()}, cfg)
+            table = rebased(backbone_names(cfg), "encoder.", "encoder.", "blocks.", "")
+            mapped, used = collect_ema(table, ckpt.ema, where, described(cfg))
             source = {**student, **mapped}
-            sources = {d: "_ema." + f.split(".", 1)[1] for d, f in block_sources.items()}
             notes.append("ema_encoder_only: the teacher's shared blocks are fairseq's _ema; its LayerNorm and prenet "
                          "blocks are copied from the student at every update (fairseq runs the student's there)")
         else:
             check_config_fits({f"_ema.{k}": v for k, v in ckpt.ema.items()}, cfg, str(ckpt.path), "_ema.")
-            mapped, ema_sources = map_backbone(ckpt.ema, cfg)
-            sources = {d: "_ema." + f for d, f in ema_sources.items()}
             # without ema_local_encoder fairseq's teacher has no patch embedding: it reuses the student's
             reuse = () if cfg.image.get("ema_local_encoder", False) else ("feature_extractor.projection.",
                                                                           "feature_extractor.patch_projection.")
+            table = [r for r in backbone_names(cfg, position_name(ckpt.ema))
+                     if not (reuse and r.ours.startswith(reuse) and r.theirs not in ckpt.ema)]
+            mapped, _ = collect_ema(table, ckpt.ema, where, described(cfg))
             local = {k: v for k, v in student.items() if reuse and k.startswith(reuse)}
             source = {**local, **mapped}
-            check_complete(source, cfg, f"{ckpt.path} (_ema)", prefix="_ema.")
+            used = {f"_ema.{r.theirs}" for r in table if r.ours.startswith(keep)}
+            used |= {f"_ema.{n}" for n in dropped(ckpt.ema)}
         source["encoder.mask_embedding"] = torch.zeros(cfg.dim)
-        keep = "" if scope == "all" else "encoder."
         state = {f"teacher.model.{k[len(keep):]}": v for k, v in source.items() if k.startswith(keep)}
-        used = {f for d, f in sources.items() if d.startswith(keep) or d.startswith("dropped:")}
         return state, used
 
     @staticmethod
@@ -454,10 +393,8 @@ class MaeImageClassificationImporter:
         spec["head"] = {"name": "image_classification", "num_labels": num_classes}
 
         check_config_fits(ckpt.model, cfg, str(ckpt.path), prefix="model.")
-        state, sources = map_backbone(ckpt.model, cfg, prefix="model.")
-        check_complete(state, cfg, str(ckpt.path), prefix="model.")
+        state, consumed = backbone_tensors(ckpt.model, cfg, str(ckpt.path), prefix="model.")
         state["encoder.mask_embedding"] = torch.zeros(cfg.dim)
-        consumed = set(sources.values())
         if use_fc_norm:
             for kind in ("weight", "bias"):
                 if f"fc_norm.{kind}" not in ckpt.model:

@@ -4,16 +4,20 @@ The 2.0 model of every modality shares one config layout (``Data2VecMultiConfig`
 ``D2vModalityConfig`` per modality and a ``D2vDecoderConfig``, fairseq
 ``examples/data2vec/models/data2vec2.py`` and ``modalities/{base,modules}.py``) and one objective.
 The modality plugins' importers build their backbones themselves and take from here the field
-names (what :class:`d2v.interop.fairseq.ConfigReader` treats as known) and the parts of the ``data2vec2``
-objective spec that do not depend on the modality: target, masking, decoder and EMA settings.
+names (what :class:`d2v.interop.fairseq.ConfigReader` treats as known), the parts of the ``data2vec2``
+objective spec that do not depend on the modality (target, masking, decoder and EMA settings) and
+the weight names every modality shares (the blocks, :func:`encoder_blocks`; the decoder,
+:func:`decoder_names`; the layout of the EMA teacher), as :mod:`d2v.interop.fairseq_names` tables.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from d2v.api.errors import SpecError
 from d2v.interop.fairseq import ConfigReader
+from d2v.interop.fairseq_names import Rename, fused_qkv, linear
 
 #: ``Data2VecMultiConfig`` fields
 MULTI_FIELDS = (
@@ -129,3 +133,58 @@ def objective(model: ConfigReader, modality: ConfigReader, decoder_config: Confi
             "encoder_zero_mask": bool(modality.get("encoder_zero_mask", True)),
             "cls_loss": float(model.get("cls_loss", 0.0)),
             **ema_and_guards(model, max_update), **modality_specific}
+
+
+# --------------------------------------------------------------------------- weight names
+
+
+#: the parts of fairseq's ``AltBlock`` (modalities/modules.py), the block of every 2.0 encoder: the
+#: modality's prenet (``modality_encoders.<M>.context_encoder.blocks.{i}``) and the shared ``blocks.{i}``
+ALT_BLOCK = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+#: d2v's module for each :data:`ALT_BLOCK` part (three modules for ``attn.qkv``: q, k, v apart)
+PartNames = dict[str, str | tuple[str, str, str]]
+
+
+def alt_block(ours: str, theirs: str, names: PartNames) -> list[Rename]:
+    """One ``AltBlock`` (fairseq prefix ``theirs``) as the d2v layer ``ours``: ``names`` gives
+    d2v's module of each :data:`ALT_BLOCK` part; three modules for ``attn.qkv`` split the fused
+    projection into q, k and v."""
+    table: list[Rename] = []
+    for part in ALT_BLOCK:
+        module = names[part]
+        if isinstance(module, tuple):
+            table += fused_qkv([f"{ours}.{m}" for m in module], f"{theirs}.{part}")
+        else:
+            table += linear(f"{ours}.{module}", f"{theirs}.{part}")
+    return table
+
+
+def encoder_blocks(modality: str, prenet: int, depth: int, names: PartNames) -> list[Rename]:
+    """``encoder.layers.*``: the ``prenet`` blocks of the modality encoder (fairseq prefix
+    ``modality``, ``modality_encoders.<M>.``), then the ``depth`` shared ``blocks`` (:func:`alt_block`)."""
+    table: list[Rename] = []
+    for i in range(prenet):
+        table += alt_block(f"encoder.layers.{i}", f"{modality}context_encoder.blocks.{i}", names)
+    for i in range(depth):
+        table += alt_block(f"encoder.layers.{prenet + i}", f"blocks.{i}", names)
+    return table
+
+
+def decoder_names(theirs: str, layers: int, projection_layers: int) -> list[Rename]:
+    """``Decoder1d`` / ``Decoder2d`` (fairseq prefix ``theirs``, ``modality_encoders.<M>.decoder``):
+    ``blocks.{i}.0`` (the conv) -> ``decoder.blocks.{i}.conv``; ``proj`` as is (with several
+    projection layers, Linear, GELU, ..., Linear: the Linear layers sit at even indices in both)."""
+    table: list[Rename] = []
+    for i in range(layers):
+        table += linear(f"decoder.blocks.{i}.conv", f"{theirs}.blocks.{i}.0")
+    if projection_layers == 1:
+        return table + linear("decoder.proj", f"{theirs}.proj")
+    for k in range(0, 2 * projection_layers, 2):
+        table += linear(f"decoder.proj.{k}", f"{theirs}.proj.{k}")
+    return table
+
+
+def ema_holds_blocks_only(ema: Iterable[str]) -> bool:
+    """Whether fairseq's ``_ema`` is the EMA of the shared ``blocks`` alone (``ema_encoder_only``,
+    the released setting), named ``{i}.<block tensor>``, rather than of the whole model."""
+    return all(name.split(".", 1)[0].isdigit() for name in ema)

@@ -1,26 +1,28 @@
-"""Shared tools of the fairseq speech importers: weight-name tables and config values.
+"""fairseq weight names -> d2v's: the name tables every fairseq importer declares, and their checked collection.
 
 A converter writes out, from the checkpoint's config, the complete list of weights the fairseq
 model has (:class:`Rename`: d2v name <- fairseq name, with an optional slice for fused tensors)
 and :func:`collect` pulls them from the checkpoint. Writing the list out (rather than matching
-whatever names the file holds) is what lets a missing weight be reported by its fairseq name,
-and lets every tensor the table does not mention be reported as not imported.
+whatever names the file holds) is what lets a missing weight be reported by its fairseq name
+(:func:`check_complete`), and lets every tensor the table does not mention be reported as not
+imported, or refused (:func:`refuse_unaccounted`).
 """
 
 from __future__ import annotations
 
-import ast
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from torch import Tensor
 
 from d2v.api.errors import SpecError
 
-#: fairseq activation names (``fairseq.utils.get_activation_fn``) -> d2v's
-ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "relu": "relu",
-               "swish": "silu", "tanh": "tanh"}
+__all__ = ["Rename", "ShapeMismatch", "check_complete", "chunk", "collect", "collect_ema", "fused_qkv", "linear",
+           "prefixed", "rebased", "refuse_unaccounted", "reshaped"]
+
+#: how a missing weight is described when the importer says nothing more specific
+MISSING = "weight(s) its config implies"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,13 @@ def linear(ours: str, theirs: str, bias: bool = True) -> list[Rename]:
     """A module's ``weight`` (and ``bias``) under both prefixes."""
     names = ("weight", "bias") if bias else ("weight",)
     return [Rename(f"{ours}.{n}", f"{theirs}.{n}") for n in names]
+
+
+def fused_qkv(ours: Sequence[str], theirs: str, bias: bool = True) -> list[Rename]:
+    """The query, key and value modules ``ours`` (three names) from one fused projection
+    ``theirs`` whose rows are q, k, v in that order."""
+    names = ("weight", "bias") if bias else ("weight",)
+    return [Rename(f"{module}.{n}", f"{theirs}.{n}", chunk(part, 3)) for part, module in enumerate(ours) for n in names]
 
 
 def prefixed(table: Iterable[Rename], ours: str = "", theirs: str = "") -> list[Rename]:
@@ -60,17 +69,28 @@ class ShapeMismatch(ValueError):
     """A ``take`` got a tensor of another size than the config implies (message: the shape it needs)."""
 
 
-def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], set[str]]:
-    """d2v state dict and the fairseq names used; a SpecError names every weight the table
-    expects and ``weights`` lacks."""
-    table = list(table)
-    missing = sorted({r.theirs for r in table if r.theirs not in weights})
+def _shown(names: list[str], limit: int = 12) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_complete(weights: Collection[str], names: Iterable[str], where: str, what: str = MISSING) -> None:
+    """A SpecError naming, in table order, every one of ``names`` (fairseq names) that
+    ``weights`` lacks; ``what`` says what they are (``tensors of the ... model``)."""
+    missing = [n for n in dict.fromkeys(names) if n not in weights]
     if missing:
-        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise SpecError(
-            f"{where}: the checkpoint lacks {len(missing)} weight(s) its config implies: {shown}. The file is "
-            f"incomplete, or its config does not describe its weights (compare cfg.model with the tensor names)."
+            f"{where}: the checkpoint lacks {len(missing)} {what}: {_shown(missing)}. The file is incomplete "
+            f"(download it again), or its config does not describe its weights (compare cfg.model with the tensor "
+            f"names)."
         )
+
+
+def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str,
+            what: str = MISSING) -> tuple[dict[str, Tensor], set[str]]:
+    """d2v state dict (float32 copies) and the fairseq names used; a SpecError names every
+    weight the table expects and ``weights`` lacks (:func:`check_complete`)."""
+    table = list(table)
+    check_complete(weights, (r.theirs for r in table), where, what)
     state = {}
     for r in table:
         tensor = weights[r.theirs]
@@ -87,18 +107,24 @@ def collect(table: Iterable[Rename], weights: dict[str, Tensor], where: str) -> 
     return state, {r.theirs for r in table}
 
 
+def collect_ema(table: Iterable[Rename], ema: dict[str, Tensor], where: str,
+                what: str = MISSING) -> tuple[dict[str, Tensor], set[str]]:
+    """:func:`collect` from fairseq's EMA teacher (``model["_ema"]``), whose tensors are named
+    ``_ema.<name>`` in the names used and in the error (as the import report names them)."""
+    return collect(prefixed(table, theirs="_ema."), {f"_ema.{k}": v for k, v in ema.items()}, where, what)
+
+
 def refuse_unaccounted(weights: dict[str, Tensor], used: set[str], prefixes: tuple[str, ...], where: str,
                        settings: str) -> None:
     """A SpecError naming the backbone tensors (names under ``prefixes``) that the table built
     from the config did not take: the config describes a smaller model than the file holds (fewer
-    layers or conv blocks, no ALiBi), which fairseq's strict ``load_state_dict`` refuses too."""
+    layers or blocks), which fairseq's strict ``load_state_dict`` refuses too."""
     extra = sorted(n for n in weights if n.startswith(prefixes) and n not in used)
     if extra:
-        shown = ", ".join(extra[:12]) + (f" and {len(extra) - 12} more" if len(extra) > 12 else "")
         raise SpecError(
-            f"{where}: the file holds {len(extra)} backbone tensor(s) its config does not account for: {shown}. "
-            f"The config ({settings}) describes a smaller model than the weights; correct it to match the file "
-            f"(or use the file the config belongs to)."
+            f"{where}: the file holds {len(extra)} backbone tensor(s) its config does not account for: "
+            f"{_shown(extra)}. The config ({settings}) describes a smaller model than the weights; correct it to "
+            f"match the file (or use the file the config belongs to)."
         )
 
 
@@ -120,44 +146,3 @@ def reshaped(*shape: int) -> Callable[[Tensor], Tensor]:
         return tensor.reshape(*shape)
 
     return take
-
-
-# --------------------------------------------------------------------------- config values
-
-
-def conv_layers(spec: str, where: str) -> list[tuple[int, int, int]]:
-    """fairseq's conv stack string, e.g. ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"``, read without
-    ``eval``: only list/tuple literals of integers, ``+`` and ``*`` are accepted."""
-
-    def value(node: ast.AST):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, (ast.List, ast.Tuple)):
-            items = [value(e) for e in node.elts]
-            return items if isinstance(node, ast.List) else tuple(items)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            left, right = value(node.left), value(node.right)
-            return left + right if isinstance(node.op, ast.Add) else left * right
-        raise ValueError(ast.dump(node))
-
-    try:
-        layers = value(ast.parse(str(spec), mode="eval").body)
-        layers = [tuple(int(v) for v in layer) for layer in layers]
-        if not layers or any(len(layer) != 3 for layer in layers):
-            raise ValueError("not a list of (dim, kernel, stride)")
-    except (SyntaxError, ValueError, TypeError) as err:
-        raise SpecError(f"{where} = {spec!r} is not a list of (dim, kernel, stride) triples ({err}).") from None
-    return layers
-
-
-def activation(name: str, where: str) -> str:
-    try:
-        return ACTIVATIONS[str(name)]
-    except KeyError:
-        raise SpecError(f"{where} = {name!r}: d2v knows the fairseq activations {', '.join(ACTIVATIONS)}.") from None
-
-
-def unsupported(where: str, problems: list[str]) -> None:
-    """A SpecError listing the architecture features d2v does not implement."""
-    if problems:
-        raise SpecError(f"{where} uses features d2v's audio components do not implement: " + "; ".join(problems) + ".")
