@@ -15,6 +15,7 @@ from d2v.cli.main import main
 from d2v.spec.config import load_spec
 from d2v.api.errors import SpecError, TrainingCollapse
 from d2v.train import loop as train_module
+from d2v.train import step as step_module
 from d2v.train.guards import PREEMPTED_EXIT_CODE, Preempted, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,16 +31,16 @@ def _train_steps(run_dir: Path) -> list[int]:
 
 def _signal_on_update(monkeypatch, number: int, signum: int = signal.SIGTERM) -> None:
     """Deliver ``signum`` to this process while the ``number``-th update is being applied."""
-    original = train_module.Run._apply_update
+    original = step_module.apply_update
     calls = {"n": 0}
 
-    def apply_update(self, *args, **kwargs):
+    def apply_update(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == number:
             signal.raise_signal(signum)
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module.Run, "_apply_update", apply_update)
+    monkeypatch.setattr(step_module, "apply_update", apply_update)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from d2v.spec.config import spec_from_dict
 from d2v.api.errors import SpecError
 from d2v.train import Run, run
 from d2v.train import loop as train_module
+from d2v.train import step as step_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,7 +122,7 @@ def test_the_ddp_probe_runs_on_the_device_the_model_trains_on(toy_plugin, tmp_pa
             return SimpleNamespace(loss=sum(p.sum() for p in params) * 0.0)
 
         runner.model.forward = forward
-        runner._set_find_unused_parameters(runner.datasets["train"], None)
+        step_module.set_find_unused_parameters(runner, runner.datasets["train"], None)
         assert seen == [{device}]  # one probe, everything on the accelerator's device
         assert runner.accelerator.ddp_handler.find_unused_parameters is True  # the bias got no gradient
         assert all(p.grad is None for p in runner.model.parameters())
@@ -201,7 +202,7 @@ def test_guarded_update_skips_non_finite_and_scaler_skipped_steps(norm, scaler, 
     pending.add(torch.tensor(2.0), {"target_std": torch.tensor(0.5)}, 3, lambda: "the batch of a")
     pending.add(torch.tensor(bad_loss if bad_loss is not None else 4.0), {"target_std": torch.tensor(0.7)}, 5,
                 lambda: "the batch of b")
-    reason = train_module.Run._apply_update(fake, optimizer, [], pending, window)
+    reason = step_module.apply_update(fake, optimizer, [], pending, window)
     assert optimizer.steps == stepped
     assert (reason is not None) == skipped
     assert window["grad_norm"] == (0.0 if skipped else norm)
@@ -231,7 +232,7 @@ def test_under_deepspeed_its_own_verdict_decides_whether_the_update_counts(norm,
                            deepspeed=True, skip_budget=_no_skips())
     optimizer, window, pending = _FakeOptimizer(deepspeed_skipped), defaultdict(float), PendingUpdate()
     pending.add(torch.tensor(bad_loss if bad_loss is not None else 4.0), {}, 5, lambda: "the batch of b")
-    assert train_module.Run._apply_update(fake, optimizer, [], pending, window) == reason
+    assert step_module.apply_update(fake, optimizer, [], pending, window) == reason
     assert window["grad_norm"] == (0.0 if deepspeed_skipped else norm)
 
 

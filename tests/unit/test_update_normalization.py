@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from d2v.spec.config import load_spec
-from d2v.train import loop as train_module
+from d2v.train import step as step_module
 from d2v.train.loop import Run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def test_an_update_divides_the_summed_loss_by_its_total_sample_size(case, tmp_pa
     os.chdir(ROOT)
     name, extra = CASES[case]
     batches, runner_grads = [], {}
-    real_normalize = train_module.normalize_gradients
+    real_normalize = step_module.normalize_gradients
 
     def record_batches(model):
         forward = model.forward
@@ -57,7 +57,7 @@ def test_an_update_divides_the_summed_loss_by_its_total_sample_size(case, tmp_pa
         named = {id(p.grad): n for n, p in trained.model.named_parameters() if p.grad is not None}
         runner_grads.update({named[id(g)]: g.clone() for g in grads})
 
-    monkeypatch.setattr(train_module, "normalize_gradients", record_gradients)
+    monkeypatch.setattr(step_module, "normalize_gradients", record_gradients)
     trained = Run(_spec(name, extra, tmp_path / "run"))
     record_batches(trained.model)
     trained.train()

@@ -5,7 +5,8 @@
   EMA. Too many in a row stop the run (the weights are then still the last good ones).
 * :class:`StopSignals` -- SIGTERM (what SLURM and cloud schedulers send before killing a job),
   SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) ask the run to stop after the current
-  update; the runner then writes a checkpoint and exits with :data:`PREEMPTED_EXIT_CODE`.
+  update (:meth:`StopSignals.requested` asks every process); the runner then writes a checkpoint
+  and exits with :data:`PREEMPTED_EXIT_CODE`.
 * :class:`SkippedLog` / :class:`SkipBudget` / :class:`EmptyBatches` -- examples that cannot be
   loaded (``data.on_bad_example: skip``) are named in ``skipped.tsv`` and counted against
   ``data.max_skipped_fraction``; past it, or when every batch is left out, the run stops.
@@ -23,6 +24,9 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
+
+import torch
+from accelerate.utils import gather_object
 
 from d2v.api.errors import SpecError, TrainingCollapse
 
@@ -108,6 +112,16 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def requested(self, accelerator) -> bool:
+        """Whether any process received a stop signal (every process must ask: it is a reduction)."""
+        requested = self.received is not None
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
+            requested = float(accelerator.reduce(flag, reduction="sum")) > 0
+            if requested:
+                self.received = self.received or "a stop signal (on another process)"
+        return requested
+
 
 class SkippedLog:
     """Appends ``split<TAB>example id<TAB>reason`` lines to ``skipped.tsv``. Every process
@@ -133,7 +147,8 @@ class SkipBudget:
     Examples left out before training (while a dataset is indexed, or up front) are known to
     every process alike; those that fail while loaded are seen by the process that loaded them,
     so the runner sums :meth:`loaded_count` over processes and, only when that sum passes the
-    budget, gathers the ids themselves (a file left out in two epochs by two processes is one)."""
+    budget, gathers the ids themselves with :meth:`check_over_processes` (a file left out in two
+    epochs by two processes is one)."""
 
     def __init__(self, fraction: float, log: SkippedLog):
         self.fraction = float(fraction)
@@ -169,6 +184,17 @@ class SkipBudget:
             f"than data.max_skipped_fraction: {self.fraction:g} allows ({self.allowed(split)}); e.g. {some}. All are "
             f"listed in {self.log.path}. Repair or remove those files, or raise data.max_skipped_fraction."
         )
+
+    def check_over_processes(self, accelerator, split: str) -> int:
+        """Stop (SpecError, exit 2) when ``split`` left out more examples than
+        ``data.max_skipped_fraction`` allows, counting each file once over all processes and
+        epochs; returns how many it left out. Every process must call it (it gathers the ids)."""
+        loaded = dict(self.loaded.get(split, {}))
+        if accelerator.num_processes > 1:
+            for part in gather_object([loaded]):
+                loaded.update(part)
+        self.check(split, len(loaded), examples=loaded)
+        return self.total(split, len(loaded))
 
 
 class EmptyBatches:
