@@ -188,7 +188,8 @@ class Data2Vec2(EMASelfDistillation):
         M, E = self.clone_batch, self.num_extra_tokens
         if build is not None:
             full = build(teacher_out, skip_tokens=E)
-            return full.repeat_interleave(M, 0)[mask], full
+            clone, position = mask.nonzero(as_tuple=True)  # row-major, as full.repeat_interleave(M, 0)[mask]
+            return full[clone // M, position], full  # without M copies of the targets
         # a generic Target: repeat the teacher's per-layer features for the clones
         layers = tuple(t[:, E:].repeat_interleave(M, 0) for t in teacher_out.layer_targets)
         pad = teacher_out.padding_mask
