@@ -79,3 +79,21 @@ def test_weight_names_and_order_follow_the_layout():
         TransformerBlock(DIM, HEADS, 32, names=BlockNames(order=("attention", "ffn")))
     with pytest.raises(SpecError, match="only for pre-LN"):
         TransformerBlock(DIM, HEADS, 32, mlp_residual=False)
+
+
+def test_a_bool_key_mask_and_a_position_bias_add_up_as_logits():
+    class FixedBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(1, HEADS, 6, 6))
+
+        def forward(self):
+            return self.table
+
+    torch.manual_seed(0)
+    block = TransformerBlock(DIM, HEADS, 32, position_bias=FixedBias()).eval()
+    x = torch.randn(2, 6, DIM)
+    allowed = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    allowed[1, ..., -2:] = False
+    logits = torch.zeros(2, 1, 1, 6).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(block(x, allowed)[0], block(x, logits)[0], atol=1e-6, rtol=0)

@@ -127,6 +127,8 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.update(layer, k, v)
         if self.has_position_bias:
             own = getattr(self, self.names.position_bias)(*position)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:  # allowed keys -> logits to add
+                attn_mask = own.new_zeros(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
             attn_mask = own if attn_mask is None else attn_mask + own
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(q.dtype)
