@@ -13,14 +13,20 @@ __version__ = "0.1.0"
 #: the component interfaces and their outputs (d2v.api.interfaces)
 PLUGIN_API = ("Encoder", "EncoderOutput", "ExampleInputs", "FeatureExtractor", "FeatureExtractorOutput", "Head",
               "HeadOutput", "ResultFile", "Target")
-__all__ = ["BadFile", "SpecError", "hookimpl", "from_pretrained", "pipeline", "__version__", *PLUGIN_API]
+#: the building blocks an encoder plugin may stack (d2v.nn), by where they live
+BUILDING_BLOCKS = {"TransformerBlock": "d2v.nn.block", "BlockNames": "d2v.nn.block",
+                   "AttentionNames": "d2v.nn.attention", "run_layer": "d2v.nn.layers"}
+__all__ = ["BadFile", "SpecError", "hookimpl", "from_pretrained", "pipeline", "__version__", *PLUGIN_API,
+           *BUILDING_BLOCKS]
 
 
 def __getattr__(name: str):
-    if name in PLUGIN_API:
-        from d2v.api import interfaces
+    import importlib
 
-        return getattr(interfaces, name)
+    if name in PLUGIN_API:
+        return getattr(importlib.import_module("d2v.api.interfaces"), name)
+    if name in BUILDING_BLOCKS:
+        return getattr(importlib.import_module(BUILDING_BLOCKS[name]), name)
     raise AttributeError(f"module 'd2v' has no attribute '{name}'")
 
 

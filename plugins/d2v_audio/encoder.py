@@ -26,9 +26,7 @@ from torch import Tensor, nn
 
 from d2v.nn.alibi import alibi_bias_1d, alibi_slopes
 from d2v.api.errors import SpecError
-from d2v import Encoder, EncoderOutput
-from d2v.nn.block import TransformerBlock
-from d2v.nn.layers import run_layer
+from d2v import Encoder, EncoderOutput, TransformerBlock, run_layer
 from d2v.nn.packing import PackedBatch
 from d2v.ssl.masking import compute_span_mask
 

@@ -21,9 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
-from d2v import Encoder, EncoderOutput
-from d2v.nn.block import BlockNames, TransformerBlock
-from d2v.nn.layers import run_layer
+from d2v import BlockNames, Encoder, EncoderOutput, TransformerBlock, run_layer
 from d2v.nn.packing import PackedBatch
 from d2v_text.cache import KeyValueCache
 

@@ -27,10 +27,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
-from d2v import Encoder, EncoderOutput
-from d2v.nn.attention import AttentionNames
-from d2v.nn.block import BlockNames, TransformerBlock
-from d2v.nn.layers import run_layer
+from d2v import AttentionNames, BlockNames, Encoder, EncoderOutput, TransformerBlock, run_layer
 from d2v_vision.patches import as_pair
 from d2v_vision.relative_position import RelativePositionBias
 

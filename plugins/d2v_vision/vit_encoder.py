@@ -23,10 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from d2v.api.errors import SpecError
-from d2v import Encoder, EncoderOutput
-from d2v.nn.attention import AttentionNames
-from d2v.nn.block import BlockNames, TransformerBlock
-from d2v.nn.layers import run_layer
+from d2v import AttentionNames, BlockNames, Encoder, EncoderOutput, TransformerBlock, run_layer
 
 TARGET_FEATURES = ("ffn", "end")
 
