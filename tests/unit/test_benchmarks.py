@@ -23,6 +23,9 @@ def test_benchmark_prints_one_json_line_per_case_and_a_table(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1 and rows[0]["case"] == "text_cls_8x256" and rows[0]["speed_ratio"] > 0
     assert rows[0]["hf_samples_per_s"] > 0 and 0 < rows[0]["d2v_flops_fraction"]
+    # a padded text case is also timed padding-free, and the faster d2v variant is the one compared
+    assert rows[0]["d2v_padding_free_samples_per_s"] > 0 and rows[0]["padding_free_ratio"] > 0
+    assert rows[0]["best_d2v"] in ("d2v", "d2v_padding_free") and "hf_compiled_samples_per_s" not in rows[0]
     assert "| text classification, 8 x 256 tokens | inference | fp32 |" in (tmp_path / "perf.md").read_text()
 
 
