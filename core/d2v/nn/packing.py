@@ -32,7 +32,6 @@ class PackedBatch:
         lengths = valid.sum(1)
         self.offsets = F.pad(lengths.cumsum(0), (1, 0))
         self.index = valid.flatten().nonzero().squeeze(1)
-        self.tokens = int(self.index.numel())
 
     @classmethod
     def of(cls, padding_mask: Tensor | None) -> PackedBatch | None:

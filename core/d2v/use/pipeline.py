@@ -174,7 +174,8 @@ class Pipeline:
         self.batch_size, self.top_k, self.progress, self.options = int(batch_size), int(top_k), progress, options
         self.decode = getattr(processor, "decode", None)
         self.bucket = bucket_for(processor, pad_to_multiple_of) if compile or pad_to_multiple_of else None
-        self.compiled = compile_for_inference(self.model, compile, self.device.type) if compile else None
+        if compile:
+            compile_for_inference(self.model, compile, self.device.type)
 
     @property
     def is_pair_task(self) -> bool:

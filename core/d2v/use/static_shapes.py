@@ -27,15 +27,13 @@ def compile_options(setting: bool | dict[str, Any], device_type: str) -> dict[st
     return options
 
 
-def compile_for_inference(model: nn.Module, setting: bool | dict[str, Any], device_type: str) -> dict[str, Any]:
-    """Compile ``model`` in place (names and weights unchanged); returns the options used."""
-    options = compile_options(setting, device_type)
+def compile_for_inference(model: nn.Module, setting: bool | dict[str, Any], device_type: str) -> None:
+    """Compile ``model`` in place (names and weights unchanged)."""
     try:
-        model.compile(**options)
+        model.compile(**compile_options(setting, device_type))
     except TypeError as exc:
         raise SpecError(f"compile: {exc}; options are torch.compile's (backend, mode, dynamic, fullgraph, "
                         f"options).") from None
-    return options
 
 
 def bucket_for(processor: Any, bucket: int | None) -> int | None:
