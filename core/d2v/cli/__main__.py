@@ -2,6 +2,6 @@
 
 import sys
 
-from d2v.cli.main import main
+from d2v.cli.main import console
 
-sys.exit(main())
+sys.exit(console())

@@ -231,3 +231,18 @@ def run_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def console() -> int:
+    """The ``d2v`` command (and ``python -m d2v.cli``): :func:`main`, ended as a launched worker
+    must end (:func:`d2v.train.shutdown.end_command`)."""
+    from d2v.train.shutdown import end_command
+
+    return end_command(main())
+
+
+def run_console() -> int:
+    """The ``d2v-run`` command: :func:`run_main`, ended as :func:`console` is."""
+    from d2v.train.shutdown import end_command
+
+    return end_command(run_main())

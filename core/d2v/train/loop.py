@@ -39,6 +39,7 @@ from d2v.train.label_names import adopt_label_names
 from d2v.train.parallel import (configure_deepspeed, declare_fsdp_units, deepspeed_on_cpu, describe_deepspeed,
                                 describe_fsdp_units, enable_fsdp_on_cpu, launched_with_deepspeed,
                                 refuse_under_deepspeed)
+from d2v.train.shutdown import close_process_group
 from d2v.train.step import TrainingStep, set_find_unused_parameters
 
 
@@ -353,25 +354,15 @@ class Run:
         return evaluation.eval_loader(self, split, batches)
 
 
-def _close_process_group(accelerator: Accelerator, *, in_step: bool) -> None:
-    """Tear the process group down before the interpreter exits: left to exit handlers, gloo's
-    threads can abort a finished FSDP worker ("terminate called without an active exception").
-    ``in_step``: every process got here normally, so they can meet at a barrier first."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if in_step:
-            accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
-
-
 def run(spec: Spec, *, resume: bool | str = False) -> dict[str, float]:
     """Run a spec (train, pretrain or evaluate) and return the final evaluation metrics."""
     runner = Run(spec, resume=resume)
     try:
         metrics = runner.evaluate() if runner.task == "evaluate" else runner.train()
     except BaseException:
-        _close_process_group(runner.accelerator, in_step=False)
+        close_process_group(runner.accelerator, in_step=False)
         raise
-    _close_process_group(runner.accelerator, in_step=True)
+    close_process_group(runner.accelerator, in_step=True)
     if runner.task == "evaluate":
         return metrics
     return {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)} or metrics
