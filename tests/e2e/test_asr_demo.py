@@ -94,7 +94,7 @@ def test_two_process_accelerate_launch(tmp_path):
            "-m", "d2v.cli", "run", str(DEMO), f"trainer.output_dir={out}", "trainer.max_steps=3",
            "trainer.log_every=1", "trainer.eval_every=0", "trainer.progress_bar=false",
            "trainer.eval_before_training=false", "data.valid.max_examples=8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # an abort prints Python stacks
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
