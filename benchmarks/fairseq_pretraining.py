@@ -318,6 +318,10 @@ def d2v_worker(args: argparse.Namespace) -> None:
             {"inputs": source, "padding_mask": None}).last_hidden_state
     torch.save(hidden, work / "hidden_d2v.pt")
     model.train()
+    if args.d2v_compile:  # what trainer.compile does: each Transformer block (student and teacher) compiled in place
+        from d2v.nn.layer_options import apply_layer_options
+
+        apply_layer_options(model, compile={"dynamic": False})
 
     batch = {"inputs": source, "padding_mask": None,
              "precomputed_mask": mask.view(source.shape[0], model.clone_batch, -1)}
@@ -372,7 +376,8 @@ class Worker:
         self.side = side
         self.log = (work / f"{side}.log").open("w")
         cmd = [python, __file__, "--worker", side, "--work", str(work), "--size", args.size, "--clones",
-               str(args.clones), "--threads", str(args.threads), "--warmup", str(args.warmup)]
+               str(args.clones), "--threads", str(args.threads), "--warmup", str(args.warmup),
+               *(["--d2v-compile"] if args.d2v_compile and side == "d2v" else [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, bufsize=1)
 
@@ -441,7 +446,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "frames": int(batch["mask"].shape[1]), "masked_fraction": round(batch["mask"].float().mean().item(), 4),
         "params": info["d2v"]["params"], "fairseq_params": info["fairseq"]["params"], "threads": args.threads,
         "repeats": args.repeats, "warmup": args.warmup, "torch": info["d2v"]["torch"],
-        "encoder_output_max_diff": diff,
+        "encoder_output_max_diff": diff, "d2v_compile": bool(args.d2v_compile),
         "optimizers": {side: info[side]["optimizer"] for side in SIDES}, "d2v_objective": info["d2v"].get("objective"),
     }
     for side in SIDES:
@@ -480,7 +485,8 @@ def markdown(rows: list[dict[str, Any]], commands: list[str]) -> str:
             ratio_s = f"**{r['speed_ratio']:.2f}x**" if side == "d2v" else ""
             ratio_f = f"{fastest['fairseq'] / fastest['d2v']:.2f}x" if side == "d2v" else ""
             ratio_m = f"**{r['memory_ratio']:.2f}x**" if side == "d2v" else ""
-            lines.append(f"| {r['size']} ({r['params'] / 1e6:.1f}M) | {batch} | {r['clones']} | {side} | "
+            label = "d2v + trainer.compile" if side == "d2v" and r.get("d2v_compile") else side
+            lines.append(f"| {r['size']} ({r['params'] / 1e6:.1f}M) | {batch} | {r['clones']} | {label} | "
                          f"{s['s_per_update']:.3f} | {ratio_s} | {fastest[side]:.3f} | {ratio_f} | {s['peak_mb']} | "
                          f"{s['resident_mb']} | {ratio_m} | "
                          + " | ".join(f"{s['shares'][p]:.0%}" for p in PARTS) + " |")
@@ -497,11 +503,16 @@ def markdown(rows: list[dict[str, Any]], commands: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str) -> None:
+def write_docs(table: str, *, compiled: bool) -> None:
+    """The eager and the compiled comparison each have their own block of the page."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from docs_blocks import DOC, replace_block
 
-    replace_block("fairseq-pretraining", table, heading="## data2vec 2.0 update: d2v vs fairseq", path=DOC)
+    if compiled:
+        replace_block("fairseq-pretraining-compiled", table, path=DOC,
+                      heading="### The same with d2v's trainer.compile (fairseq has no compiled path)")
+    else:
+        replace_block("fairseq-pretraining", table, heading="## data2vec 2.0 update: d2v vs fairseq", path=DOC)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -516,6 +527,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also one profiled update per side: top ops by self CPU time")
     parser.add_argument("--work-dir", default=None, help="keep checkpoints, batch and worker logs here (default: a temporary folder)")
+    parser.add_argument("--d2v-compile", action="store_true",
+                        help="d2v with trainer.compile (torch.compile per Transformer block; compiled in the warm-up)")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--worker", choices=("fairseq-setup", "d2v-setup", "fairseq", "d2v"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -543,7 +556,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if "--work-dir" in given:  # where the files went is not part of the measurement
             del given[given.index("--work-dir"):given.index("--work-dir") + 2]
         command = " ".join(["python benchmarks/fairseq_pretraining.py", *given])
-        write_docs(markdown(rows, [command]))
+        write_docs(markdown(rows, [command]), compiled=args.d2v_compile)
     return rows
 
 
