@@ -229,10 +229,6 @@ def run_main(argv: list[str] | None = None) -> int:
     return main(["run", *argv], prog="d2v-run")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def console() -> int:
     """The ``d2v`` command (and ``python -m d2v.cli``): :func:`main`, ended as a launched worker
     must end (:func:`d2v.train.shutdown.end_command`)."""
@@ -246,3 +242,8 @@ def run_console() -> int:
     from d2v.train.shutdown import end_command
 
     return end_command(run_main())
+
+
+if __name__ == "__main__":
+    sys.exit(console())
+

@@ -4,7 +4,7 @@ the process left without interpreter teardown.
 Why not a normal exit: once a model has been wrapped in DDP, torch 2.14 keeps the gloo process
 group and its worker threads alive after ``destroy_process_group`` (its C++ side holds it; no
 Python object does). At interpreter teardown those threads then meet a half-finalised
-interpreter, and about one finished run in fifteen died of SIGABRT ("terminate called without an
+interpreter, and about one finished 2-process run in 18 on loaded CPUs died of SIGABRT ("terminate called without an
 active exception") after writing everything, failing the launch. Every file is closed and every
 line printed by then, so the launched command ends with ``os._exit`` after flushing.
 """
