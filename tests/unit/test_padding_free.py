@@ -68,3 +68,19 @@ def test_a_batch_without_padding_is_not_repacked():
 def test_decoders_refuse_padding_free():
     with pytest.raises(SpecError, match="padding_free is for encoders"):
         TextTransformerEncoder(**SMALL, is_decoder=True, padding_free=True)
+
+
+@pytest.mark.parametrize("name", ["text", "audio_alibi"])
+def test_padding_free_blocks_compiled_as_trainer_compile_does_give_the_padded_outputs(name):
+    """``trainer.compile`` (each block compiled in place) on a padding-free encoder: two batches
+    of other lengths and padding give the eager padded path's outputs at real positions."""
+    from d2v.nn.layer_options import apply_layer_options
+
+    padded, packed = _pair(name, "cpu")
+    apply_layer_options(packed, compile={"backend": "aot_eager"})
+    for lengths in ([11, 7, 3], [9, 9, 2]):
+        lengths = torch.tensor(lengths)
+        padding = torch.arange(int(lengths.max()))[None, :] >= lengths[:, None]
+        x = torch.randn(3, int(lengths.max()), 32)
+        ours, theirs = (m.contextualize(x, padding).last_hidden_state for m in (packed, padded))
+        torch.testing.assert_close(ours[~padding], theirs[~padding], atol=1e-5, rtol=0)
