@@ -431,17 +431,22 @@ class TextProcessor:
 
     def pad_batch(self, batch: dict[str, Any], length: int) -> dict[str, Any]:
         """A collated batch padded further to ``length`` tokens (never beyond ``max_length``):
-        ``<pad>`` ids, masked; every other per-token tensor with its padding value."""
+        the per-token tensors :meth:`collate` makes, each with its padding value. Named, not
+        guessed from shapes: a ``(B, L)`` multi-label target whose ``L`` happens to equal the
+        batch's length is not a per-token tensor."""
         current = batch["inputs"].shape[-1]
         extra = min(length, max(self.max_length, current)) - current
         if extra <= 0:
             return batch
-        values = {"inputs": self.pad_token_id, "padding_mask": True, "labels": IGNORE_INDEX}
+        fills = {"inputs": self.pad_token_id, "padding_mask": True, "teacher_inputs": self.pad_token_id,
+                 "corrupted_mask": False}
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.shape == batch["inputs"].shape and not labels.is_floating_point():
+            fills["labels"] = IGNORE_INDEX  # token ids or tags per token (masked/causal LM, token classification)
         padded = dict(batch)
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == current:
-                fill = values.get(key, False if value.dtype == torch.bool else 0)
-                padded[key] = torch.nn.functional.pad(value, (0, extra), value=fill)
+        for key, fill in fills.items():
+            if isinstance(batch.get(key), torch.Tensor):
+                padded[key] = torch.nn.functional.pad(batch[key], (0, extra), value=fill)
         return padded
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

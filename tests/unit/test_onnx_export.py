@@ -102,6 +102,27 @@ def test_onnx_graph_matches_pytorch_on_padded_batches(case, tmp_path):
         assert sidecar["inputs"][0]["shape"][1:] == [3, 32, 32]
 
 
+@pytest.mark.parametrize("case", ["audio-ctc", "text-classification"])
+def test_padding_free_model_exports_its_packed_graph(case, tmp_path):
+    """A model trained with ``encoder.padding_free`` exports as it runs: the packed layers (the
+    graph gathers the real tokens with NonZero) give the padded model's outputs on padded
+    batches and on a batch without padding."""
+    import onnx
+
+    spec, input_name, batches = CASES[case]
+    padded = tiny(spec)
+    packed = tiny({**spec, "encoder": {"padding_free": True}})
+    result = export_onnx(packed, tmp_path / "packed.onnx")
+    assert "NonZero" in {node.op_type for node in onnx.load(str(result.path)).graph.node}
+    unpadded = text_batch(1, 7, 5) if input_name == "input_ids" else padded_batch(3, (3000,))
+    torch.manual_seed(1)
+    for inputs, mask in batches() + [unpadded]:
+        got = run_onnx(result.path, {input_name: inputs, "attention_mask": mask})
+        logits, padding_mask = pytorch_outputs(padded, inputs, mask)
+        real = ~padding_mask if logits.dim() == 3 else torch.ones(logits.shape[0], dtype=torch.bool)
+        assert np.abs(got[0][real.numpy()] - logits[real].numpy()).max() <= TOLERANCE
+
+
 def test_ctc_export_keeps_the_vocabulary_and_valid_frames(tmp_path):
     """CTC: labels are the vocabulary in id order; ``output_mask`` marks each utterance's valid
     frames, so greedy decoding of the ONNX logits equals d2v's per utterance."""

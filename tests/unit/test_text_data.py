@@ -506,6 +506,40 @@ def test_processor_bert_masking_batch():
         TextProcessor(tokenizer=str(VOCAB), masking=RandomMask())
 
 
+def test_pad_batch_pads_the_per_token_tensors_only(proc):
+    """Fixed-shape inference pads batches to a bucket length: every per-token tensor gets its own
+    padding value, while per-example targets stay as they are, even a multi-label target
+    whose width equals the batch's length."""
+    from d2v.use.static_shapes import padded_to_bucket
+
+    masked = TextProcessor(tokenizer=str(VOCAB), max_length=64, masking=BertMask(mask_prob=0.3))
+    lm = masked.collate([masked.load({"id": "a", "text": "After Monday comes Tuesday."}, train=True,
+                                     rng=np.random.default_rng(0))])
+    length = lm["inputs"].shape[1]
+    multi = proc.collate([proc.load({"id": "m", "text": "After Monday comes Tuesday.", "label": [1.0] * length},
+                                    train=True)])
+    assert multi["labels"].shape == multi["inputs"].shape  # the coincidence a shape rule would get wrong
+    ner = proc.collate([proc.load(CoNLL(str(DEMO / "conll" / "valid.txt"))[0], train=True)])
+    choices = proc.collate([proc.load(SwagCSV(str(DEMO / "swag" / "val.csv"))[0], train=True)])
+    fills = {"inputs": proc.pad_token_id, "padding_mask": True, "teacher_inputs": proc.pad_token_id,
+             "corrupted_mask": False}
+    for batch, token_labels in ((lm, True), (multi, False), (ner, True), (choices, False)):
+        padded = padded_to_bucket(batch, proc, 32)
+        tokens = batch["inputs"].shape[-1]
+        assert padded["inputs"].shape[-1] == 32 * -(-tokens // 32) > tokens
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                assert padded[key] is value
+                continue
+            grows = key in fills or (key == "labels" and token_labels)
+            if not grows:
+                assert torch.equal(padded[key], value), key
+                continue
+            assert torch.equal(padded[key][..., :tokens], value), key
+            fill = -100 if key == "labels" else fills[key]
+            assert (padded[key][..., tokens:] == fill).all(), key
+
+
 def test_processor_from_spec_and_bucketed_loader():
     from d2v.api import plugins
     from d2v.spec.config import LoaderConfig

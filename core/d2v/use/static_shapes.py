@@ -54,5 +54,5 @@ def padded_to_bucket(batch: dict[str, Any], processor: Any, bucket: int | None) 
     """``batch`` with its length rounded up to a multiple of ``bucket`` (no-op for None)."""
     if bucket is None or batch.get("padding_mask") is None:
         return batch
-    length = int(batch["padding_mask"].shape[1])
+    length = int(batch["padding_mask"].shape[-1])  # tokens are the last axis ((B, C, T) for multiple choice)
     return processor.pad_batch(batch, math.ceil(length / bucket) * bucket)
