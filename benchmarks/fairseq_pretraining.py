@@ -21,9 +21,12 @@ One update is each framework's own:
 
 * fairseq: ``Trainer.train_step([sample])`` -- ``set_num_updates`` (the EMA step), forward through
   ``data2vec_multi`` and the ``model`` criterion, backward, gradient scaling by ``sample_size``,
-  the gradient norm, fairseq's Adam (decoupled weight decay; its Python per-parameter loop on CPU,
-  no weight decay on biases, norms and ALiBi scales), the LR scheduler;
-* d2v: the imported ``data2vec2`` objective's forward, ``loss.backward()``, d2v's ``adam``
+  the gradient norm, fairseq's Adam (decoupled weight decay on every parameter, as the recipe's plain
+  ``adam`` applies it: data2vec 2.0's ``optim_overrides`` that exempt biases, norms and ALiBi scales
+  act only under fairseq's ``composite`` optimizer; its Python per-parameter loop on CPU), the LR
+  scheduler; with ``--precision bf16`` its ``FP16Optimizer`` around it (fp32 master weights);
+* d2v: the imported ``data2vec2`` objective's forward (under bf16 autocast with ``--precision
+  bf16``, as ``trainer.mixed_precision: bf16`` runs it), ``loss.backward()``, d2v's ``adam``
   (``torch.optim.AdamW``, fused, decay on every parameter: the same arithmetic per parameter),
   ``after_optimizer_step`` (the EMA step): what ``d2v-run``'s loop does per update, without
   Accelerate's wrappers and the logging window.
@@ -49,6 +52,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -139,7 +143,7 @@ class Parts:
                 setattr(owner, name, self.wrap(part, getattr(owner, name)))
 
 
-def _top_ops(prof, n: int = 12) -> list[dict[str, Any]]:
+def _top_ops(prof, n: int = 30) -> list[dict[str, Any]]:
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "share": round(e.self_cpu_time_total / total, 3),
@@ -160,11 +164,14 @@ def serve(update: Callable[[], None], parts: Parts, extra: dict[str, Any]) -> No
             parts.seconds.clear()
             resident = _status("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             update()
             seconds = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
             answer = {"seconds": seconds, "peak_mb": _status("VmHWM"), "resident_mb": resident,
-                      "parts": dict(parts.seconds)}
+                      "parts": dict(parts.seconds), "system_s": after.ru_stime - usage.ru_stime,
+                      "page_faults": after.ru_minflt - usage.ru_minflt}
         elif command == "profile":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 update()
@@ -185,7 +192,7 @@ def _batch(work: Path):
 # --------------------------------------------------------------------------- fairseq side (oracle venv)
 
 
-def _fairseq_config(size: str, clones: int, data: str):
+def _fairseq_config(size: str, clones: int, data: str, precision: str = "fp32"):
     import oracle_trainer as ot
 
     preset = SIZES[size]
@@ -195,6 +202,7 @@ def _fairseq_config(size: str, clones: int, data: str):
                             lr=OPTIM["lr"], max_update=400000)
     cfg.optimizer.adam_betas = str(OPTIM["betas"])
     cfg.optimizer.adam_eps, cfg.optimizer.weight_decay = OPTIM["eps"], OPTIM["weight_decay"]
+    cfg.common.bf16 = precision == "bf16"  # fairseq's --bf16: a bf16 model (teacher too), fp32 master weights
     return cfg
 
 
@@ -242,7 +250,7 @@ def fairseq_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    _, model, _, trainer = ot.build(_fairseq_config(args.size, args.clones, str(work)))
+    _, model, _, trainer = ot.build(_fairseq_config(args.size, args.clones, str(work), args.precision))
     trainer.load_checkpoint(str(work / "checkpoint.pt"), reset_optimizer=True, reset_lr_scheduler=True,
                             reset_meters=True)
     batch = _batch(work)
@@ -250,7 +258,8 @@ def fairseq_worker(args: argparse.Namespace) -> None:
 
     model.eval()
     with torch.no_grad():
-        hidden = model(source, mask=False, features_only=True)["x"]
+        dtype = next(model.parameters()).dtype
+        hidden = model(source.to(dtype), mask=False, features_only=True)["x"].float()
     torch.save(hidden, work / "hidden_fairseq.pt")
     model.train()
 
@@ -278,7 +287,15 @@ def fairseq_worker(args: argparse.Namespace) -> None:
         update()
     serve(update, parts, {"params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "optimizer": type(optimizer._optimizer).__module__ + "." + type(optimizer._optimizer).__name__})
+                          "optimizer": _fairseq_optimizer_name(optimizer)})
+
+
+def _fairseq_optimizer_name(optimizer: Any) -> str:
+    """The torch optimizer inside fairseq's wrappers (``FP16Optimizer`` holds an fp32 one)."""
+    inner = getattr(optimizer, "fp32_optimizer", None)
+    name = "" if inner is None else type(optimizer).__name__ + " over "
+    inner = (inner or optimizer)._optimizer
+    return name + type(inner).__module__ + "." + type(inner).__name__
 
 
 # --------------------------------------------------------------------------- d2v side (this venv)
@@ -313,9 +330,10 @@ def d2v_worker(args: argparse.Namespace) -> None:
     batch_file = _batch(work)
     source, mask = batch_file["source"], batch_file["mask"]
 
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")  # what Accelerate's
+    with torch.no_grad(), autocast:  # mixed_precision: bf16 wraps the forward in (loss and backward outside)
         hidden = TaskModel(model.feature_extractor, model.encoder).eval()(
-            {"inputs": source, "padding_mask": None}).last_hidden_state
+            {"inputs": source, "padding_mask": None}).last_hidden_state.float()
     torch.save(hidden, work / "hidden_d2v.pt")
     model.train()
     if args.d2v_compile:  # what trainer.compile does: each Transformer block (student and teacher) compiled in place
@@ -339,7 +357,8 @@ def d2v_worker(args: argparse.Namespace) -> None:
     step = [0]
 
     def update() -> None:
-        out = model(batch)
+        with autocast:
+            out = model(batch)
         with timed(parts, "backward"):
             out.loss.backward()
         with timed(parts, "optimizer"):
@@ -376,7 +395,7 @@ class Worker:
         self.side = side
         self.log = (work / f"{side}.log").open("w")
         cmd = [python, __file__, "--worker", side, "--work", str(work), "--size", args.size, "--clones",
-               str(args.clones), "--threads", str(args.threads), "--warmup", str(args.warmup),
+               str(args.clones), "--threads", str(args.threads), "--warmup", str(args.warmup), "--precision", args.precision,
                *(["--d2v-compile"] if args.d2v_compile and side == "d2v" else [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, bufsize=1)
@@ -446,7 +465,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "frames": int(batch["mask"].shape[1]), "masked_fraction": round(batch["mask"].float().mean().item(), 4),
         "params": info["d2v"]["params"], "fairseq_params": info["fairseq"]["params"], "threads": args.threads,
         "repeats": args.repeats, "warmup": args.warmup, "torch": info["d2v"]["torch"],
-        "encoder_output_max_diff": diff, "d2v_compile": bool(args.d2v_compile),
+        "encoder_output_max_diff": diff, "d2v_compile": bool(args.d2v_compile), "precision": args.precision,
         "optimizers": {side: info[side]["optimizer"] for side in SIDES}, "d2v_objective": info["d2v"].get("objective"),
     }
     for side in SIDES:
@@ -456,12 +475,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         measured = {p: sum(s["parts"].get(p, 0.0) for s in steps) for p in PARTS[:-1]}
         measured["other"] = max(0.0, total - sum(measured.values()))
         row[side] = {"s_per_update": round(seconds, 4), "all_s": [round(s["seconds"], 4) for s in steps],
+                     "page_faults": round(statistics.median(s["page_faults"] for s in steps)),
+                     "system_s": round(statistics.median(s["system_s"] for s in steps), 3),
                      "peak_mb": round(max(s["peak_mb"] for s in steps)),
                      "resident_mb": round(statistics.median(s["resident_mb"] for s in steps)),
                      "shares": {p: round(v / total, 3) for p, v in measured.items()}}
         if profiles:
             row[side]["top_ops"] = profiles[side]
     row["speed_ratio"] = round(row["fairseq"]["s_per_update"] / row["d2v"]["s_per_update"], 3)
+    paired = sorted(f["seconds"] / d["seconds"] for f, d in zip(times["fairseq"], times["d2v"]))  # same repeat: same load
+    row["paired_speed_ratios"] = {"median": round(statistics.median(paired), 3), "min": round(paired[0], 3),
+                                  "max": round(paired[-1], 3)}
     row["memory_ratio"] = round(row["d2v"]["peak_mb"] / row["fairseq"]["peak_mb"], 3)
     return row
 
@@ -470,9 +494,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]], commands: list[str]) -> str:
-    lines = [(f"Measured on {platform.machine()} CPU, {os.cpu_count()} cores, torch {rows[0]['torch']}, fp32, "
-              f"{rows[0]['threads']} threads per process, other jobs sharing the cores (the two sides are "
-              f"interleaved, so their ratio holds while absolute times are inflated):"), ""]
+    precision = {"fp32": "fp32", "bf16": ("bf16 (fairseq's `--bf16`: bf16 model and teacher, fp32 master weights; d2v's "
+                                          "`mixed_precision: bf16`: fp32 weights, bf16 autocast forward)")}[rows[0]["precision"]]
+    lines = [(f"Measured on {platform.machine()} CPU, {os.cpu_count()} cores, torch {rows[0]['torch']}, {precision}, "
+              f"{rows[0]['threads']} threads per process, the two sides interleaved so that noise hits both:"), ""]
     lines += [f"    {c}" for c in commands] + [""]
     lines += [("| size | batch | clones M | side | s / update (median) | ratio (speed) | fastest s / update | ratio | "
                "peak MB | resident MB | ratio (memory) | student | teacher | decoder | backward | optimizer | EMA | other |"),
@@ -495,6 +520,12 @@ def markdown(rows: list[dict[str, Any]], commands: list[str]) -> str:
                  + " interleaved updates after " + ", ".join(f"{r['warmup']}" for r in rows)
                  + " warm-up update(s) per side; encoder outputs of the two imports before training differ by at most "
                  + ", ".join(f"{r['encoder_output_max_diff']:.1e} ({r['size']})" for r in rows) + ".")
+    lines.append("Paired speed ratios (fairseq / d2v of the same repeat, which ran back to back): "
+                 + "; ".join(f"{r['size']} median {p['median']:.2f}x, range {p['min']:.2f}-{p['max']:.2f}x"
+                             for r in rows if (p := r.get("paired_speed_ratios"))) + ".")
+    lines.append("Per update (medians), minor page faults and system CPU seconds: " + "; ".join(
+        f"{r['size']} " + ", ".join(f"{side} {r[side]['page_faults']:,} / {r[side]['system_s']:.2f} s" for side in SIDES)
+        for r in rows) + ".")
     for r in rows:  # --profile: the top operators of one more update per side, by self CPU time
         for side in SIDES:
             if r[side].get("top_ops"):
@@ -503,14 +534,28 @@ def markdown(rows: list[dict[str, Any]], commands: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str, *, compiled: bool) -> None:
-    """The eager and the compiled comparison each have their own block of the page."""
+def malloc_settings() -> str:
+    """glibc malloc settings given to both sides through the environment (see docs/performance.md:
+    by default a CPU update page-faults its freed activations back in)."""
+    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+
+
+def write_docs(table: str, *, compiled: bool, precision: str) -> None:
+    """Each precision, eager and compiled, with and without malloc settings, has its own block."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from docs_blocks import DOC, replace_block
 
+    if malloc_settings():
+        replace_block(f"fairseq-pretraining-malloc-{precision}{'-compiled' if compiled else ''}", table, path=DOC,
+                      heading=f"### The same with freed memory kept by malloc (both sides), {precision}")
+        return
+    suffix = "" if precision == "fp32" else f"-{precision}"
     if compiled:
-        replace_block("fairseq-pretraining-compiled", table, path=DOC,
-                      heading="### The same with d2v's trainer.compile (fairseq has no compiled path)")
+        replace_block(f"fairseq-pretraining-compiled{suffix}", table, path=DOC,
+                      heading=f"### The same with d2v's trainer.compile (fairseq has no compiled path){', ' + precision if suffix else ''}")
+    elif suffix:
+        replace_block(f"fairseq-pretraining{suffix}", table, path=DOC,
+                      heading=f"### The same in {precision}, each side's own mixed precision")
     else:
         replace_block("fairseq-pretraining", table, heading="## data2vec 2.0 update: d2v vs fairseq", path=DOC)
 
@@ -529,6 +574,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--work-dir", default=None, help="keep checkpoints, batch and worker logs here (default: a temporary folder)")
     parser.add_argument("--d2v-compile", action="store_true",
                         help="d2v with trainer.compile (torch.compile per Transformer block; compiled in the warm-up)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: fairseq's --bf16 against d2v's trainer.mixed_precision: bf16 (CPU autocast)")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--worker", choices=("fairseq-setup", "d2v-setup", "fairseq", "d2v"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -555,8 +602,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         given = list(argv if argv is not None else sys.argv[1:])
         if "--work-dir" in given:  # where the files went is not part of the measurement
             del given[given.index("--work-dir"):given.index("--work-dir") + 2]
-        command = " ".join(["python benchmarks/fairseq_pretraining.py", *given])
-        write_docs(markdown(rows, [command]), compiled=args.d2v_compile)
+        command = " ".join([*([malloc_settings()] if malloc_settings() else []), "python benchmarks/fairseq_pretraining.py",
+                            *given])
+        write_docs(markdown(rows, [command]), compiled=args.d2v_compile, precision=args.precision)
     return rows
 
 

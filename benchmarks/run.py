@@ -6,9 +6,10 @@ memory and achieved FLOP/s, for every modality.
     python benchmarks/run.py --size tiny --cases text_cls_8x256 --dtypes fp32 --repeats 3
 
 Both implementations hold the same weights (the Hugging Face model is loaded through
-``d2v.from_pretrained``) and get the same batch; timings are interleaved (HF, d2v, HF, d2v, ...)
-so machine noise hits both, and the median is reported. A fine-tuning step is forward + loss +
-backward + ``torch.optim.AdamW`` step (the same optimizer for both). Peak memory is measured
+``d2v.from_pretrained``) and get the same batch; timings are interleaved (HF, d2v, d2v, HF, ...)
+so machine noise hits both, and the median is reported, with the quartiles of the per-repeat
+ratios. A fine-tuning step is forward + loss + backward + ``torch.optim.AdamW`` step (the same
+optimizer for both). Peak memory is measured
 per case in a fresh process after the model and optimizer exist (Linux ``VmHWM`` reset through
 ``/proc/self/clear_refs``; ``max_memory_allocated`` on CUDA). One JSON line per case goes to
 stdout; ``--write-docs`` puts the table into its own marked block of ``docs/performance.md``. Ratios are d2v / HF:
@@ -184,9 +185,9 @@ def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: 
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for _ in range(args.repeats):
-        for impl, step in steps.items():
-            times[impl].append(timed(step, args.device))
+    for r in range(args.repeats):  # the order flips every repeat, so neither side always runs first
+        for impl in (impls if r % 2 == 0 else impls[::-1]):
+            times[impl].append(timed(steps[impl], args.device))
     speed = {impl: samples / statistics.median(t) for impl, t in times.items()}
     best = max((impl for impl in impls if impl.startswith("d2v")), key=speed.get)
     flops = step_flops(steps["d2v"])
@@ -196,6 +197,7 @@ def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: 
         **{f"{impl}_samples_per_s": round(speed[impl], 3) for impl in impls},
         "speed_ratio": round(speed["d2v"] / speed["hf"], 3), "best_d2v": best,
         "best_speed_ratio": round(speed[best] / speed["hf"], 3),
+        "paired_best_ratio": paired_quartiles(times["hf"], times[best]),
         "d2v_flops_fraction": round(flops * speed["d2v"] / samples / peaks[dtype], 4),
     }
     if "hf_compiled" in speed:
@@ -209,6 +211,14 @@ def run_case(case: str, mode: str, dtype: str, args: argparse.Namespace, peaks: 
     return row
 
 
+def paired_quartiles(reference: list[float], ours: list[float]) -> dict[str, float]:
+    """Quartiles of the per-repeat speed ratios (the two steps of one repeat ran back to back, under
+    the same load): steadier than a ratio of medians on a shared machine."""
+    ratios = sorted(a / b for a, b in zip(reference, ours))
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"q1": round(q1, 3), "median": round(median, 3), "q3": round(q3, 3)}
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
     flags = (f" --compile {args.compile}" if args.compile != "none" else "") + \
@@ -217,25 +227,29 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Measured with `python benchmarks/run.py --device {args.device} --size {args.size}{flags} --write-docs` on "
         f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}. Same weights, same padded "
         "batch, interleaved timings (median of "
-        f"{args.repeats}). Samples/s per implementation: HF eager, HF + `torch.compile` (when measured), d2v "
+        f"{args.repeats}; the order flips every repeat). Paired: the per-repeat ratios' median and quartiles. Samples/s per implementation: HF eager, HF + `torch.compile` (when measured), d2v "
         "padded, d2v `padding_free` (audio and text). Ratios use d2v's faster variant (`best`): vs HF eager, vs "
         "HF compiled; padding-free / padded; memory = d2v best's peak / the smaller HF peak, one fresh process per "
         "measurement (< 1: d2v smaller); FLOP fraction = d2v padded's achieved FLOP/s over this machine's "
         "large-matmul FLOP/s in that dtype.",
         "",
-        "| case | step | dtype | HF | HF compiled | d2v | d2v padding-free | best / HF | best / HF compiled "
-        "| padding-free / padded | memory ratio | d2v FLOP fraction |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | step | dtype | HF | HF compiled | d2v | d2v padding-free | best / HF | paired best / HF (quartiles) "
+        "| best / HF compiled | padding-free / padded | memory ratio | d2v FLOP fraction |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def cell(row: dict[str, Any], key: str, bold: bool = False) -> str:
         value = row.get(key)
         return "-" if value is None else (f"**{value:.2f}**" if bold else f"{value:.2f}")
 
+    def paired(row: dict[str, Any]) -> str:
+        q = row.get("paired_best_ratio")
+        return "-" if q is None else f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})"
+
     for r in rows:
         lines.append(f"| {CASES[r['case']].description} | {'fine-tune' if r['mode'] == 'train' else 'inference'} | "
                      f"{r['dtype']} | " + " | ".join(cell(r, f"{impl}_samples_per_s") for impl in IMPLS) +
-                     f" | {cell(r, 'best_speed_ratio', True)} | {cell(r, 'best_vs_hf_compiled', True)} | "
+                     f" | {cell(r, 'best_speed_ratio', True)} | {paired(r)} | {cell(r, 'best_vs_hf_compiled', True)} | "
                      f"{cell(r, 'padding_free_ratio')} | {cell(r, 'memory_ratio')} | {r['d2v_flops_fraction']:.1%} |")
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,8 @@ def test_benchmark_prints_one_json_line_per_case_and_a_table(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1 and rows[0]["case"] == "text_cls_8x256" and rows[0]["speed_ratio"] > 0
     assert rows[0]["hf_samples_per_s"] > 0 and 0 < rows[0]["d2v_flops_fraction"]
+    paired = rows[0]["paired_best_ratio"]  # one repeat: its one ratio is every quartile
+    assert paired["q1"] == paired["median"] == paired["q3"] > 0
     # a padded text case is also timed padding-free, and the faster d2v variant is the one compared
     assert rows[0]["d2v_padding_free_samples_per_s"] > 0 and rows[0]["padding_free_ratio"] > 0
     assert rows[0]["best_d2v"] in ("d2v", "d2v_padding_free") and "hf_compiled_samples_per_s" not in rows[0]
@@ -110,3 +112,13 @@ def test_gpu_check_orders_runs_by_importance_and_keeps_to_its_budget(tmp_path, m
     text = doc.read_text()
     assert text.count("<!-- gpu-check-cuda:start -->") == 1 and text.count("| asr_demo |") == 1
     assert "other sections" in text
+
+
+def test_qkv_projection_benchmark_times_the_three_layouts(monkeypatch):
+    """benchmarks/qkv_projection.py: every layout is timed and the ratios are its medians'."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import qkv_projection
+
+    (row,) = qkv_projection.main(["--dim", "16", "--tokens", "8", "--repeats", "3", "--warmup", "1"])
+    assert set(row["ms"]) == {"three", "concatenated", "stored fused"} and min(row["ms"].values()) > 0
+    assert row["concatenated_vs_three"] == pytest.approx(row["ms"]["three"] / row["ms"]["concatenated"], rel=0.01)
