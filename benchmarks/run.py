@@ -9,11 +9,11 @@ Both implementations hold the same weights (the Hugging Face model is loaded thr
 ``d2v.from_pretrained``) and get the same batch; timings are interleaved (HF, d2v, d2v, HF, ...)
 so machine noise hits both, and the median is reported, with the quartiles of the per-repeat
 ratios. A fine-tuning step is forward + loss + backward + ``torch.optim.AdamW`` step (the same
-optimizer for both). Peak memory is measured
-per case in a fresh process after the model and optimizer exist (Linux ``VmHWM`` reset through
-``/proc/self/clear_refs``; ``max_memory_allocated`` on CUDA). One JSON line per case goes to
-stdout; ``--write-docs`` puts the table into its own marked block of ``docs/performance.md``. Ratios are d2v / HF:
-above 1 is faster for speed, below 1 is smaller for memory.
+optimizer for both). Peak memory is measured per case in a fresh process after the model and
+optimizer exist (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``; ``max_memory_allocated``
+on CUDA). One JSON line per case goes to stdout; ``--write-docs`` puts the table into its own
+marked block of ``docs/performance.md``. Ratios are d2v / HF: above 1 is faster for speed, below 1
+is smaller for memory.
 """
 
 from __future__ import annotations
@@ -226,10 +226,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Measured with `python benchmarks/run.py --device {args.device} --size {args.size}{flags} --write-docs` on "
         f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}. Same weights, same padded "
-        "batch, interleaved timings (median of "
-        f"{args.repeats}; the order flips every repeat). Paired: the per-repeat ratios' median and quartiles. Samples/s per implementation: HF eager, HF + `torch.compile` (when measured), d2v "
-        "padded, d2v `padding_free` (audio and text). Ratios use d2v's faster variant (`best`): vs HF eager, vs "
-        "HF compiled; padding-free / padded; memory = d2v best's peak / the smaller HF peak, one fresh process per "
+        f"batch, interleaved timings (median of {args.repeats}; the order flips every repeat). Paired: the "
+        "per-repeat ratios' median and quartiles. Samples/s per implementation: HF eager, HF + `torch.compile` "
+        "(when measured), d2v padded, d2v `padding_free` (audio and text). Ratios use d2v's faster variant "
+        "(`best`): vs HF eager, vs HF compiled; padding-free / padded; memory = d2v best's peak / the smaller HF peak, one fresh process per "
         "measurement (< 1: d2v smaller); FLOP fraction = d2v padded's achieved FLOP/s over this machine's "
         "large-matmul FLOP/s in that dtype.",
         "",
@@ -249,7 +249,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for r in rows:
         lines.append(f"| {CASES[r['case']].description} | {'fine-tune' if r['mode'] == 'train' else 'inference'} | "
                      f"{r['dtype']} | " + " | ".join(cell(r, f"{impl}_samples_per_s") for impl in IMPLS) +
-                     f" | {cell(r, 'best_speed_ratio', True)} | {paired(r)} | {cell(r, 'best_vs_hf_compiled', True)} | "
+                     f" | {cell(r, 'best_speed_ratio', True)} | {paired(r)} | "
+                     f"{cell(r, 'best_vs_hf_compiled', True)} | "
                      f"{cell(r, 'padding_free_ratio')} | {cell(r, 'memory_ratio')} | {r['d2v_flops_fraction']:.1%} |")
     return "\n".join(lines) + "\n"
 
