@@ -547,7 +547,8 @@ def write_docs(table: str, *, compiled: bool, precision: str) -> None:
 
     if malloc_settings():
         replace_block(f"fairseq-pretraining-malloc-{precision}{'-compiled' if compiled else ''}", table, path=DOC,
-                      heading=f"### The same with freed memory kept by malloc (both sides), {precision}")
+                      heading=f"### The same with freed memory kept by malloc (both sides), {precision}"
+                              + (", d2v with trainer.compile" if compiled else ""))
         return
     suffix = "" if precision == "fp32" else f"-{precision}"
     if compiled:
