@@ -38,6 +38,10 @@ and the updates are interleaved (fairseq, d2v, d2v, fairseq, ...) so machine noi
 the median is reported. Peak memory is the process's ``VmHWM`` during a timed update, reset to
 the resident set just before it through ``/proc/self/clear_refs`` (model, teacher, optimizer
 state, libraries and the update's activations); ``resident`` is the set before the update.
+Minor page faults and system CPU seconds per update (``getrusage``) show what glibc's malloc costs:
+freed activations go back to the kernel and are faulted in again by the next update. ``MALLOC_*``
+variables in the environment reach both workers, are named in the report, and write their own
+docs block (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``: freed memory stays).
 Shares: wall time inside each part's entry points (student = conv feature extractor + encoder
 on the kept tokens of every clone, teacher = EMA forward, decoder = decoder input + conv decoder,
 backward, optimizer = gradient scaling / norm / step / zero_grad, EMA = the teacher update;
