@@ -18,10 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import timed  # noqa: E402  (synchronises the device around the step)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -57,14 +61,9 @@ def measure(tokens: int, dim: int, device: str, dtype: str, repeats: int, warmup
         for name, step in (steps.items() if r % 2 == 0 else reversed(steps.items())):
             for t in [x, *params]:
                 t.grad = None
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(x).backward()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            seconds = timed(lambda: step(x).backward(), device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return {"tokens": tokens, "dim": dim, "device": device, "dtype": dtype, "repeats": repeats,
             "ms": {name: round(m * 1e3, 3) for name, m in medians.items()},
